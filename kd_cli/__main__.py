@@ -1,0 +1,3 @@
+from kd_cli.cli import main
+
+main()

@@ -1,0 +1,87 @@
+"""The `kd` command: a dispatcher in front of one Hydra app per subcommand.
+
+Hydra has no subcommands, so `kd distill ARGS` becomes the Hydra app whose primary config is
+conf/distill.yaml, run with ARGS; `-m`, `--cfg job`, `--help` and launchers work unchanged.
+"""
+
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
+from kd_cli import __version__
+from kd_cli.errors import KdError
+
+COMMANDS = {
+    "train": "train the teacher and the student from labels alone, into the model store",
+    "distill": "train the student from a stored teacher with a distillation loss",
+}
+
+
+def config_dir() -> str:
+    """conf/ beside the package in a checkout or editable install, inside it in a wheel install."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent / "conf"):
+        if (candidate / "distill.yaml").is_file():
+            return str(candidate)
+    raise SystemExit("kd: error: the conf/ folder is missing from this installation; reinstall kd")
+
+
+def _task(name: str):
+    from kd_cli import commands
+
+    run = getattr(commands, f"run_{name}")
+
+    def task(cfg) -> None:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            run(cfg, run_dir)
+        except BaseException as e:
+            # Left in the run directory for sweep summaries and for whoever looks at it later.
+            (run_dir / "error.txt").write_text("".join(traceback.format_exception(e)) + f"{e}\n")
+            single_run = HydraConfig.get().mode == RunMode.RUN
+            if isinstance(e, KdError) and single_run and os.environ.get("HYDRA_FULL_ERROR") != "1":
+                print(e, file=sys.stderr)  # one line; Hydra would add its own lines around it
+                raise SystemExit(1) from None
+            raise
+
+    return task
+
+
+def usage() -> str:
+    lines = [f"kd {__version__}: knowledge-distillation experiments", "", "usage: kd COMMAND [OVERRIDES...] [-m]", ""]
+    lines += [f"  {name:<9}{text}" for name, text in COMMANDS.items()]
+    lines += ["", "kd COMMAND --help shows its config groups and options; kd COMMAND --cfg job shows the composed config.",
+              "examples:", "  kd train teacher=resnet18 student=light6", "  kd distill loss=kd alpha=0.6 T=4",
+              "  kd distill -m alpha=0.1,0.5,0.9 T=1,2,4,8"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    if args[0] == "--version":
+        print(__version__)
+        return
+    command = args[0]
+    if command not in COMMANDS:
+        print(f"kd: error: unknown command '{command}'; choose one of: {', '.join(COMMANDS)} (kd --help)", file=sys.stderr)
+        sys.exit(2)
+
+    from kd_cli.config import register_model_groups
+    from kd_cli.sweep import started_sweeps, summarize
+
+    register_model_groups()
+    sys.argv = [f"kd {command}", *args[1:]]
+    app = hydra.main(config_path=config_dir(), config_name=command, version_base="1.3")(_task(command))
+    try:
+        app()
+    finally:
+        for sweep_dir in started_sweeps:
+            summarize(sweep_dir)

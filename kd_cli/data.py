@@ -1,0 +1,235 @@
+"""Datasets as in-memory uint8 tensors, and batches made from them on the device.
+
+Whole datasets fit in memory (Fashion-MNIST is 47 MB, CIFAR-10 150 MB), so there is no per-image
+PIL work and no DataLoader: a batch is an index into one tensor, then normalised and augmented in
+one batched operation on the training device.
+"""
+
+import gzip
+import logging
+import pickle
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kd_cli.errors import KdError
+from kd_cli.models import ImageSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageData:
+    """Train and test images (N, C, H, W) uint8 and labels (N,) int64, plus how to normalise them."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: torch.Tensor  # (1, C, 1, 1) float, in [0, 1] units
+    std: torch.Tensor
+    spec: ImageSpec
+
+    def to(self, device: torch.device) -> "ImageData":
+        moved = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+        return ImageData(**moved, spec=self.spec)
+
+
+# ---------------------------------------------------------------- reading the on-disk formats
+
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (the MNIST family's format), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+        zero, dtype_code, ndim = raw[0:2], raw[2], raw[3]
+        if zero != b"\x00\x00" or dtype_code != 0x08:
+            raise ValueError("not an unsigned-byte IDX file")
+        shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+        data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+        return data.reshape(shape)
+    except (OSError, EOFError, ValueError, IndexError) as e:
+        raise KdError(f"dataset file {path} is unreadable or corrupt ({e}); delete it and download again") from e
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _idx_folders(cfg_dataset, root: Path) -> list[Path]:
+    """Where IDX files may be: torchvision's layout under data.root, data.root itself, system copies."""
+    return [root / cfg_dataset.torchvision_class / "raw", root, *map(Path, cfg_dataset.get("system_dirs", []))]
+
+
+def _load_idx_dataset(cfg_dataset, root: Path, download: bool):
+    folders = _idx_folders(cfg_dataset, root)
+    for folder in folders:
+        files = {split: [_find_idx(folder, stem) for stem in stems] for split, stems in _IDX_FILES.items()}
+        if all(p is not None for pair in files.values() for p in pair):
+            log.info("%s from %s", cfg_dataset.name, folder)
+            split_arrays = {s: (read_idx(x), read_idx(y)) for s, (x, y) in files.items()}
+            return {s: (x[:, None, :, :], y) for s, (x, y) in split_arrays.items()}
+    if download:
+        _torchvision_download(cfg_dataset, root)
+        return _load_idx_dataset(cfg_dataset, root, download=False)
+    looked = ", ".join(str(f) for f in folders)
+    raise KdError(
+        f"{cfg_dataset.name} not found (looked in {looked}); set data.root=DIR to a folder that has it, "
+        f"or data.download=true with internet access"
+    )
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """CIFAR batches are pickles; allow only what they hold (NumPy arrays), so a crafted file cannot run code."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a dataset file")
+
+
+def read_cifar_batch(path: Path, label_key: str):
+    """One file of the CIFAR python format: a pickled dict with b"data" (N x 3072) and labels."""
+    try:
+        with open(path, "rb") as f:
+            batch = _ArrayUnpickler(f, encoding="bytes").load()
+        images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch[label_key.encode()], dtype=np.int64)
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        return images, labels
+    except (OSError, EOFError, KeyError, ValueError, TypeError, pickle.UnpicklingError) as e:
+        raise KdError(f"dataset file {path} is unreadable or corrupt ({e}); delete it and download again") from e
+
+
+def _load_cifar(cfg_dataset, root: Path, download: bool):
+    folder = root / cfg_dataset.folder
+    files = {"train": list(cfg_dataset.train_files), "test": list(cfg_dataset.test_files)}
+    if not all((folder / name).is_file() for names in files.values() for name in names):
+        if not download:
+            raise KdError(
+                f"{cfg_dataset.name} not found in {folder}; set data.root=DIR to a folder that has "
+                f"'{cfg_dataset.folder}', or data.download=true with internet access"
+            )
+        _torchvision_download(cfg_dataset, root)
+    log.info("%s from %s", cfg_dataset.name, folder)
+    out = {}
+    for split, names in files.items():
+        parts = [read_cifar_batch(folder / name, cfg_dataset.label_key) for name in names]
+        out[split] = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+    return out
+
+
+def _torchvision_download(cfg_dataset, root: Path) -> None:
+    import torchvision
+
+    cls = getattr(torchvision.datasets, cfg_dataset.torchvision_class)
+    log.info("downloading %s into %s", cfg_dataset.name, root)
+    try:
+        for train in (True, False):
+            cls(str(root), train=train, download=True)
+    except Exception as e:  # network errors come in many types (URLError, HTTPError, socket errors)
+        raise KdError(
+            f"could not download {cfg_dataset.name} into {root} ({type(e).__name__}: {e}); "
+            f"check the internet connection or put the files there and set data.download=false"
+        ) from e
+
+
+_LOADERS = {"idx": _load_idx_dataset, "cifar": _load_cifar}
+
+
+@lru_cache(maxsize=4)
+def _load_arrays(dataset_key: str, cfg_dataset_yaml: str, root: str, download: bool):
+    from omegaconf import OmegaConf
+
+    cfg_dataset = OmegaConf.create(cfg_dataset_yaml)
+    return _LOADERS[cfg_dataset.format](cfg_dataset, Path(root).expanduser(), download)
+
+
+# ---------------------------------------------------------------- subsets and batches
+
+
+def stratified_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Indices of `fraction` of each class (at least one per class), chosen with `seed`."""
+    if fraction >= 1.0:
+        return torch.arange(len(labels))
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for c in labels.unique():
+        members = (labels == c).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=g)]
+        picked.append(members[: max(1, round(fraction * len(members)))])
+    return torch.cat(picked).sort().values
+
+
+def load_data(cfg) -> ImageData:
+    """The dataset of `cfg.dataset`, subset by `cfg.data.fraction` / `cfg.data.test_fraction`, on the CPU."""
+    from omegaconf import OmegaConf
+
+    ds, data = cfg.dataset, cfg.data
+    arrays = _load_arrays(ds.name, OmegaConf.to_yaml(ds), str(data.root), bool(data.download))
+    (train_x, train_y), (test_x, test_y) = arrays["train"], arrays["test"]
+    # Copies: the cached arrays stay untouched, and torch wants writable memory.
+    train_x, test_x = torch.tensor(train_x), torch.tensor(test_x)
+    train_y, test_y = torch.tensor(train_y, dtype=torch.int64), torch.tensor(test_y, dtype=torch.int64)
+    # The training subset follows the run's seed; the test subset is fixed so every run is scored alike.
+    train_idx = stratified_subset(train_y, data.fraction, cfg.seed)
+    test_idx = stratified_subset(test_y, data.test_fraction, 0)
+    stats = lambda v: torch.tensor(list(v), dtype=torch.float32).view(1, -1, 1, 1)  # noqa: E731
+    return ImageData(
+        train_x=train_x[train_idx], train_y=train_y[train_idx],
+        test_x=test_x[test_idx], test_y=test_y[test_idx],
+        mean=stats(ds.mean), std=stats(ds.std),
+        spec=ImageSpec(channels=ds.channels, size=ds.image_size, num_classes=ds.num_classes),
+    )
+
+
+def normalize(images: torch.Tensor, data: ImageData) -> torch.Tensor:
+    return (images.float() / 255.0 - data.mean) / data.std
+
+
+def random_crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Per-image random crop from a zero-padded copy, and a horizontal flip with probability 1/2.
+
+    The same distribution as torchvision's RandomCrop(size, padding) + RandomHorizontalFlip(), done
+    for the whole batch at once by gathering shifted row/column indices.
+    """
+    n, _, h, w = images.shape
+    device = images.device
+    padded = torch.nn.functional.pad(images, (padding,) * 4)
+    dy = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator, device=device)
+    dx = torch.randint(0, 2 * padding + 1, (n, 1), generator=generator, device=device)
+    rows = (dy + torch.arange(h, device=device))[:, None, :, None]  # (n, 1, h, 1)
+    cols = (dx + torch.arange(w, device=device))
+    if flip:
+        flipped = torch.rand(n, generator=generator, device=device) < 0.5
+        cols = torch.where(flipped[:, None], cols.flip(1), cols)
+    cols = cols[:, None, None, :]  # (n, 1, 1, w)
+    batch = torch.arange(n, device=device)[:, None, None, None]
+    channel = torch.arange(images.shape[1], device=device)[None, :, None, None]
+    return padded[batch, channel, rows, cols]
+
+
+def epoch_batches(n: int, batch_size: int, generator: torch.Generator, device: torch.device):
+    """Shuffled index batches for one epoch; a last batch of one image is dropped (BatchNorm needs two)."""
+    order = torch.randperm(n, generator=generator, device=generator.device).to(device)
+    for start in range(0, n, batch_size):
+        idx = order[start: start + batch_size]
+        if len(idx) > 1:
+            yield idx

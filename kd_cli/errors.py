@@ -1,0 +1,14 @@
+"""The one error type users see.
+
+Subclassing Hydra's CompactHydraException makes Hydra print just the message (one line, exit 1)
+instead of a traceback; HYDRA_FULL_ERROR=1 still shows the full stack for debugging.
+"""
+
+from hydra.errors import CompactHydraException
+
+
+class KdError(CompactHydraException):
+    """A problem the user can fix; the message says how."""
+
+    def __str__(self) -> str:
+        return f"kd: error: {super().__str__()}"

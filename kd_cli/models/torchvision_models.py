@@ -1,0 +1,48 @@
+"""Any torchvision classification model, adapted to the dataset's channels and classes."""
+
+import torchvision
+from torch import nn
+
+from kd_cli.errors import KdError
+from kd_cli.models import ImageSpec, register
+
+
+def _adapt_first_conv(model: nn.Module, channels: int) -> None:
+    """Replace the first convolution when the dataset is not RGB (e.g. 1-channel MNIST)."""
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                if child.in_channels != channels:
+                    setattr(parent, child_name, nn.Conv2d(
+                        channels, child.out_channels, child.kernel_size, child.stride,
+                        child.padding, child.dilation, child.groups, child.bias is not None,
+                    ))
+                return
+
+
+@register("torchvision")
+def torchvision_model(spec: ImageSpec, name: str = "resnet18", weights: str | None = None) -> nn.Module:
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        raise KdError(f"unknown torchvision model '{name}'; choose one of: {', '.join(available)}")
+    if weights is not None:
+        # Pretrained heads have 1000 classes; load them as they are and replace the head below.
+        model = torchvision.models.get_model(name, weights=weights)
+    else:
+        model = torchvision.models.get_model(name, num_classes=spec.num_classes)
+    _adapt_first_conv(model, spec.channels)
+    if weights is not None:
+        _replace_head(model, spec.num_classes)
+    return model
+
+
+def _replace_head(model: nn.Module, num_classes: int) -> None:
+    last = None
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                last = (parent, child_name, child)
+    if last is None:
+        raise KdError("this torchvision model has no linear classifier head to adapt")
+    parent, child_name, child = last
+    setattr(parent, child_name, nn.Linear(child.in_features, num_classes))

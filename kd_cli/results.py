@@ -1,0 +1,99 @@
+"""The results table: one row per model, written as CSV, Markdown and JSON, printed with rich."""
+
+import io
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from kd_cli.atomic import atomic_write_text
+
+COLUMNS = [
+    "role", "model", "dataset", "scheme", "loss", "seed", "alpha", "T",
+    "accuracy", "best_accuracy", "params", "size_mb", "flops", "latency_ms",
+    "train_time_s", "train_img_per_s", "gain_vs_scratch", "teacher_retained", "compression", "checkpoint",
+]
+
+
+def add_comparisons(rows: list[dict]) -> None:
+    """Fill the distilled rows' gain over the scratch student and their share of the teacher."""
+    by_role = {r["role"]: r for r in rows}
+    teacher, scratch = by_role.get("teacher"), by_role.get("student_scratch")
+    for row in rows:
+        if row["role"] != "student_kd":
+            continue
+        if scratch:
+            row["gain_vs_scratch"] = round(row["accuracy"] - scratch["accuracy"], 2)
+        if teacher:
+            row["teacher_retained"] = round(100.0 * row["accuracy"] / teacher["accuracy"], 2) if teacher["accuracy"] else math.nan
+            row["compression"] = round(teacher["size_mb"] / row["size_mb"], 2)
+
+
+def results_frame(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rows).reindex(columns=COLUMNS)
+
+
+def write_results(run_dir: Path, frame: pd.DataFrame, details: dict) -> None:
+    run_dir = Path(run_dir)
+    atomic_write_text(run_dir / "results.csv", frame.to_csv(index=False))
+    atomic_write_text(run_dir / "results.md", frame.to_markdown(index=False) + "\n")
+    records = json.loads(frame.to_json(orient="records"))
+    atomic_write_text(run_dir / "results.json", json.dumps({**details, "rows": records}, indent=2) + "\n")
+
+
+def _cell(value, column: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if column == "flops":
+        return f"{value / 1e6:,.1f}M"
+    if isinstance(value, float):
+        return f"{value:,.2f}" if abs(value) >= 0.01 or value == 0 else f"{value:.3g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _table(frame: pd.DataFrame, title: str, columns: list[str]) -> Table:
+    table = Table(title=title, header_style="bold")
+    for column in columns:
+        table.add_column(column, justify="right" if pd.api.types.is_numeric_dtype(frame[column]) else "left")
+    for record in frame[columns].astype(object).to_dict("records"):
+        table.add_row(*(_cell(record[c], c) for c in columns))
+    return table
+
+
+def _transposed(frame: pd.DataFrame, title: str, columns: list[str]) -> Table:
+    """One column per row of `frame`: a few models with many measures fit a narrow terminal."""
+    table = Table(title=title, header_style="bold")
+    table.add_column(columns[0])
+    for head in frame[columns[0]]:
+        table.add_column(str(head), justify="right")
+    for column in columns[1:]:
+        table.add_row(column, *(_cell(v, column) for v in frame[column].astype(object)))
+    return table
+
+
+def _natural_width(table: Table) -> int:
+    wide = Console(width=10_000, file=io.StringIO())
+    with wide.capture() as captured:
+        wide.print(table)
+    return max(map(len, captured.get().splitlines()), default=0)
+
+
+def print_table(frame: pd.DataFrame, title: str, hide=("checkpoint", "dataset")) -> None:
+    """Print the frame with rich; empty columns and `hide` are left out.
+
+    Off a terminal (logs, CI) the width is not limited. On a terminal too narrow for the table,
+    a table of few rows is printed transposed instead of squeezing every column into an ellipsis.
+    """
+    shown = [c for c in frame.columns if c not in hide and not frame[c].isna().all()]
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=220)
+    table = _table(frame, title, shown)
+    if _natural_width(table) > console.width and len(frame) <= 6:
+        table = _transposed(frame, title, shown)
+    console.print(table)

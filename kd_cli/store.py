@@ -1,0 +1,78 @@
+"""Checkpoints and the model store.
+
+The store keeps trained models under `store_dir/<dataset>/<model>/seed<N>-<recipe hash>.pt`, so
+`kd distill` finds the teacher (and the scratch student to compare with) that `kd train` made with
+the same recipe. A checkpoint is a plain dict of tensors and built-in types, loaded with
+`weights_only=True`: a crafted file cannot run code.
+"""
+
+import hashlib
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+import kd_cli
+from kd_cli.atomic import atomic_write
+from kd_cli.errors import KdError
+from kd_cli.models import model_label
+
+FORMAT = "kd-checkpoint/1"
+# Keys that change how fast a model trains but not which model comes out.
+_RUNTIME_ONLY = {"train": {"amp", "teacher_cache"}, "data": {"root", "download"}}
+
+
+def recipe(cfg) -> dict:
+    """Everything besides the architecture and seed that determines a trained model."""
+    out = {"dataset": cfg.dataset.name}
+    for block, skip in _RUNTIME_ONLY.items():
+        out[block] = {k: v for k, v in OmegaConf.to_container(cfg[block], resolve=True).items() if k not in skip}
+    return out
+
+
+def model_spec(model_cfg) -> dict:
+    return {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if k != "checkpoint"}
+
+
+def store_path(cfg, model_cfg) -> Path:
+    key = json.dumps({"recipe": recipe(cfg), "model": model_spec(model_cfg)}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    return Path(cfg.store_dir) / cfg.dataset.name / model_label(model_cfg) / f"seed{cfg.seed}-{digest}.pt"
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, meta: dict) -> None:
+    payload = {"format": FORMAT, "kd_version": kd_cli.__version__, "state_dict": model.state_dict(), "meta": meta}
+    atomic_write(Path(path), lambda f: torch.save(payload, f))
+
+
+def load_checkpoint(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise KdError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise KdError(f"{path} is not a kd checkpoint (it holds objects kd will not unpickle); point at a file kd wrote") from e
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+        raise KdError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); retrain it or restore it from a backup") from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise KdError(f"{path} is not a kd checkpoint; point at a file written by kd train / kd distill")
+    return payload
+
+
+def load_into(model: torch.nn.Module, payload: dict, path: Path, model_cfg, cfg) -> dict:
+    """Load weights after checking the checkpoint is for this architecture and dataset."""
+    meta = payload["meta"]
+    expected = {"model": model_label(model_cfg), "dataset": cfg.dataset.name, "num_classes": cfg.dataset.num_classes}
+    for key, want in expected.items():
+        if meta.get(key) != want:
+            raise KdError(f"checkpoint {path} is for {key}={meta.get(key)}, not {want}; point at a matching checkpoint")
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise KdError(f"checkpoint {path} does not fit {expected['model']}: {first}") from e
+    return meta

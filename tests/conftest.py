@@ -1,0 +1,48 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+# Small and quick, but real: Fashion-MNIST subsets and the seed's small MNIST-family networks.
+TINY = [
+    "dataset=fashion_mnist", "teacher=mnist_teacher", "student=mnist_student",
+    "data.fraction=0.05", "data.test_fraction=0.1", "train.epochs=2",
+    "train.optimizer=adam", "train.lr=1e-3", "measure.latency_runs=3", "measure.latency_warmup=1",
+]
+
+
+def kd_executable() -> str:
+    """The installed console script (beside this Python first, so an unactivated venv works)."""
+    beside = Path(sys.executable).parent / "kd"
+    found = str(beside) if beside.exists() else shutil.which("kd")
+    assert found, "the kd command is not installed; run `make install`"
+    return found
+
+
+@pytest.fixture
+def kd(tmp_path):
+    """Run the installed `kd` in a fresh folder, as a user would; returns the CompletedProcess."""
+
+    def run(*args, check=True):
+        env = {**os.environ, "CI": "1", "HYDRA_FULL_ERROR": "0"}
+        proc = subprocess.run([kd_executable(), *args], cwd=tmp_path, env=env, capture_output=True, text=True)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"kd {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    run.cwd = tmp_path
+    return run
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist():
+    assert (FASHION / "train-images-idx3-ubyte.gz").exists(), (
+        f"Fashion-MNIST is missing from {FASHION}; `make install` adds it (Debian package dataset-fashion-mnist)"
+    )
+    return FASHION

@@ -1,0 +1,124 @@
+"""End to end through the installed `kd` command on real Fashion-MNIST subsets."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import TINY
+
+pytestmark = pytest.mark.usefixtures("fashion_mnist")
+
+
+def results(run_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(run_dir / "results.csv")
+
+
+def only_run_dir(root: Path) -> Path:
+    dirs = [p for p in root.iterdir() if p.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def test_train_distill_and_sweep(kd):
+    kd("train", *TINY)
+    train_dir = only_run_dir(kd.cwd / "outputs" / "train")
+    table = results(train_dir)
+    assert table["role"].tolist() == ["teacher", "student_scratch"]
+    assert table["model"].tolist() == ["mnist_teacher", "mnist_student"]
+    assert table["params"].tolist() == [1_422_378, 693_962]
+    assert table["accuracy"].between(30, 100).all()  # 2 epochs on 3,000 images: well above chance (10%)
+    assert (table["accuracy"] <= table["best_accuracy"]).all()
+    assert (table["flops"] > 0).all() and (table["latency_ms"] > 0).all() and (table["train_img_per_s"] > 0).all()
+    assert (table["size_mb"] - table["params"] * 4 / 2**20).abs().max() < 1e-3  # no buffers in these nets
+    for checkpoint in table["checkpoint"]:
+        assert (kd.cwd / checkpoint).is_file() and checkpoint.startswith("outputs/store/fashion_mnist/")
+    for name in ("results.md", "results.json", "train.log"):
+        assert (train_dir / name).is_file()
+
+    # Training again reuses the store instead of silently replacing it.
+    again = kd("train", *TINY)
+    assert "already in the model store" in again.stdout + again.stderr
+
+    kd("distill", *TINY, "alpha=0.6", "T=4")
+    distill_dir = only_run_dir(kd.cwd / "outputs" / "distill")
+    table = results(distill_dir).set_index("role")
+    assert list(table.index) == ["teacher", "student_scratch", "student_kd"]
+    kd_row, scratch, teacher = table.loc["student_kd"], table.loc["student_scratch"], table.loc["teacher"]
+    assert (kd_row["alpha"], kd_row["T"], kd_row["loss"], kd_row["scheme"]) == (0.6, 4, "kd", "offline")
+    assert kd_row["gain_vs_scratch"] == pytest.approx(kd_row["accuracy"] - scratch["accuracy"], abs=0.011)
+    assert kd_row["teacher_retained"] == pytest.approx(100 * kd_row["accuracy"] / teacher["accuracy"], abs=0.011)
+    assert kd_row["compression"] == pytest.approx(teacher["size_mb"] / kd_row["size_mb"], rel=0.01)
+    assert (distill_dir / "student.pt").is_file()
+    # The stored models' rows are the ones `kd train` reported.
+    trained = results(train_dir).set_index("role")
+    assert teacher["accuracy"] == trained.loc["teacher", "accuracy"]
+    assert scratch["accuracy"] == trained.loc["student_scratch", "accuracy"]
+
+    sweep = kd("distill", "-m", *TINY, "alpha=0.1,0.9", "T=1,4")
+    sweep_dir = only_run_dir(kd.cwd / "outputs" / "distill-multirun")
+    summary = pd.read_csv(sweep_dir / "summary.csv")
+    assert len(summary) == 4 and (summary["status"] == "ok").all()
+    assert sorted(zip(summary["alpha"], summary["T"])) == [(0.1, 1), (0.1, 4), (0.9, 1), (0.9, 4)]
+    assert (summary["role"] == "student_kd").all() and summary["accuracy"].between(10, 100).all()
+    for job, row in summary.set_index("job").iterrows():
+        job_row = results(sweep_dir / str(job)).set_index("role").loc["student_kd"]
+        assert job_row["accuracy"] == row["accuracy"]
+    assert (sweep_dir / "heatmap_accuracy.png").stat().st_size > 1000
+    assert "sweep" in sweep.stdout and "summary.csv" in sweep.stdout + sweep.stderr
+
+
+def test_loss_ce_trains_with_labels_only_and_matches_scratch(kd):
+    """Same seed, same recipe, labels only: the distill command reproduces the scratch student exactly."""
+    kd("train", *TINY)
+    kd("distill", *TINY, "loss=ce")
+    table = results(only_run_dir(kd.cwd / "outputs" / "distill")).set_index("role")
+    assert table.loc["student_kd", "loss"] == "ce"
+    assert table.loc["student_kd", "accuracy"] == table.loc["student_scratch", "accuracy"]
+
+
+def one_line_error(proc) -> str:
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert proc.returncode != 0
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_missing_teacher_gives_the_train_command(kd):
+    proc = kd("distill", *TINY, "alpha=0.6", check=False)
+    line = one_line_error(proc)
+    assert line.startswith("kd: error: no trained teacher mnist_teacher for fashion_mnist")
+    assert f"run `kd train {' '.join(TINY)}` first, or pass teacher.checkpoint=PATH" in line
+
+
+@pytest.mark.parametrize("override, message", [
+    ("alpha=1.5", "kd: error: alpha must be in [0, 1] (the weight of the distillation term), got 1.5"),
+    ("T=0", "kd: error: T must be > 0 (the softmax temperature), got 0"),
+])
+def test_bad_values_exit_with_one_line(kd, override, message):
+    assert one_line_error(kd("distill", *TINY, override, check=False)) == message
+
+
+def test_unknown_model_lists_the_catalogue(kd):
+    proc = kd("distill", "teacher=resnet99", check=False)
+    assert proc.returncode == 1
+    assert "Could not find 'teacher/resnet99'" in proc.stderr and "resnet18" in proc.stderr
+
+
+def test_errors_leave_earlier_results_untouched(kd):
+    kd("train", *TINY)
+    before = {p: p.read_bytes() for p in (kd.cwd / "outputs").rglob("*") if p.is_file()}
+    kd("distill", *TINY, "alpha=2", check=False)
+    kd("train", *TINY, "train.epochs=0", check=False)
+    for path, content in before.items():
+        assert path.read_bytes() == content
+
+
+def test_help_lists_commands_and_groups(kd):
+    assert "distill" in kd("--help").stdout
+    help_text = kd("distill", "--help").stdout
+    for group in ("dataset: cifar10, cifar100, fashion_mnist, mnist", "loss: ce, kd", "scheme: offline", "teacher:"):
+        assert group in help_text
+    assert "alpha: 0.9" in kd("distill", "--cfg", "job").stdout
+    unknown = kd("distil", check=False)
+    assert unknown.returncode == 2 and "unknown command 'distil'" in unknown.stderr

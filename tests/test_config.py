@@ -1,0 +1,93 @@
+"""Every config group option composes, for both commands, and bad values are refused."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from kd_cli.cli import config_dir
+from kd_cli.config import register_model_groups, validate
+from kd_cli.errors import KdError
+from kd_cli.models import CATALOGUE
+
+register_model_groups()
+CONF = Path(config_dir())
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def composed(command: str, overrides=()):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=command, overrides=list(overrides))
+
+
+@pytest.mark.parametrize("command", ["train", "distill"])
+@pytest.mark.parametrize("dataset", options("dataset"))
+def test_every_dataset_composes(command, dataset):
+    cfg = composed(command, [f"dataset={dataset}"])
+    assert cfg.dataset.name == dataset
+    assert len(cfg.dataset.mean) == len(cfg.dataset.std) == cfg.dataset.channels
+    validate(cfg)
+
+
+@pytest.mark.parametrize("arch", sorted(CATALOGUE))
+def test_every_model_composes_as_teacher_and_student(arch):
+    cfg = composed("distill", [f"teacher={arch}", f"student={arch}"])
+    assert cfg.teacher.arch == cfg.student.arch == arch
+    assert cfg.teacher.checkpoint is None
+
+
+@pytest.mark.parametrize("loss", options("loss"))
+def test_every_loss_composes(loss):
+    assert composed("distill", [f"loss={loss}"]).loss.name == loss
+
+
+@pytest.mark.parametrize("scheme", options("scheme"))
+def test_every_scheme_composes(scheme):
+    assert composed("distill", [f"scheme={scheme}"]).scheme.name == scheme
+
+
+@pytest.mark.parametrize("command", ["train", "distill"])
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_composes(command, experiment):
+    cfg = composed(command, [f"experiment={experiment}"])
+    validate(cfg)
+
+
+def test_experiment_values_beat_primary_defaults():
+    cfg = composed("distill", ["experiment=demo"])
+    assert cfg.dataset.name == "fashion_mnist" and cfg.train.optimizer == "adam"
+
+
+def test_alpha_and_T_are_top_level():
+    cfg = composed("distill", ["alpha=0.6", "T=4"])
+    assert (cfg.alpha, cfg.T) == (0.6, 4)
+    assert "alpha" not in composed("train")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("alpha=1.5", "alpha must be in [0, 1]"),
+    ("alpha=-0.1", "alpha must be in [0, 1]"),
+    ("alpha=abc", "alpha must be a number"),
+    ("T=0", "T must be > 0"),
+    ("T=-2", "T must be > 0"),
+    ("train.epochs=0", "train.epochs must be a whole number >= 1"),
+    ("train.epochs=2.5", "train.epochs must be a whole number >= 1"),
+    ("train.batch_size=0", "train.batch_size must be a whole number >= 1"),
+    ("data.fraction=0", "data.fraction must be in (0, 1]"),
+    ("data.fraction=1.5", "data.fraction must be in (0, 1]"),
+    ("data.test_fraction=0", "data.test_fraction must be in (0, 1]"),
+    ("train.lr=0", "train.lr must be > 0"),
+])
+def test_validation_refuses(override, message):
+    with pytest.raises(KdError, match=message.replace("[", r"\[").replace("(", r"\(").replace("]", r"\]").replace(")", r"\)")):
+        validate(composed("distill", [override]))
+
+
+def test_interpolated_augment_follows_dataset():
+    assert composed("train", ["dataset=cifar10"]).data.augment is True
+    assert composed("train", ["dataset=mnist"]).data.augment is False
+    assert OmegaConf.select(composed("train", ["dataset=mnist", "data.augment=true"]), "data.augment") is True

@@ -1,0 +1,66 @@
+"""The catalogue matches its sources' parameter counts and adapts to every dataset's shape."""
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from kd_cli.errors import KdError
+from kd_cli.measure import count_flops, count_params, size_mb
+from kd_cli.models import CATALOGUE, ImageSpec, build_model
+
+CIFAR10, CIFAR100, MNIST = ImageSpec(3, 32, 10), ImageSpec(3, 32, 100), ImageSpec(1, 28, 10)
+
+
+def make(arch, spec, **options):
+    return build_model(OmegaConf.create({"arch": arch, "checkpoint": None, **options}), spec)
+
+
+@pytest.mark.parametrize("arch, spec, params", [
+    ("resnet18", CIFAR10, 11_173_962),  # CIFAR ResNet-18
+    ("deepnn", CIFAR10, 1_186_986),  # the PyTorch KD tutorial's teacher
+    ("lightnn", CIFAR10, 267_738),  # and its student
+    ("mnist_teacher", MNIST, 1_422_378),  # the seed's 1 conv + 4 FC teacher
+    ("mnist_student", MNIST, 693_962),  # the seed's 1 conv + 2 FC student
+])
+def test_published_parameter_counts(arch, spec, params):
+    assert count_params(make(arch, spec)) == params
+
+
+def test_light6_is_about_0_82M_on_cifar10():
+    assert 0.80e6 < count_params(make("light6", CIFAR10)) < 0.83e6
+
+
+def test_conv_family_grows_with_depth():
+    sizes = [count_params(make(f"conv{d}", CIFAR10)) for d in (2, 4, 6, 8, 10)]
+    assert sizes == sorted(sizes) and len(set(sizes)) == 5
+
+
+@pytest.mark.parametrize("spec", [CIFAR10, CIFAR100, MNIST], ids=["cifar10", "cifar100", "mnist"])
+@pytest.mark.parametrize("arch", sorted(CATALOGUE))
+def test_every_model_runs_on_every_shape(arch, spec):
+    model = make(arch, spec).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, spec.channels, spec.size, spec.size))
+    assert out.shape == (2, spec.num_classes)
+
+
+def test_resnet18_flops_match_published_count():
+    # 0.556 G multiply-adds per 32x32 image; torch's counter reports 2 FLOPs per multiply-add.
+    assert count_flops(make("resnet18", CIFAR10), (3, 32, 32)) == pytest.approx(1.11e9, rel=0.01)
+
+
+def test_size_is_fp32_bytes_of_the_state_dict():
+    model = make("lightnn", CIFAR10)
+    assert size_mb(model) == pytest.approx(267_738 * 4 / 2**20)
+
+
+def test_torchvision_model_by_name_adapts_channels_and_classes():
+    model = make("torchvision", MNIST, name="mobilenet_v3_small", weights=None)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_unknown_models_are_refused_with_the_choices():
+    with pytest.raises(KdError, match="unknown model 'resnet99'; choose one of: conv10"):
+        make("resnet99", CIFAR10)
+    with pytest.raises(KdError, match="unknown torchvision model 'nonet'"):
+        make("torchvision", CIFAR10, name="nonet", weights=None)

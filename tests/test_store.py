@@ -1,0 +1,105 @@
+"""Checkpoints: atomic, refused when unsafe, corrupt, foreign or for another model."""
+
+import os
+import pickle
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from kd_cli.atomic import atomic_write, atomic_write_text
+from kd_cli.errors import KdError
+from kd_cli.models import ImageSpec, build_model
+from kd_cli.store import load_checkpoint, load_into, save_checkpoint, store_path
+
+CFG = OmegaConf.create({
+    "dataset": {"name": "fashion_mnist", "num_classes": 10}, "seed": 0, "store_dir": "outputs/store",
+    "train": {"epochs": 2, "lr": 0.1, "amp": "auto", "teacher_cache": "auto"},
+    "data": {"root": "data", "download": True, "fraction": 1.0},
+})
+MODEL = OmegaConf.create({"arch": "lightnn", "checkpoint": None})
+SPEC = ImageSpec(1, 28, 10)
+
+
+def saved(tmp_path):
+    path = tmp_path / "m.pt"
+    model = build_model(MODEL, SPEC)
+    save_checkpoint(path, model, {"model": "lightnn", "dataset": "fashion_mnist", "num_classes": 10})
+    return path, model
+
+
+def test_round_trip(tmp_path):
+    path, model = saved(tmp_path)
+    fresh = build_model(MODEL, SPEC)
+    load_into(fresh, load_checkpoint(path), path, MODEL, CFG)
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_pickle_payload_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "kd-checkpoint/1", "meta": Exploit()}, path)
+    with pytest.raises(KdError, match="not a kd checkpoint"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint(tmp_path):
+    path, _ = saved(tmp_path)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(KdError, match="truncated or corrupt"):
+        load_checkpoint(path)
+
+
+def test_foreign_file(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, path)
+    with pytest.raises(KdError, match="is not a kd checkpoint"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"dataset": {"name": "mnist"}}, "is for dataset=fashion_mnist, not mnist"),
+    ({"dataset": {"num_classes": 100}}, "is for num_classes=10, not 100"),
+])
+def test_checkpoint_for_another_dataset(tmp_path, change, message):
+    path, _ = saved(tmp_path)
+    with pytest.raises(KdError, match=message):
+        load_into(build_model(MODEL, SPEC), load_checkpoint(path), path, MODEL, OmegaConf.merge(CFG, change))
+
+
+def test_checkpoint_for_another_architecture(tmp_path):
+    path, _ = saved(tmp_path)
+    other = OmegaConf.create({"arch": "deepnn", "checkpoint": None})
+    with pytest.raises(KdError, match="is for model=lightnn, not deepnn"):
+        load_into(build_model(other, SPEC), load_checkpoint(path), path, other, CFG)
+
+
+def test_store_key_follows_the_recipe_not_runtime_switches():
+    base = store_path(CFG, MODEL)
+    assert base.parts[:4] == ("outputs", "store", "fashion_mnist", "lightnn") and base.name.startswith("seed0-")
+    assert store_path(OmegaConf.merge(CFG, {"train": {"teacher_cache": "off", "amp": False}}), MODEL) == base
+    assert store_path(OmegaConf.merge(CFG, {"data": {"root": "/elsewhere"}}), MODEL) == base
+    assert store_path(OmegaConf.merge(CFG, {"train": {"epochs": 3}}), MODEL) != base
+    assert store_path(OmegaConf.merge(CFG, {"data": {"fraction": 0.5}}), MODEL) != base
+    assert store_path(OmegaConf.merge(CFG, {"seed": 1}), MODEL).name.startswith("seed1-")
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "results.csv"
+    atomic_write_text(path, "old\n")
+
+    def fail(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic_write(path, fail)
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]  # no temporary file left behind
