@@ -40,6 +40,7 @@ def _task(name: str):
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             run(cfg, run_dir)
+            (run_dir / "error.txt").unlink(missing_ok=True)  # an earlier failure of this job is history now
         except BaseException as e:
             # Left in the run directory for sweep summaries and for whoever looks at it later.
             (run_dir / "error.txt").write_text("".join(traceback.format_exception(e)) + f"{e}\n")
@@ -50,6 +51,40 @@ def _task(name: str):
             raise
 
     return task
+
+
+def _overrides_of(folder: Path, multirun: bool) -> list[str] | None:
+    import yaml
+
+    try:
+        if multirun:
+            return list(yaml.safe_load((folder / "multirun.yaml").read_text())["hydra"]["overrides"]["task"])
+        return list(yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()) or [])
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return None
+
+
+def resume_target(command: str, args: list[str]) -> list[str]:
+    """With resume=true, point Hydra at the newest unfinished run (or sweep) of the same command line.
+
+    The previous run's folder is reused: a job with complete results is skipped, a job with a
+    training state continues from it, a failed or missing one runs again.
+    """
+    if "resume=true" not in (a.lower() for a in args) or any(a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in args):
+        return []
+    multirun = "-m" in args or "--multirun" in args
+    same = lambda overrides: sorted(o for o in overrides if not o.startswith(("resume=", "-")))  # noqa: E731
+    root = Path("outputs") / (f"{command}-multirun" if multirun else command)
+    for folder in sorted(root.glob("*"), reverse=True):
+        overrides = _overrides_of(folder, multirun)
+        if overrides is None or same(overrides) != same(args):
+            continue
+        if not multirun and (folder / "results.json").exists():
+            continue
+        print(f"kd: resuming {folder}", file=sys.stderr)
+        return [f"hydra.{'sweep' if multirun else 'run'}.dir={folder}"]
+    print(f"kd: no unfinished run of this command line under {root}; starting a new one", file=sys.stderr)
+    return []
 
 
 def usage() -> str:
@@ -78,7 +113,7 @@ def main() -> None:
     from kd_cli.sweep import started_sweeps, summarize
 
     register_model_groups()
-    sys.argv = [f"kd {command}", *args[1:]]
+    sys.argv = [f"kd {command}", *args[1:], *resume_target(command, args[1:])]
     app = hydra.main(config_path=config_dir(), config_name=command, version_base="1.3")(_task(command))
     try:
         app()

@@ -1,5 +1,6 @@
 """`kd train` and `kd distill` as plain functions of a composed config, callable from tests."""
 
+import json
 import logging
 import shlex
 from dataclasses import dataclass
@@ -10,8 +11,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 import kd_cli
-from kd_cli.config import validate
-from kd_cli.data import ImageData, load_data
+from kd_cli.config import RUN_ONLY, run_identity, validate
+from kd_cli.data import ImageData, load_data, normalize
 from kd_cli.engine import FitResult, fit, resolve_device, seed_everything
 from kd_cli.errors import KdError
 from kd_cli.losses import build_loss
@@ -24,7 +25,17 @@ from kd_cli.store import load_checkpoint, load_into, model_spec, recipe, save_ch
 log = logging.getLogger(__name__)
 
 # Overrides that only `kd distill` understands; dropped when suggesting the matching `kd train`.
-_DISTILL_ONLY = ("loss", "alpha", "T", "scheme", "teacher.checkpoint")
+_DISTILL_ONLY = ("loss", "alpha", "T", "scheme", "teacher.checkpoint", "resume")
+def completed_results(run_dir: Path, cfg) -> bool:
+    """True when `run_dir` already holds this very run's results (a re-run sweep skips it)."""
+    results = Path(run_dir) / "results.json"
+    if not results.exists():
+        return False
+    done = json.loads(results.read_text())
+    if {k: v for k, v in done.get("config", {}).items() if k not in RUN_ONLY} != run_identity(cfg):
+        raise KdError(f"{run_dir} already holds the results of a different config; choose another hydra.run.dir "
+                      f"(nothing was overwritten)")
+    return True
 
 
 @dataclass
@@ -48,10 +59,14 @@ class Run:
         seed_everything(self.cfg.seed)
         return build_model(model_cfg, self.data.spec).to(self.device)
 
+    def state_path(self, role: str) -> Path:
+        return self.run_dir / "state" / f"{role}.pt"
+
     def meta(self, model_cfg, result: FitResult) -> dict:
         return {
             "model": model_label(model_cfg), "model_cfg": model_spec(model_cfg), "dataset": self.cfg.dataset.name,
             "num_classes": self.data.spec.num_classes, "seed": self.cfg.seed, "recipe": recipe(self.cfg),
+            "config": run_identity(self.cfg),
             "metrics": {k: getattr(result, k) for k in ("accuracy", "best_accuracy", "train_time_s", "train_img_per_s")},
             "history": result.history,
         }
@@ -77,10 +92,18 @@ class Run:
         write_results(self.run_dir, frame, details)
         print_table(frame, title=f"kd {self.cfg.command}: {self.cfg.dataset.name}, seed {self.cfg.seed}")
         log.info("results: %s (.csv, .md, .json)", self.run_dir / "results")
+        state_dir = self.run_dir / "state"
+        if state_dir.is_dir():  # the run is complete: its resumable training states are no longer needed
+            for state in state_dir.glob("*.pt"):
+                state.unlink()
+            state_dir.rmdir()
 
 
 def run_train(cfg, run_dir: Path) -> None:
     """Train the teacher and the student from labels alone, into the model store (or reuse them)."""
+    if completed_results(run_dir, cfg):
+        log.info("%s already holds this run's results; nothing to do", run_dir)
+        return
     run = Run.start(cfg, run_dir)
     rows, histories = [], {}
     for role, key in (("teacher", "teacher"), ("student_scratch", "student")):
@@ -94,7 +117,8 @@ def run_train(cfg, run_dir: Path) -> None:
                      role, model_label(model_cfg), path)
         else:
             model = run.new_model(model_cfg)
-            result = fit(model, CrossEntropy(), run.data, cfg, run.device, label=role)
+            loss_fn = CrossEntropy()
+            result = fit(model, loss_fn, run.data, cfg, run.device, label=role, state_path=run.state_path(role))
             meta = run.meta(model_cfg, result)
             save_checkpoint(path, model, meta)
         histories[role] = meta["history"]
@@ -117,6 +141,10 @@ def run_distill(cfg, run_dir: Path) -> None:
     """Train the student from the stored teacher with `cfg.loss`; report teacher, scratch and KD rows."""
     if cfg.scheme.name != "offline":
         raise KdError(f"scheme={cfg.scheme.name} is not available; choose offline")
+    if completed_results(run_dir, cfg):
+        log.info("%s already holds this run's results; nothing to do", run_dir)
+        return
+    loss_fn = build_loss(cfg)
     run = Run.start(cfg, run_dir)
     teacher_path = Path(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else store_path(cfg, cfg.teacher)
     if not teacher_path.exists():
@@ -125,7 +153,6 @@ def run_distill(cfg, run_dir: Path) -> None:
             f"at {teacher_path}; run `{_train_command()}` first, or pass teacher.checkpoint=PATH"
         )
     teacher, teacher_meta = run.load(cfg.teacher, teacher_path)
-    teacher.requires_grad_(False)
     rows = [run.row("teacher", teacher, cfg.teacher, teacher_meta, teacher_path)]
     histories = {"teacher": teacher_meta["history"]}
 
@@ -138,14 +165,16 @@ def run_distill(cfg, run_dir: Path) -> None:
         log.info("no scratch %s in the store for this recipe; `%s` adds it (and gain_vs_scratch)",
                  model_label(cfg.student), _train_command())
 
-    loss_fn = build_loss(cfg)
     student = run.new_model(cfg.student)
-    result = fit(student, loss_fn, run.data, cfg, run.device, teacher=teacher, label="student_kd")
+    loss_fn.attach(student, teacher, normalize(run.data.train_x[:2], run.data), len(run.data.train_y))
+    result = fit(student, loss_fn, run.data, cfg, run.device, teacher=teacher, label="student_kd",
+                 state_path=run.state_path("student_kd"))
     meta = run.meta(cfg.student, result) | {"loss": cfg.loss.name, "alpha": cfg.alpha, "T": cfg.T,
                                             "teacher": str(teacher_path)}
     checkpoint = run.run_dir / "student.pt"
-    save_checkpoint(checkpoint, student, meta)
+    save_checkpoint(checkpoint, student, meta, helpers=loss_fn.state_dict())
     histories["student_kd"] = result.history
-    rows.append(run.row("student_kd", student, cfg.student, meta, checkpoint,
-                        scheme=cfg.scheme.name, loss=cfg.loss.name, alpha=cfg.alpha, T=cfg.T))
+    helper_params = sum(p.numel() for p in loss_fn.parameters())
+    rows.append(run.row("student_kd", student, cfg.student, meta, checkpoint, scheme=cfg.scheme.name,
+                        loss=cfg.loss.name, alpha=cfg.alpha, T=cfg.T, helper_params=helper_params))
     run.finish(rows, histories)

@@ -13,6 +13,15 @@ from kd_cli.errors import KdError
 from kd_cli.models import CATALOGUE
 
 
+# Keys that may differ between a run and its resumption without changing what it computes.
+RUN_ONLY = ("resume", "device")
+
+
+def run_identity(cfg) -> dict:
+    """The composed config without the keys that do not change what a run computes."""
+    return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in RUN_ONLY}
+
+
 def register_model_groups() -> None:
     store = ConfigStore.instance()
     for arch in CATALOGUE:

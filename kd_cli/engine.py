@@ -1,4 +1,10 @@
-"""The training loop: one function, data on the device, no host sync inside an epoch."""
+"""The training loop: data already on the device, one function, no host sync inside an epoch.
+
+Per step: slice a batch of uint8 images, augment and normalise it in one batched operation, run the
+student (and the teacher, unless its outputs are cached), and hand both outputs to the loss. Loss
+and accuracy are summed on the device and read once per epoch. After each epoch the whole training
+state is checkpointed atomically, so a killed run continues exactly where it stopped.
+"""
 
 import logging
 import math
@@ -8,13 +14,17 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from kd_cli.atomic import atomic_write
+from kd_cli.config import run_identity
 from kd_cli.data import ImageData, epoch_batches, normalize, random_crop_flip
 from kd_cli.errors import KdError
+from kd_cli.features import FeatureTaps
 from kd_cli.losses import DistillationLoss
 
 log = logging.getLogger(__name__)
@@ -51,25 +61,23 @@ def seed_everything(seed: int) -> None:
 class FitResult:
     accuracy: float  # test top-1 % after the final epoch
     best_accuracy: float  # best test top-1 % over epochs
-    train_time_s: float  # wall time of the whole fit, evaluation included
+    train_time_s: float  # wall time of the whole fit, evaluation and teacher caching included
     train_img_per_s: float  # training images per second of optimisation steps
     history: list[dict] = field(default_factory=list)
 
 
+def _as_input(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 @torch.inference_mode()
-def evaluate(model: nn.Module, data: ImageData, batch_size: int = 1000) -> float:
+def evaluate(model: nn.Module, data: ImageData, batch_size: int = 1000, channels_last: bool = False) -> float:
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=data.test_x.device)
     for start in range(0, len(data.test_y), batch_size):
-        x = normalize(data.test_x[start: start + batch_size], data)
+        x = _as_input(normalize(data.test_x[start: start + batch_size], data), channels_last)
         correct += (model(x).argmax(1) == data.test_y[start: start + batch_size]).sum()
     return 100.0 * correct.item() / len(data.test_y)
-
-
-@torch.no_grad()
-def teacher_logits(teacher: nn.Module, images: torch.Tensor, data: ImageData, batch_size: int = 1000) -> torch.Tensor:
-    """The teacher's logits for a whole (unaugmented) image set, computed once."""
-    return torch.cat([teacher(normalize(images[i: i + batch_size], data)) for i in range(0, len(images), batch_size)])
 
 
 def _optimizer(params, train_cfg) -> torch.optim.Optimizer:
@@ -94,35 +102,118 @@ def _schedule(optimizer, train_cfg):
     raise KdError(f"unknown train.schedule '{name}'; choose cosine, multistep or constant")
 
 
-def _use_teacher_cache(train_cfg, augment: bool) -> bool:
-    """Teacher outputs can be reused across epochs only when the student sees the same images."""
-    mode = str(train_cfg.teacher_cache)
-    if mode == "on" and augment:
-        raise KdError("train.teacher_cache=on needs fixed inputs; set data.augment=false or train.teacher_cache=auto")
-    if mode not in ("auto", "on", "off"):
-        raise KdError(f"train.teacher_cache={mode} is not one of auto, on, off")
-    return mode != "off" and not augment
+def _switch(train_cfg, key: str, choices=("auto", "true", "false")) -> str:
+    value = str(train_cfg.get(key, "auto")).lower()
+    if value not in choices:
+        raise KdError(f"train.{key}={value} is not one of {', '.join(choices)}")
+    return value
+
+
+def use_channels_last(model: nn.Module, train_cfg, device: torch.device) -> bool:
+    """NHWC memory layout: measured faster for convolutional training on CPU and GPU; off for MPS."""
+    mode = _switch(train_cfg, "channels_last")
+    has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
+    return mode == "true" or (mode == "auto" and has_conv and device.type in ("cpu", "cuda"))
+
+
+class Teacher:
+    """The frozen teacher: its outputs for a batch, computed each step or taken from a cache."""
+
+    def __init__(self, model: nn.Module, layers: list[str], data: ImageData, cfg, device: torch.device, augment: bool):
+        self.model = model.to(device).eval().requires_grad_(False)
+        self.taps = FeatureTaps(self.model, layers, "teacher")
+        self.channels_last = use_channels_last(self.model, cfg.train, device)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.precision = self._choose_precision(cfg.train, device, data, cached=not augment)
+        self.cache = None
+        mode = str(cfg.train.teacher_cache)
+        if mode not in ("auto", "on", "off"):
+            raise KdError(f"train.teacher_cache={mode} is not one of auto, on, off")
+        if mode == "on" and augment:
+            raise KdError("train.teacher_cache=on needs fixed inputs; set data.augment=false or train.teacher_cache=auto")
+        if mode != "off" and not augment:
+            self.cache = self._outputs_for_all(data, cfg.train.teacher_cache_max_mb, strict=(mode == "on"))
+        else:
+            log.info("teacher cache: off (%s); the teacher runs on every step in %s",
+                     "inputs are augmented" if augment else "train.teacher_cache=off", self.precision)
+
+    def _autocast(self, device: torch.device):
+        return torch.autocast(device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
+
+    def _choose_precision(self, train_cfg, device, data, cached: bool) -> str:
+        mode = _switch(train_cfg, "teacher_precision", ("auto", "fp32", "bf16"))
+        if mode != "auto":
+            return mode
+        if cached or device.type == "mps":
+            return "fp32"  # computed once: exactness costs nothing
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        # On a CPU bf16 helps only with hardware support; time both on one batch and keep the faster.
+        x = _as_input(normalize(data.train_x[:128], data), self.channels_last)
+        timings = {}
+        for precision in ("fp32", "bf16"):
+            self.precision = precision
+            with torch.inference_mode(), self._autocast(device):
+                self.model(x)  # warm-up
+                start = time.perf_counter()
+                for _ in range(2):
+                    self.model(x)
+                timings[precision] = time.perf_counter() - start
+        self.taps.pop()
+        choice = "bf16" if timings["bf16"] < 0.9 * timings["fp32"] else "fp32"
+        log.info("teacher precision: %s (one batch forward: fp32 %.0f ms, bf16 %.0f ms)",
+                 choice, timings["fp32"] * 500, timings["bf16"] * 500)
+        return choice
+
+    def _outputs_for_all(self, data: ImageData, max_mb: float, strict: bool) -> dict | None:
+        """Every output the loss needs, for the whole (unaugmented) training set, computed once."""
+        n = len(data.train_y)
+        first = self(normalize(data.train_x[:2], data))
+        mb = sum(t[0].numel() * t.element_size() for t in first.values()) * n / 2**20
+        if mb > max_mb:
+            if strict:
+                raise KdError(f"the teacher cache would take {mb:.0f} MB, over train.teacher_cache_max_mb={max_mb}; raise it or use train.teacher_cache=auto")
+            log.info("teacher cache: off (it would take %.0f MB, over train.teacher_cache_max_mb=%s)", mb, max_mb)
+            return None
+        parts = [self(normalize(data.train_x[i: i + 1000], data)) for i in range(0, n, 1000)]
+        cache = {k: torch.cat([p[k] for p in parts]) for k in first}
+        log.info("teacher cache: on (teacher outputs for %d images, %.1f MB, reused every epoch)", n, mb)
+        return cache
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> dict:
+        if self.cache is not None and idx is not None:
+            return {k: v[idx] for k, v in self.cache.items()}
+        with torch.inference_mode(), self._autocast(x.device):
+            logits = self.model(_as_input(x, self.channels_last))
+            outputs = {"logits": logits, **self.taps.pop()}
+        # Inference tensors cannot be saved for backward; an fp32 copy outside inference mode can.
+        return {k: v.float().clone() for k, v in outputs.items()}
+
+    def close(self) -> None:
+        self.taps.remove()
 
 
 class _Progress:
     """A rich progress bar on a terminal; one log line per epoch elsewhere (CI, files, pipes)."""
 
-    def __init__(self, label: str, epochs: int, steps: int):
+    def __init__(self, label: str, epochs: int, steps: int, first_epoch: int):
         self.label, self.epochs = label, epochs
         self.bar = None
         if sys.stdout.isatty() and not os.environ.get("CI"):
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-            self.task = self.bar.add_task(f"{label} epoch 1/{epochs}", total=epochs * steps)
+            self.task = self.bar.add_task(f"{label} epoch {first_epoch}/{epochs}", total=epochs * steps,
+                                          completed=(first_epoch - 1) * steps)
             self.bar.start()
 
     def step(self) -> None:
         if self.bar:
             self.bar.advance(self.task)
 
-    def epoch(self, epoch: int, stats: dict) -> None:
-        line = (f"{self.label} epoch {epoch}/{self.epochs}  loss {stats['loss']:.4f}  "
+    def epoch(self, stats: dict) -> None:
+        line = (f"{self.label} epoch {stats['epoch']}/{self.epochs}  loss {stats['loss']:.4f}  "
                 f"train {stats['train_accuracy']:.2f}%  test {stats['test_accuracy']:.2f}%  "
                 f"{stats['img_per_s']:.0f} img/s")
         if self.bar:
@@ -135,82 +226,146 @@ class _Progress:
             self.bar.stop()
 
 
+def _rng_state(generators: dict[str, torch.Generator]) -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        **{f"generator_{k}": g.get_state() for k, g in generators.items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict, generators: dict[str, torch.Generator]) -> None:
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    for k, g in generators.items():
+        g.set_state(state[f"generator_{k}"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _load_state(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a state file is only written whole (atomic rename); anything else is foreign
+        raise KdError(f"training state {path} is unreadable ({type(e).__name__}); delete it to start this model over") from e
+
+
 def fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, device: torch.device,
-        teacher: nn.Module | None = None, label: str = "student") -> FitResult:
-    """Train `student` with `loss_fn` (and `teacher`, if the loss needs one) on data already on `device`."""
+        teacher: nn.Module | None = None, label: str = "student", state_path: Path | None = None) -> FitResult:
+    """Train `student` with `loss_fn` (and `teacher`, when the loss needs one) on data already on `device`.
+
+    With `state_path`, the training state is saved there after every epoch, and a run that finds
+    one continues from it: on the CPU the result equals an uninterrupted run's exactly.
+    """
     train_cfg, augment = cfg.train, bool(cfg.data.augment)
     started = time.perf_counter()
     student.to(device)
+    channels_last = use_channels_last(student, train_cfg, device)
+    if channels_last:
+        student.to(memory_format=torch.channels_last)
+    student_taps = FeatureTaps(student, loss_fn.student_layers, "student")
+    teacher_outputs = None
+    if loss_fn.needs_teacher:
+        teacher_outputs = Teacher(teacher, loss_fn.teacher_layers, data, cfg, device, augment)
     loss_fn.to(device)
     optimizer = _optimizer([*student.parameters(), *loss_fn.parameters()], train_cfg)
     schedule = _schedule(optimizer, train_cfg)
-    shuffle_rng = torch.Generator().manual_seed(cfg.seed)
-    augment_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    generators = {"shuffle": torch.Generator().manual_seed(cfg.seed),
+                  "augment": torch.Generator(device=device).manual_seed(cfg.seed + 1)}
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                if device.type == "cuda" and train_cfg.amp in (True, "auto") else nullcontext())
+                if device.type == "cuda" and str(train_cfg.amp).lower() in ("true", "auto") else nullcontext())
+    forward = student
+    if train_cfg.get("compile"):
+        if loss_fn.student_layers:
+            raise KdError("train.compile=true does not combine with losses that hook intermediate layers; set train.compile=false")
+        forward = torch.compile(student)
 
-    cached_logits = None
-    if loss_fn.needs_teacher:
-        teacher.to(device).eval()
-        if _use_teacher_cache(train_cfg, augment):
-            cached_logits = teacher_logits(teacher, data.train_x, data)
-            log.info("teacher cache: on (teacher logits for %d images, %.1f MB, reused every epoch)",
-                     len(cached_logits), cached_logits.numel() * cached_logits.element_size() / 2**20)
-        else:
-            log.info("teacher cache: off (%s); the teacher runs on every step",
-                     "inputs are augmented" if augment else "train.teacher_cache=off")
+    history, step_seconds, images_seen, first_epoch = [], 0.0, 0, 1
+    state = _load_state(state_path) if state_path else None
+    if state is not None:
+        if state["config"] != run_identity(cfg):
+            raise KdError(f"{state_path} holds the training state of a different config; use another hydra.run.dir "
+                          f"or delete that file to start over")
+        student.load_state_dict(state["model"])
+        loss_fn.load_state_dict(state["helpers"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        _restore_rng(state["rng"], generators)
+        history, step_seconds, images_seen = state["history"], state["step_seconds"], state["images_seen"]
+        first_epoch = state["epoch"] + 1
+        started -= state["elapsed_s"]
+        log.info("%s: resuming after epoch %d from %s", label, state["epoch"], state_path)
 
     n = len(data.train_y)
-    steps = math.ceil(n / train_cfg.batch_size)
-    progress = _Progress(label, train_cfg.epochs, steps)
-    history, step_seconds, images_seen = [], 0.0, 0
+    progress = _Progress(label, train_cfg.epochs, math.ceil(n / train_cfg.batch_size), first_epoch)
     try:
-        for epoch in range(1, train_cfg.epochs + 1):
+        for epoch in range(first_epoch, train_cfg.epochs + 1):
             student.train()
             loss_fn.train()
+            loss_fn.set_epoch(epoch)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), dtype=torch.long, device=device)
+            first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
             seen = 0
             epoch_start = time.perf_counter()
-            for idx in epoch_batches(n, train_cfg.batch_size, shuffle_rng, device):
+            for step, idx in enumerate(epoch_batches(n, train_cfg.batch_size, generators["shuffle"], device), 1):
                 images, targets = data.train_x[idx], data.train_y[idx]
                 if augment:
-                    images = random_crop_flip(images, cfg.dataset.crop_padding, cfg.dataset.hflip, augment_rng)
-                x = normalize(images, data)
+                    images = random_crop_flip(images, cfg.dataset.crop_padding, cfg.dataset.hflip, generators["augment"])
+                x = _as_input(normalize(images, data), channels_last)
                 with autocast:
-                    student_out = {"logits": student(x)}
-                    teacher_out = None
-                    if cached_logits is not None:
-                        teacher_out = {"logits": cached_logits[idx]}
-                    elif loss_fn.needs_teacher:
-                        with torch.no_grad():
-                            teacher_out = {"logits": teacher(x)}
-                    loss = loss_fn(student_out, teacher_out, targets)
+                    student_out = {"logits": forward(x), **student_taps.pop()}
+                    teacher_out = teacher_outputs(x, idx) if teacher_outputs else None
+                    loss = loss_fn(student_out, teacher_out, targets, indices=idx)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                # Sums stay on the device: no host sync inside the epoch.
                 loss_sum += loss.detach() * len(idx)
                 correct += (student_out["logits"].argmax(1) == targets).sum()
+                bad = ~torch.isfinite(loss.detach()) & (first_bad_step < 0)
+                first_bad_step = torch.where(bad, step, first_bad_step)
                 seen += len(idx)
                 progress.step()
             schedule.step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - epoch_start
+            if first_bad_step.item() >= 0:
+                kept = f"; the last good state is in {state_path}" if state_path and state_path.exists() else ""
+                raise KdError(f"{label}: the loss became NaN or inf in epoch {epoch}, step {first_bad_step.item()}{kept}; "
+                              f"lower train.lr or check the inputs")
             step_seconds += seconds
             images_seen += seen
-            mean_loss = (loss_sum / seen).item()
-            if not math.isfinite(mean_loss):
-                raise KdError(f"{label}: loss became {mean_loss} in epoch {epoch}; lower train.lr or check the inputs")
-            stats = {"epoch": epoch, "loss": mean_loss, "train_accuracy": 100.0 * correct.item() / seen,
-                     "test_accuracy": evaluate(student, data), "lr": optimizer.param_groups[0]["lr"],
-                     "img_per_s": seen / seconds}
+            stats = {"epoch": epoch, "loss": (loss_sum / seen).item(), "train_accuracy": 100.0 * correct.item() / seen,
+                     "test_accuracy": evaluate(student, data, channels_last=channels_last),
+                     "lr": optimizer.param_groups[0]["lr"], "img_per_s": seen / seconds}
             history.append(stats)
-            progress.epoch(epoch, stats)
+            progress.epoch(stats)
+            if state_path:
+                state = {"config": run_identity(cfg), "epoch": epoch, "model": student.state_dict(), "helpers": loss_fn.state_dict(),
+                         "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                         "rng": _rng_state(generators), "history": history, "step_seconds": step_seconds,
+                         "images_seen": images_seen, "elapsed_s": time.perf_counter() - started}
+                atomic_write(state_path, lambda f: torch.save(state, f))
     finally:
         progress.close()
+        student_taps.remove()
+        if teacher_outputs:
+            teacher_outputs.close()
+    student.to(memory_format=torch.contiguous_format)
     accuracies = [h["test_accuracy"] for h in history]
     return FitResult(
         accuracy=accuracies[-1], best_accuracy=max(accuracies),
         train_time_s=time.perf_counter() - started, train_img_per_s=images_seen / step_seconds, history=history,
     )
+

@@ -22,7 +22,8 @@ from kd_cli.models import model_label
 
 FORMAT = "kd-checkpoint/1"
 # Keys that change how fast a model trains but not which model comes out.
-_RUNTIME_ONLY = {"train": {"amp", "teacher_cache"}, "data": {"root", "download"}}
+_RUNTIME_ONLY = {"train": {"amp", "teacher_cache", "teacher_cache_max_mb", "teacher_precision", "channels_last", "compile"},
+                 "data": {"root", "download"}}
 
 
 def recipe(cfg) -> dict:
@@ -43,8 +44,19 @@ def store_path(cfg, model_cfg) -> Path:
     return Path(cfg.store_dir) / cfg.dataset.name / model_label(model_cfg) / f"seed{cfg.seed}-{digest}.pt"
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, meta: dict) -> None:
-    payload = {"format": FORMAT, "kd_version": kd_cli.__version__, "state_dict": model.state_dict(), "meta": meta}
+def _checksum(state_dict: dict) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, meta: dict, helpers: dict | None = None) -> None:
+    """Weights (plus training-only helper modules, if any) and what they are, written atomically."""
+    state_dict = model.state_dict()
+    payload = {"format": FORMAT, "kd_version": kd_cli.__version__, "state_dict": state_dict,
+               "sha256": _checksum(state_dict), "meta": meta, "helpers": helpers or {}}
     atomic_write(Path(path), lambda f: torch.save(payload, f))
 
 
@@ -60,6 +72,8 @@ def load_checkpoint(path: Path) -> dict:
         raise KdError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); retrain it or restore it from a backup") from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise KdError(f"{path} is not a kd checkpoint; point at a file written by kd train / kd distill")
+    if _checksum(payload["state_dict"]) != payload.get("sha256"):
+        raise KdError(f"checkpoint {path} fails its checksum (its weights changed after it was written); retrain it")
     return payload
 
 

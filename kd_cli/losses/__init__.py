@@ -1,26 +1,82 @@
 """Distillation losses, selected by `loss=NAME`.
 
-Every loss is called as `loss(student, teacher, targets)`, where `student` and `teacher` are dicts
-of model outputs ("logits", plus any hooked features) and `teacher` is None when no teacher is used.
-Adding a method is one module with one registered class, one yaml in conf/loss/, one test.
+Every loss is called as `loss(student, teacher, targets, indices=...)`: `student` and `teacher` are
+dicts of outputs, "logits" plus the features hooked at the loss's layer paths (keyed by path);
+`teacher` is None when the loss needs none; `indices` are the batch's positions in the training
+set (for methods with a per-sample memory). Adding a method is one module with one class, one yaml
+in conf/loss/, one test.
 """
 
+import torch
 from torch import nn
 
 from kd_cli.errors import KdError
+from kd_cli.features import FeatureTaps, default_layers
 
 LOSSES: dict[str, type["DistillationLoss"]] = {}
 
 
 class DistillationLoss(nn.Module):
-    """Base class. Subclasses set `needs_teacher` and implement forward(student, teacher, targets)."""
+    """Base class: subclasses register with `name=` and implement forward().
+
+    Class attributes:
+      needs_teacher  whether the teacher runs at all;
+      layer_kind     None for logit-only methods, else which default layers of each model to hook:
+                     "stages" (feature maps at the end of each stage) or "embedding" (the vector the
+                     classifier head sees). `loss.student_layers` / `loss.teacher_layers` override them.
+      max_layers     how many layer pairs the method uses (the deepest ones), None for all.
+    Helper modules a method needs (regressors, embedding heads, memories) are built in `setup()` as
+    submodules: they train with the student, are checkpointed with it, and never count as part of it.
+    """
 
     needs_teacher = True
+    layer_kind: str | None = None
+    max_layers: int | None = None
 
     def __init_subclass__(cls, name: str | None = None, **kwargs):
         super().__init_subclass__(**kwargs)
         if name:
             LOSSES[name] = cls
+
+    def __init__(self, student_layers=None, teacher_layers=None, **_):
+        super().__init__()
+        self.student_layers: list[str] = list(student_layers or [])
+        self.teacher_layers: list[str] = list(teacher_layers or [])
+
+    def attach(self, student: nn.Module, teacher: nn.Module | None, example: torch.Tensor, num_train: int) -> None:
+        """Resolve the layer paths, check they exist, and build helper modules for their shapes."""
+        if self.layer_kind:
+            self.student_layers = self.student_layers or self._deepest(default_layers(student, self.layer_kind))
+            self.teacher_layers = self.teacher_layers or self._deepest(default_layers(teacher, self.layer_kind))
+            if len(self.student_layers) != len(self.teacher_layers):
+                raise KdError(f"loss.student_layers has {len(self.student_layers)} layers and loss.teacher_layers "
+                              f"{len(self.teacher_layers)}; give the same number (they are matched in order)")
+        shapes = {}
+        for role, model, paths in (("student", student, self.student_layers), ("teacher", teacher, self.teacher_layers)):
+            if not paths:
+                continue
+            taps = FeatureTaps(model, paths, role)
+            was_training = model.training
+            model.eval()
+            with torch.no_grad():
+                model(example)
+            model.train(was_training)
+            shapes[role] = [tuple(taps.features[p].shape[1:]) for p in paths]
+            taps.remove()
+        self.setup(shapes.get("student", []), shapes.get("teacher", []), num_train)
+
+    def _deepest(self, layers: list[str]) -> list[str]:
+        return layers[-self.max_layers:] if self.max_layers else layers
+
+    def setup(self, student_shapes: list[tuple], teacher_shapes: list[tuple], num_train: int) -> None:
+        """Build helper modules; shapes exclude the batch dimension."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called before each epoch (1-based), for methods with stages."""
+
+    def pairs(self, student: dict, teacher: dict):
+        """The hooked (student, teacher) feature pairs, in layer order."""
+        return [(student[s], teacher[t]) for s, t in zip(self.student_layers, self.teacher_layers)]
 
 
 def build_loss(cfg) -> DistillationLoss:

@@ -10,10 +10,7 @@ class CrossEntropy(DistillationLoss, name="ce"):
 
     needs_teacher = False
 
-    def __init__(self, **_ignored):
-        super().__init__()
-
-    def forward(self, student, teacher, targets):
+    def forward(self, student, teacher, targets, **_):
         return F.cross_entropy(student["logits"], targets)
 
 
@@ -32,11 +29,11 @@ def soft_target_kl(student_logits, teacher_logits, T: float):
 class HintonKD(DistillationLoss, name="kd"):
     """(1 - alpha) * CE(student, y) + alpha * T^2 * KL(p_teacher^T || p_student^T)."""
 
-    def __init__(self, alpha: float, T: float, **_ignored):
-        super().__init__()
+    def __init__(self, alpha: float, T: float, **options):
+        super().__init__(**options)
         self.alpha, self.T = float(alpha), float(T)
 
-    def forward(self, student, teacher, targets):
+    def forward(self, student, teacher, targets, **_):
         hard = F.cross_entropy(student["logits"], targets)
         soft = soft_target_kl(student["logits"], teacher["logits"], self.T)
         return (1 - self.alpha) * hard + self.alpha * soft

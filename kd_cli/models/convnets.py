@@ -30,13 +30,22 @@ def _mlp(widths: list[int], dropout: float = 0.0, batchnorm: bool = False) -> li
 
 
 class ConvNet(nn.Module):
-    """`features` (convolutions) then `classifier` (flatten + fully connected)."""
+    """`features` (convolutions) then `classifier` (flatten + fully connected).
+
+    `kd_layers` names the default layers feature-based losses hook: the end of each convolution
+    stage, and the input of the last linear layer (the embedding).
+    """
 
     def __init__(self, features: nn.Sequential, spec: ImageSpec, hidden: list[int], **head):
         super().__init__()
         self.features = features
         widths = [_flat_size(features, spec), *hidden, spec.num_classes]
         self.classifier = nn.Sequential(nn.Flatten(), *_mlp(widths, **head))
+        stage_ends = getattr(features, "stage_ends", [len(features) - 1])
+        self.kd_layers = {
+            "stages": [f"features.{i}" for i in stage_ends],
+            "embedding": [f"classifier.{len(self.classifier) - 1}:in"],
+        }
 
     def forward(self, x):
         return self.classifier(self.features(x))
@@ -55,6 +64,7 @@ def _stages(c_in: int, widths: list[list[int]], batchnorm: bool, spec: ImageSpec
     The limit keeps every depth valid on 28x28 and 32x32 inputs (at most three poolings).
     """
     layers: list[nn.Module] = []
+    stage_ends = []
     size = spec.size
     for stage in widths:
         for c_out in stage:
@@ -63,7 +73,10 @@ def _stages(c_in: int, widths: list[list[int]], batchnorm: bool, spec: ImageSpec
         if size >= 6:
             layers.append(nn.MaxPool2d(2))
             size //= 2
-    return nn.Sequential(*layers)
+        stage_ends.append(len(layers) - 1)
+    features = nn.Sequential(*layers)
+    features.stage_ends = stage_ends
+    return features
 
 
 @register("deepnn")
@@ -95,6 +108,7 @@ def _conv_family(depth: int):
         features = _stages(spec.channels, widths, batchnorm=True, spec=spec)
         # A fixed 4x4 map before the head keeps the head small and comparable across depths.
         features.append(nn.AdaptiveAvgPool2d(4))
+        features.stage_ends[-1] = len(features) - 1
         return ConvNet(features, spec, hidden=[])
 
     build.__doc__ = f"{depth} convolutions with BatchNorm (pairs, max-pooled), then one linear layer."

@@ -38,6 +38,7 @@ class CifarResNet(nn.Module):
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(c_in, spec.num_classes)
+        self.kd_layers = {"stages": ["layer1", "layer2", "layer3", "layer4"], "embedding": ["fc:in"]}
 
     def forward(self, x):
         x = self.stem(x)
