@@ -1,31 +1,52 @@
 """Files that are either the old version or the complete new one, never half written."""
 
+import io
 import os
 import tempfile
 from pathlib import Path
 from typing import Callable, IO
 
+import torch
+
+from kd_cli.errors import KdError
+
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Call `write` on a temporary file beside `path`, fsync it, then rename it over `path`."""
+    """Call `write` on a temporary file beside `path`, fsync it, then rename it over `path`.
+
+    If anything fails (a full disk, say), `path` keeps its previous content and the error is one line.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
+        # The rename itself must reach the disk too, or a crash could bring back the old name.
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        kept = "; its previous version is intact" if path.exists() else ""
+        raise KdError(f"cannot write {path}: {e.strerror or e}{kept}") from e
     finally:
-        os.close(dir_fd)
+        if tmp is not None and Path(tmp).exists():
+            Path(tmp).unlink()
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_torch_save(path: Path, obj) -> None:
+    """torch.save, atomically. Serialising to memory first makes a full disk an OSError on our write,
+    instead of an opaque RuntimeError from inside torch's zip writer."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda f: f.write(buffer.getbuffer()))

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from kd_cli.losses import build_loss
 from kd_cli.losses.hinton import CrossEntropy
 from kd_cli.measure import model_costs
 from kd_cli.models import build_model, model_label
+from kd_cli.provenance import record_run
 from kd_cli.results import add_comparisons, print_table, results_frame, write_results
 from kd_cli.store import load_checkpoint, load_into, model_spec, recipe, save_checkpoint, store_path
 
@@ -49,6 +51,12 @@ class Run:
     def start(cls, cfg, run_dir) -> "Run":
         validate(cfg)
         device = resolve_device(cfg.device)
+        if cfg.deterministic:
+            # cuBLAS needs a fixed workspace to be deterministic; cuDNN must not pick kernels by timing.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.benchmark = False
+            torch.use_deterministic_algorithms(True)
+        record_run(run_dir, device)
         data = load_data(cfg).to(device)
         log.info("%s on %s: %d training / %d test images, %d classes, run directory %s",
                  cfg.dataset.name, device, len(data.train_y), len(data.test_y), data.spec.num_classes, run_dir)
@@ -147,6 +155,8 @@ def run_distill(cfg, run_dir: Path) -> None:
     loss_fn = build_loss(cfg)
     run = Run.start(cfg, run_dir)
     teacher_path = Path(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else store_path(cfg, cfg.teacher)
+    if cfg.teacher.checkpoint and not teacher_path.exists():
+        raise KdError(f"teacher.checkpoint={teacher_path} does not exist; check the path")
     if not teacher_path.exists():
         raise KdError(
             f"no trained teacher {model_label(cfg.teacher)} for {cfg.dataset.name} (seed {cfg.seed}, this recipe) "

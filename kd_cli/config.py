@@ -46,8 +46,27 @@ def _integer(cfg, key: str, minimum: int):
     return value
 
 
+CHOICES = {
+    "train.optimizer": ("sgd", "adam"),
+    "train.schedule": ("cosine", "multistep", "constant"),
+    "train.teacher_cache": ("auto", "on", "off"),
+    "train.teacher_precision": ("auto", "fp32", "bf16"),
+    "train.channels_last": ("auto", True, False),
+    "train.amp": ("auto", True, False),
+}
+FLAGS = ("data.download", "data.augment", "overwrite", "resume", "deterministic", "train.compile", "train.nesterov")
+
+
 def validate(cfg) -> None:
     """Reject values that would fail late or silently give a wrong table."""
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            raise KdError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    for key in FLAGS:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not isinstance(value, bool):
+            raise KdError(f"{key} must be true or false, got {value!r}")
     _integer(cfg, "seed", 0)
     _integer(cfg, "train.epochs", 1)
     _integer(cfg, "train.batch_size", 1)

@@ -9,6 +9,7 @@ the same recipe. A checkpoint is a plain dict of tensors and built-in types, loa
 import hashlib
 import json
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 import kd_cli
-from kd_cli.atomic import atomic_write
+from kd_cli.atomic import atomic_torch_save
 from kd_cli.errors import KdError
 from kd_cli.models import model_label
 
@@ -57,7 +58,14 @@ def save_checkpoint(path: Path, model: torch.nn.Module, meta: dict, helpers: dic
     state_dict = model.state_dict()
     payload = {"format": FORMAT, "kd_version": kd_cli.__version__, "state_dict": state_dict,
                "sha256": _checksum(state_dict), "meta": meta, "helpers": helpers or {}}
-    atomic_write(Path(path), lambda f: torch.save(payload, f))
+    atomic_torch_save(Path(path), payload)
+
+
+def safe_load(path: Path):
+    """torch.load restricted to tensors and plain data: a crafted file cannot run code."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about legacy formats; the caller reports the problem
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -65,7 +73,7 @@ def load_checkpoint(path: Path) -> dict:
     if not path.is_file():
         raise KdError(f"checkpoint {path} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = safe_load(path)
     except pickle.UnpicklingError as e:
         raise KdError(f"{path} is not a kd checkpoint (it holds objects kd will not unpickle); point at a file kd wrote") from e
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:

@@ -99,7 +99,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         f.write(b"half")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    with pytest.raises(KdError, match="cannot write .*results.csv: No space left on device; its previous version is intact"):
         atomic_write(path, fail)
     assert path.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]  # no temporary file left behind

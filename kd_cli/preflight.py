@@ -1,0 +1,96 @@
+"""Checks made before Hydra starts a run: every problem becomes one line and nothing is written.
+
+Hydra reports composition errors over several lines (with its search path), and would only meet a
+bad value of a sweep when that job starts, hours in. So the command line is composed here first,
+every combination of a grid sweep included, and checked by `config.validate`.
+"""
+
+import difflib
+import itertools
+import os
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
+from omegaconf import OmegaConf
+
+from kd_cli.config import validate
+from kd_cli.engine import resolve_device
+from kd_cli.errors import KdError
+
+# Hydra flags that do not run anything (or run with Hydra's own handling).
+_PASSIVE_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc",
+                  "--package", "-p", "--resolve")
+MAX_GRID = 500  # combinations checked one by one; larger grids are checked on their first combination
+
+
+def _combinations(overrides: list[str]) -> list[list[str]]:
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as e:
+        raise KdError(f"cannot read the overrides: {str(e).splitlines()[0]}") from None
+    choices = []
+    for override in parsed:
+        if override.is_sweep_override():
+            key = override.get_key_element()
+            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+        else:
+            choices.append([override.input_line])
+    grid = list(itertools.islice(itertools.product(*choices), MAX_GRID + 1))
+    return [list(c) for c in (grid if len(grid) <= MAX_GRID else grid[:1])]
+
+
+def _all_keys(cfg, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in cfg.items():
+        path = f"{prefix}{key}"
+        keys.append(path)
+        if OmegaConf.is_dict(value):
+            keys += _all_keys(value, path + ".")
+    return keys
+
+
+def _explain(error: HydraException, command: str, conf_dir: str) -> str:
+    if isinstance(error, MissingConfigException) and error.missing_cfg_file and error.options:
+        group, _, name = error.missing_cfg_file.partition("/")
+        return f"unknown {group} '{name}'; choose one of: {', '.join(error.options)}"
+    message = str(error)
+    if message.startswith("Could not override '"):
+        key = message.split("'")[1]
+        with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+            known = _all_keys(compose(command))
+        close = difflib.get_close_matches(key, known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"unknown key '{key}'{hint} (`kd {command} --cfg job` lists every key; +{key}=... adds a new one)"
+    return message.strip().splitlines()[0]
+
+
+def _check_writable(folder: str, what: str) -> None:
+    path = Path(folder)
+    while not path.exists():
+        path = path.parent
+    if not path.is_dir():
+        raise KdError(f"cannot write {what} {folder}: {path} is a file, not a folder; choose another location")
+    if not os.access(path, os.W_OK):
+        raise KdError(f"cannot write {what} {folder}: {path} is not writable; choose another location")
+
+
+def preflight(command: str, args: list[str], conf_dir: str) -> None:
+    """Raise KdError (one line) if the command line cannot run."""
+    if any(a.split("=")[0] in _PASSIVE_FLAGS for a in args):
+        return
+    overrides = [a for a in args if not a.startswith("-")]
+    for combination in _combinations(overrides):
+        try:
+            with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+                cfg = compose(command, combination, return_hydra_config=True)
+        except (ConfigCompositionException, MissingConfigException, OverrideParseException) as e:
+            raise KdError(_explain(e, command, conf_dir)) from None
+        validate(cfg)
+    resolve_device(cfg.device)
+    multirun = "-m" in args or "--multirun" in args
+    run_root = OmegaConf.select(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir", throw_on_resolution_failure=False)
+    if isinstance(run_root, str):
+        _check_writable(run_root, "the run folder")
+    _check_writable(cfg.store_dir, "the model store")

@@ -1,0 +1,265 @@
+"""Nothing lost: exact resume after SIGKILL, reproducible runs, safe failures of every kind."""
+
+import errno
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import TINY, kd_executable
+from kd_cli.cli import config_dir
+from kd_cli.config import register_model_groups
+from kd_cli.data import load_data
+from kd_cli.engine import fit, seed_everything
+from kd_cli.errors import KdError
+from kd_cli.losses.hinton import CrossEntropy
+from kd_cli.models import build_model
+from kd_cli.store import save_checkpoint
+
+pytestmark = pytest.mark.usefixtures("fashion_mnist")
+register_model_groups()
+
+
+def composed(*overrides):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("train", [*TINY, *overrides])
+
+
+def histories(run_dir: Path) -> dict:
+    """Per-epoch loss, accuracies and lr of every model (throughput, a timing, left out)."""
+    saved = json.loads((run_dir / "results.json").read_text())["histories"]
+    return {role: [{k: v for k, v in epoch.items() if k != "img_per_s"} for epoch in epochs]
+            for role, epochs in saved.items()}
+
+
+# ------------------------------------------------------------------ reproducibility and resume
+
+def test_same_config_and_seed_give_identical_results(kd):
+    kd("train", *TINY, "hydra.run.dir=outputs/a", "store_dir=outputs/store_a")
+    kd("train", *TINY, "hydra.run.dir=outputs/b", "store_dir=outputs/store_b")
+    first, second = histories(kd.cwd / "outputs/a"), histories(kd.cwd / "outputs/b")
+    assert first == second  # equality of every per-epoch loss and accuracy, not closeness
+    a, b = (pd.read_csv(kd.cwd / f"outputs/{x}/results.csv") for x in "ab")
+    assert a["accuracy"].tolist() == b["accuracy"].tolist()
+
+
+def test_sigkill_then_resume_ends_exactly_like_an_uninterrupted_run(kd):
+    # Augmentation on, so the restored random generators matter, and a teacher running every step.
+    recipe = [*TINY, "student=light6", "train.epochs=3", "data.augment=true"]
+    kd("train", *recipe, "~student")
+    kd("distill", *recipe, "hydra.run.dir=outputs/uninterrupted")
+
+    env = {**os.environ, "CI": "1"}
+    proc = subprocess.Popen([kd_executable(), "distill", *recipe], cwd=kd.cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    state = None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        states = list((kd.cwd / "outputs" / "distill").glob("*/state/student_kd.pt"))
+        if states:
+            state = states[0]
+            break
+        time.sleep(0.05)
+    assert state is not None, "the run ended before writing its first training state"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (state.parent.parent / "results.json").exists()
+
+    resumed = kd("distill", *recipe, "resume=true")
+    assert "resuming" in resumed.stderr + resumed.stdout
+    assert histories(state.parent.parent)["student_kd"] == histories(kd.cwd / "outputs/uninterrupted")["student_kd"]
+    assert not state.exists()  # a finished run drops its resumable state
+
+
+def test_rerun_sweep_skips_complete_jobs_and_reruns_failed_ones(kd):
+    kd("train", *TINY, "~student")
+    teacher = next((kd.cwd / "outputs/store").rglob("*.pt"))
+    spare = kd.cwd / "spare.pt"
+    first = kd("distill", "-m", *TINY, f"teacher.checkpoint={teacher},{spare}", check=False)
+    assert first.returncode != 0
+    sweep = next((kd.cwd / "outputs/distill-multirun").iterdir())
+    summary = pd.read_csv(sweep / "summary.csv")
+    assert summary["status"].tolist() == ["ok", "failed"]
+    assert "does not exist" in summary.loc[1, "error"]
+    done = (sweep / "0" / "results.json").read_bytes()
+
+    shutil.copy(teacher, spare)  # the failed job's cause is fixed
+    again = kd("distill", "-m", *TINY, f"teacher.checkpoint={teacher},{spare}", "resume=true")
+    assert f"resuming {sweep.relative_to(kd.cwd)}" in again.stderr
+    assert (sweep / "0" / "results.json").read_bytes() == done  # skipped, untouched
+    assert pd.read_csv(sweep / "summary.csv")["status"].tolist() == ["ok", "ok"]
+    assert not (sweep / "1" / "error.txt").exists()
+
+
+# ------------------------------------------------------------------ failures inside training
+
+class _NanAt(CrossEntropy):
+    """Labels-only loss that turns NaN at one (epoch, step): a model diverging mid-run."""
+
+    def __init__(self, epoch: int, step: int):
+        super().__init__()
+        self.when, self.epoch, self.calls = (epoch, step), 0, 0
+
+    def set_epoch(self, epoch):
+        self.epoch, self.calls = epoch, 0
+
+    def forward(self, student, teacher, targets, **_):
+        self.calls += 1
+        loss = super().forward(student, teacher, targets)
+        return loss * float("nan") if (self.epoch, self.calls) == self.when else loss
+
+
+def _small_fit(cfg, loss, state_path):
+    data = load_data(cfg)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.student, data.spec)
+    return fit(model, loss, data, cfg, torch.device("cpu"), label="student", state_path=state_path)
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_good_state(tmp_path):
+    cfg = composed("train.epochs=3")
+    state = tmp_path / "state.pt"
+    with pytest.raises(KdError, match=r"student: the loss became NaN or inf in epoch 2, step 3; the last good state is in"):
+        _small_fit(cfg, _NanAt(epoch=2, step=3), state)
+    saved = torch.load(state, weights_only=True)
+    assert saved["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point())
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_state(tmp_path, monkeypatch):
+    cfg = composed("train.epochs=3")
+    state = tmp_path / "state.pt"
+    real_fsync, calls = os.fsync, []
+
+    def fsync_fails_second_time(fd):
+        if stat.S_ISREG(os.fstat(fd).st_mode):  # a file's data, not a folder's entry
+            calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr("kd_cli.atomic.os.fsync", fsync_fails_second_time)
+    with pytest.raises(KdError, match="state.pt: No space left on device; its previous version is intact"):
+        _small_fit(cfg, CrossEntropy(), state)
+    assert torch.load(state, weights_only=True)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temporary file left behind
+
+
+# ------------------------------------------------------------------ bad input: one line, non-zero exit, nothing lost
+
+def _bad_checkpoint(kind: str, folder: Path, good: Path) -> Path:
+    path = folder / f"{kind}.pt"
+    spec_model = build_model(compose_model("mnist_teacher"), _spec(10))
+    if kind == "other_dataset":
+        save_checkpoint(path, spec_model, {"model": "mnist_teacher", "dataset": "mnist", "num_classes": 10})
+    elif kind == "other_classes":
+        save_checkpoint(path, build_model(compose_model("mnist_teacher"), _spec(100)),
+                        {"model": "mnist_teacher", "dataset": "fashion_mnist", "num_classes": 100})
+    elif kind == "other_arch":
+        save_checkpoint(path, build_model(compose_model("mnist_student"), _spec(10)),
+                        {"model": "mnist_student", "dataset": "fashion_mnist", "num_classes": 10})
+    elif kind == "truncated":
+        path.write_bytes(good.read_bytes()[:5000])
+    elif kind == "foreign":
+        torch.save({"state_dict": spec_model.state_dict()}, path)
+    elif kind == "pickle":
+        path.write_bytes(b"\x80\x04\x95not a zip at all")
+    return path
+
+
+def compose_model(arch):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"arch": arch, "checkpoint": None})
+
+
+def _spec(classes):
+    from kd_cli.models import ImageSpec
+
+    return ImageSpec(1, 28, classes)
+
+
+# Refused before anything runs (kd_cli.preflight): checked in-process, every grid combination included.
+REFUSED_UPFRONT = [
+    (["dataset=imagenet"], "unknown dataset 'imagenet'; choose one of: cifar10, cifar100, fashion_mnist, mnist"),
+    (["student=resnet99"], "unknown student 'resnet99'; choose one of: conv10,"),
+    (["loss=kdd"], "unknown loss 'kdd'; choose one of:"),
+    (["scheme=nope"], "unknown scheme 'nope'; choose one of: offline"),
+    (["alhpa=0.5"], "unknown key 'alhpa'; did you mean 'alpha'?"),
+    (["train.epochs=abc"], "train.epochs must be a whole number >= 1, got 'abc'"),
+    (["data.augment=maybe"], "data.augment must be true or false, got 'maybe'"),
+    (["train.optimizer=adamw"], "train.optimizer must be one of sgd, adam, got 'adamw'"),
+    (["alpha=1.5"], "alpha must be in [0, 1]"),
+    (["-m", "alpha=0.5,-1"], "alpha must be in [0, 1] (the weight of the distillation term), got -1"),
+    (["T=0"], "T must be > 0"),
+    (["train.epochs=0"], "train.epochs must be a whole number >= 1, got 0"),
+    (["train.batch_size=0"], "train.batch_size must be a whole number >= 1, got 0"),
+    (["data.fraction=0"], "data.fraction must be in (0, 1], got 0"),
+    (["data.fraction=1.2"], "data.fraction must be in (0, 1], got 1.2"),
+    (["data.test_fraction=-1"], "data.test_fraction must be in (0, 1], got -1"),
+    (["device=cuda"], "device=cuda was asked for but no CUDA GPU is visible"),
+    (["hydra.run.dir=results.csv/run"], "cannot write the run folder results.csv/run: results.csv is a file"),
+    (["store_dir=results.csv/store"], "cannot write the model store results.csv/store: results.csv is a file"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", REFUSED_UPFRONT, ids=[" ".join(o) for o, _ in REFUSED_UPFRONT])
+def test_refused_before_anything_is_written(tmp_path, monkeypatch, overrides, message):
+    from kd_cli.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results.csv").write_text("a file standing where a folder is asked for\n")
+    with pytest.raises(KdError) as refused:
+        preflight("distill", [*TINY, *overrides], config_dir())
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]
+
+
+# Found while running: each through the installed command.
+FAILS_IN_RUN = [
+    (["seed=7"], "kd: error: no trained teacher mnist_teacher for fashion_mnist (seed 7, this recipe)"),
+    (["dataset=cifar10", "data.root=empty", "data.download=false"], "kd: error: cifar10 not found in empty/cifar-10-batches-py"),
+    (["teacher.checkpoint=missing.pt"], "kd: error: teacher.checkpoint=missing.pt does not exist"),
+    (["alhpa=0.5"], "kd: error: unknown key 'alhpa'; did you mean 'alpha'?"),  # the preflight's line reaches the user
+]
+CHECKPOINTS = [
+    ("other_dataset", "is for dataset=mnist, not fashion_mnist"),
+    ("other_classes", "is for num_classes=100, not 10"),
+    ("other_arch", "is for model=mnist_student, not mnist_teacher"),
+    ("truncated", "is truncated or corrupt"),
+    ("foreign", "is not a kd checkpoint"),
+    ("pickle", "is not a kd checkpoint"),
+]
+
+
+def test_bad_inputs_through_the_cli_are_one_line_and_lose_nothing(kd):
+    kd("train", *TINY)
+    teacher = next((kd.cwd / "outputs/store/fashion_mnist/mnist_teacher").glob("*.pt"))
+    cases = FAILS_IN_RUN + [([f"teacher.checkpoint={_bad_checkpoint(kind, kd.cwd, teacher)}"], message)
+                            for kind, message in CHECKPOINTS]
+    before = {p: p.read_bytes() for p in kd.cwd.rglob("*") if p.is_file()}
+    for overrides, message in cases:
+        proc = kd("distill", *TINY, *overrides, check=False)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 1, (overrides, proc.stderr)
+        assert len(lines) == 1 and message in lines[0], (overrides, proc.stderr)
+        assert "Traceback" not in proc.stdout + proc.stderr
+    for path, content in before.items():
+        assert path.read_bytes() == content, f"{path} changed"
+
+
+def test_full_traceback_on_request(kd):
+    proc = kd("distill", *TINY, "device=cuda", check=False)
+    assert "Traceback" not in proc.stderr
+    env_proc = subprocess.run([kd_executable(), "distill", *TINY, "device=cuda"], cwd=kd.cwd,
+                              env={**os.environ, "HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True)
+    assert env_proc.returncode != 0 and "Traceback" in env_proc.stderr
