@@ -40,6 +40,11 @@ def completed_results(run_dir: Path, cfg) -> bool:
     return True
 
 
+def completed_objective(run_dir: Path) -> float | None:
+    rows = json.loads((Path(run_dir) / "results.json").read_text())["rows"]
+    return next((r.get("val_accuracy") for r in rows if r["role"] == "student_kd"), None)
+
+
 @dataclass
 class Run:
     cfg: object
@@ -75,7 +80,8 @@ class Run:
             "model": model_label(model_cfg), "model_cfg": model_spec(model_cfg), "dataset": self.cfg.dataset.name,
             "num_classes": self.data.spec.num_classes, "seed": self.cfg.seed, "recipe": recipe(self.cfg),
             "config": run_identity(self.cfg),
-            "metrics": {k: getattr(result, k) for k in ("accuracy", "best_accuracy", "train_time_s", "train_img_per_s")},
+            "metrics": {k: getattr(result, k) for k in ("accuracy", "best_accuracy", "val_accuracy", "train_time_s",
+                                                        "train_img_per_s") if getattr(result, k) is not None},
             "history": result.history,
         }
 
@@ -107,11 +113,11 @@ class Run:
             state_dir.rmdir()
 
 
-def run_train(cfg, run_dir: Path) -> None:
+def run_train(cfg, run_dir: Path) -> float | None:
     """Train the teacher and the student from labels alone, into the model store (or reuse them)."""
     if completed_results(run_dir, cfg):
         log.info("%s already holds this run's results; nothing to do", run_dir)
-        return
+        return None
     run = Run.start(cfg, run_dir)
     rows, histories = [], {}
     for role, key in (("teacher", "teacher"), ("student_scratch", "student")):
@@ -145,13 +151,17 @@ def _train_command() -> str:
     return " ".join(["kd train", *map(shlex.quote, kept)])
 
 
-def run_distill(cfg, run_dir: Path) -> None:
-    """Train the student from the stored teacher with `cfg.loss`; report teacher, scratch and KD rows."""
+def run_distill(cfg, run_dir: Path) -> float | None:
+    """Train the student from the stored teacher with `cfg.loss`; report teacher, scratch and KD rows.
+
+    Returns the student's validation accuracy (None without `data.val_fraction`): the objective a
+    hyperparameter sweeper maximises, so a search never looks at the test set.
+    """
     if cfg.scheme.name != "offline":
         raise KdError(f"scheme={cfg.scheme.name} is not available; choose offline")
     if completed_results(run_dir, cfg):
         log.info("%s already holds this run's results; nothing to do", run_dir)
-        return
+        return completed_objective(run_dir)
     loss_fn = build_loss(cfg)
     run = Run.start(cfg, run_dir)
     teacher_path = Path(cfg.teacher.checkpoint) if cfg.teacher.checkpoint else store_path(cfg, cfg.teacher)
@@ -188,3 +198,4 @@ def run_distill(cfg, run_dir: Path) -> None:
     rows.append(run.row("student_kd", student, cfg.student, meta, checkpoint, scheme=cfg.scheme.name,
                         loss=cfg.loss.name, alpha=cfg.alpha, T=cfg.T, helper_params=helper_params))
     run.finish(rows, histories)
+    return result.val_accuracy

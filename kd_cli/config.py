@@ -75,6 +75,8 @@ def validate(cfg) -> None:
     for key in ("data.fraction", "data.test_fraction"):
         if not 0 < _number(cfg, key) <= 1:
             raise KdError(f"{key} must be in (0, 1], got {OmegaConf.select(cfg, key)}")
+    if OmegaConf.select(cfg, "data.val_fraction") is not None and not 0 <= _number(cfg, "data.val_fraction") < 1:
+        raise KdError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
     if "alpha" in cfg and not 0 <= _number(cfg, "alpha") <= 1:
         raise KdError(f"alpha must be in [0, 1] (the weight of the distillation term), got {cfg.alpha}")
     if "T" in cfg and _number(cfg, "T") <= 0:

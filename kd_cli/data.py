@@ -32,10 +32,12 @@ class ImageData:
     mean: torch.Tensor  # (1, C, 1, 1) float, in [0, 1] units
     std: torch.Tensor
     spec: ImageSpec
+    val_x: torch.Tensor | None = None  # held out of the training set (data.val_fraction), for model selection
+    val_y: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> "ImageData":
-        moved = {k: v.to(device) for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
-        return ImageData(**moved, spec=self.spec)
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        return ImageData(**moved)
 
 
 # ---------------------------------------------------------------- reading the on-disk formats
@@ -189,6 +191,15 @@ def load_data(cfg) -> ImageData:
     train_x, test_x = torch.tensor(train_x), torch.tensor(test_x)
     train_y, test_y = torch.tensor(train_y, dtype=torch.int64), torch.tensor(test_y, dtype=torch.int64)
     # The training subset follows the run's seed; the test subset is fixed so every run is scored alike.
+    # The validation split is fixed (seed 0) so every configuration of a search is judged on the same
+    # images; the training subset follows the run's seed; the test subset is fixed as well.
+    val = {}
+    if data.get("val_fraction", 0) > 0:
+        val_idx = stratified_subset(train_y, data.val_fraction, 0)
+        val = {"val_x": train_x[val_idx], "val_y": train_y[val_idx]}
+        keep = torch.ones(len(train_y), dtype=torch.bool)
+        keep[val_idx] = False
+        train_x, train_y = train_x[keep], train_y[keep]
     train_idx = stratified_subset(train_y, data.fraction, cfg.seed)
     test_idx = stratified_subset(test_y, data.test_fraction, 0)
     stats = lambda v: torch.tensor(list(v), dtype=torch.float32).view(1, -1, 1, 1)  # noqa: E731
@@ -196,7 +207,7 @@ def load_data(cfg) -> ImageData:
         train_x=train_x[train_idx], train_y=train_y[train_idx],
         test_x=test_x[test_idx], test_y=test_y[test_idx],
         mean=stats(ds.mean), std=stats(ds.std),
-        spec=ImageSpec(channels=ds.channels, size=ds.image_size, num_classes=ds.num_classes),
+        spec=ImageSpec(channels=ds.channels, size=ds.image_size, num_classes=ds.num_classes), **val,
     )
 
 

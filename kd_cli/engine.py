@@ -64,6 +64,7 @@ class FitResult:
     best_accuracy: float  # best test top-1 % over epochs
     train_time_s: float  # wall time of the whole fit, evaluation and teacher caching included
     train_img_per_s: float  # training images per second of optimisation steps
+    val_accuracy: float | None = None  # top-1 % on the held-out validation split, final epoch
     history: list[dict] = field(default_factory=list)
 
 
@@ -72,13 +73,16 @@ def _as_input(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, data: ImageData, batch_size: int = 1000, channels_last: bool = False) -> float:
+def evaluate(model: nn.Module, data: ImageData, batch_size: int = 1000, channels_last: bool = False,
+             split: str = "test") -> float:
+    """Top-1 accuracy (%) on the `test` or `val` split."""
+    images, labels = getattr(data, f"{split}_x"), getattr(data, f"{split}_y")
     model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=data.test_x.device)
-    for start in range(0, len(data.test_y), batch_size):
-        x = _as_input(normalize(data.test_x[start: start + batch_size], data), channels_last)
-        correct += (model(x).argmax(1) == data.test_y[start: start + batch_size]).sum()
-    return 100.0 * correct.item() / len(data.test_y)
+    correct = torch.zeros((), dtype=torch.long, device=images.device)
+    for start in range(0, len(labels), batch_size):
+        x = _as_input(normalize(images[start: start + batch_size], data), channels_last)
+        correct += (model(x).argmax(1) == labels[start: start + batch_size]).sum()
+    return 100.0 * correct.item() / len(labels)
 
 
 def _optimizer(params, train_cfg) -> torch.optim.Optimizer:
@@ -334,6 +338,8 @@ def fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, dev
             stats = {"epoch": epoch, "loss": (loss_sum / seen).item(), "train_accuracy": 100.0 * correct.item() / seen,
                      "test_accuracy": evaluate(student, data, channels_last=channels_last),
                      "lr": optimizer.param_groups[0]["lr"], "img_per_s": seen / seconds}
+            if data.val_y is not None:
+                stats["val_accuracy"] = evaluate(student, data, channels_last=channels_last, split="val")
             history.append(stats)
             progress.epoch(stats)
             if state_path:
@@ -350,7 +356,7 @@ def fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, dev
     student.to(memory_format=torch.contiguous_format)
     accuracies = [h["test_accuracy"] for h in history]
     return FitResult(
-        accuracy=accuracies[-1], best_accuracy=max(accuracies),
+        accuracy=accuracies[-1], best_accuracy=max(accuracies), val_accuracy=history[-1].get("val_accuracy"),
         train_time_s=time.perf_counter() - started, train_img_per_s=images_seen / step_seconds, history=history,
     )
 

@@ -13,7 +13,7 @@ from kd_cli.atomic import atomic_write_text
 
 COLUMNS = [
     "role", "model", "dataset", "scheme", "loss", "seed", "alpha", "T",
-    "accuracy", "best_accuracy", "params", "helper_params", "size_mb", "flops", "latency_ms",
+    "accuracy", "best_accuracy", "val_accuracy", "params", "helper_params", "size_mb", "flops", "latency_ms",
     "train_time_s", "train_img_per_s", "gain_vs_scratch", "teacher_retained", "compression", "checkpoint",
 ]
 

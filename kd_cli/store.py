@@ -80,7 +80,9 @@ def load_checkpoint(path: Path) -> dict:
         raise KdError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); retrain it or restore it from a backup") from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise KdError(f"{path} is not a kd checkpoint; point at a file written by kd train / kd distill")
-    if _checksum(payload["state_dict"]) != payload.get("sha256"):
+    if "sha256" not in payload:
+        raise KdError(f"checkpoint {path} has no checksum (an early kd development build wrote it); retrain it")
+    if _checksum(payload["state_dict"]) != payload["sha256"]:
         raise KdError(f"checkpoint {path} fails its checksum (its weights changed after it was written); retrain it")
     return payload
 

@@ -139,3 +139,14 @@ def test_no_flip_when_disabled():
     images = torch.randint(1, 256, (64, 1, 6, 6), dtype=torch.uint8)
     out = random_crop_flip(images, padding=0, flip=False, generator=gen)
     assert torch.equal(out, images)
+
+
+def test_validation_split_is_held_out_of_training_and_fixed(fashion_mnist):
+    with_val = load_data(cfg_for("fashion_mnist", "/nonexistent", "data.val_fraction=0.1", "data.fraction=0.5", "seed=3"))
+    other_seed = load_data(cfg_for("fashion_mnist", "/nonexistent", "data.val_fraction=0.1", "data.fraction=0.5", "seed=4"))
+    assert len(with_val.val_y) == 6000 and torch.bincount(with_val.val_y).tolist() == [600] * 10
+    assert len(with_val.train_y) == 27000  # half of the 54,000 images left after the split
+    assert torch.equal(with_val.val_x, other_seed.val_x)  # every run of a search is judged on the same images
+    val_images = {bytes(x.numpy()) for x in with_val.val_x}
+    assert not any(bytes(x.numpy()) in val_images for x in with_val.train_x[:3000])
+    assert load_data(cfg_for("fashion_mnist", "/nonexistent")).val_y is None
