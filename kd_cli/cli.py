@@ -21,6 +21,9 @@ COMMANDS = {
     "distill": "train the student from a stored teacher with a distillation loss",
 }
 
+# ---- kd report: a plain argparse command (kd_cli/report.py), not a Hydra app ----
+COMMANDS["report"] = "one table and plots over run and sweep folders: seeds pooled, KD gain with a 95% CI"
+
 
 def config_dir() -> str:
     """conf/ beside the package in a checkout or editable install, inside it in a wheel install."""
@@ -36,11 +39,12 @@ def _task(name: str):
 
     run = getattr(commands, f"run_{name}")
 
-    def task(cfg) -> None:
+    def task(cfg) -> float | None:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
-            run(cfg, run_dir)
+            objective = run(cfg, run_dir)
             (run_dir / "error.txt").unlink(missing_ok=True)  # an earlier failure of this job is history now
+            return objective
         except BaseException as e:
             # Left in the run directory for sweep summaries and for whoever looks at it later.
             (run_dir / "error.txt").write_text("".join(traceback.format_exception(e)) + f"{e}\n")
@@ -108,11 +112,23 @@ def main() -> None:
     if command not in COMMANDS:
         print(f"kd: error: unknown command '{command}'; choose one of: {', '.join(COMMANDS)} (kd --help)", file=sys.stderr)
         sys.exit(2)
+    if command == "report":  # ---- kd report: plain argparse, see kd_cli/report.py ----
+        from kd_cli.report import main as report_main
+
+        sys.exit(report_main(args[1:]))
 
     from kd_cli.config import register_model_groups
+    from kd_cli.preflight import preflight
     from kd_cli.sweep import started_sweeps, summarize
 
     register_model_groups()
+    try:
+        preflight(command, args[1:], config_dir())
+    except KdError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(e, file=sys.stderr)
+        sys.exit(1)
     sys.argv = [f"kd {command}", *args[1:], *resume_target(command, args[1:])]
     app = hydra.main(config_path=config_dir(), config_name=command, version_base="1.3")(_task(command))
     try:

@@ -27,7 +27,9 @@ from kd_cli.store import load_checkpoint, load_into, model_spec, recipe, save_ch
 log = logging.getLogger(__name__)
 
 # Overrides that only `kd distill` understands; dropped when suggesting the matching `kd train`.
-_DISTILL_ONLY = ("loss", "alpha", "T", "scheme", "teacher.checkpoint", "resume")
+_DISTILL_ONLY = ("loss", "alpha", "T", "scheme", "teacher.checkpoint", "resume", "hparams_search")
+
+
 def completed_results(run_dir: Path, cfg) -> bool:
     """True when `run_dir` already holds this very run's results (a re-run sweep skips it)."""
     results = Path(run_dir) / "results.json"
@@ -140,7 +142,7 @@ def run_train(cfg, run_dir: Path) -> float | None:
     run.finish(rows, histories)
 
 
-def _train_command() -> str:
+def _train_command(cfg) -> str:
     """The `kd train` line with this run's recipe, so the teacher it stores is the one looked for."""
     try:
         overrides = list(HydraConfig.get().overrides.task)
@@ -148,6 +150,9 @@ def _train_command() -> str:
         overrides = []
     kept = [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] not in _DISTILL_ONLY
             and not o.startswith("teacher.checkpoint")]
+    val_fraction = cfg.data.get("val_fraction", 0)
+    if val_fraction and not any(o.startswith("data.val_fraction=") for o in kept):
+        kept.append(f"data.val_fraction={val_fraction}")  # set by hparams_search=optuna, part of the recipe
     return " ".join(["kd train", *map(shlex.quote, kept)])
 
 
@@ -170,7 +175,7 @@ def run_distill(cfg, run_dir: Path) -> float | None:
     if not teacher_path.exists():
         raise KdError(
             f"no trained teacher {model_label(cfg.teacher)} for {cfg.dataset.name} (seed {cfg.seed}, this recipe) "
-            f"at {teacher_path}; run `{_train_command()}` first, or pass teacher.checkpoint=PATH"
+            f"at {teacher_path}; run `{_train_command(cfg)}` first, or pass teacher.checkpoint=PATH"
         )
     teacher, teacher_meta = run.load(cfg.teacher, teacher_path)
     rows = [run.row("teacher", teacher, cfg.teacher, teacher_meta, teacher_path)]
@@ -183,7 +188,7 @@ def run_distill(cfg, run_dir: Path) -> float | None:
         histories["student_scratch"] = scratch_meta["history"]
     else:
         log.info("no scratch %s in the store for this recipe; `%s` adds it (and gain_vs_scratch)",
-                 model_label(cfg.student), _train_command())
+                 model_label(cfg.student), _train_command(cfg))
 
     student = run.new_model(cfg.student)
     loss_fn.attach(student, teacher, normalize(run.data.train_x[:2], run.data), len(run.data.train_y))

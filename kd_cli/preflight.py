@@ -34,7 +34,11 @@ def _combinations(overrides: list[str]) -> list[list[str]]:
     for override in parsed:
         if override.is_sweep_override():
             key = override.get_key_element()
-            choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+            if override.is_interval_sweep():  # an Optuna range cannot be enumerated: check both ends
+                bounds = override.value()
+                choices.append([f"{key}={bounds.start}", f"{key}={bounds.end}"])
+            else:
+                choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
         else:
             choices.append([override.input_line])
     grid = list(itertools.islice(itertools.product(*choices), MAX_GRID + 1))

@@ -11,6 +11,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import OmegaConf
 
 from kd_cli.atomic import atomic_write
 from kd_cli.results import print_table
@@ -21,10 +23,46 @@ started_sweeps: list[Path] = []  # filled in the launching process by RecordSwee
 
 
 class RecordSweep(Callback):
-    """Remembers the sweep directory so the CLI can summarise it however the sweep ends."""
+    """Remembers the sweep directory so the CLI can summarise it however the sweep ends; spreads jobs over GPUs."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
         started_sweeps.append(Path(config.hydra.sweep.dir))
+
+    def on_job_start(self, config, **kwargs) -> None:
+        # Runs in the job's own process (a joblib worker, a submitit job), right before the task.
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        cpus = OmegaConf.select(config, "hydra.launcher.cpus_per_task")
+        if cpus:
+            limit_threads(int(cpus))
+        if str(config.get("device")) == "auto":
+            assign_gpu(int(config.hydra.job.num))
+
+
+def limit_threads(cpus: int) -> None:
+    """Give each submitit job the threads it asked for: submitit_local starts every job at once, and
+    torch would otherwise start as many threads as the machine has cores in each of them."""
+    import torch
+
+    torch.set_num_threads(cpus)
+
+
+def assign_gpu(job_num: int) -> int | None:
+    """Make GPU (job_num mod GPUs) the current device of this process when several are visible.
+
+    Joblib starts all its workers on the same GPUs; without this every parallel job would train on
+    cuda:0. `device=auto` resolves to `cuda`, the current device, so the job then runs on its own
+    GPU. A job that already sees one GPU (submitit with gpus_per_node=1, SLURM) is left alone.
+    """
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return None
+    index = job_num % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    log.info("job %d: on GPU %d of %d (device=auto in a sweep: one GPU per job, round robin)",
+             job_num, index, torch.cuda.device_count())
+    return index
 
 
 def _job_dirs(sweep_dir: Path) -> list[Path]:
@@ -76,10 +114,26 @@ def summarize(sweep_dir: Path) -> pd.DataFrame | None:
     print_table(frame[shown], title=f"sweep {sweep_dir}: {len(jobs)} jobs")
     log.info("summary: %s", sweep_dir / "summary.csv")
     numeric = [k for k in swept if pd.api.types.is_numeric_dtype(frame[k])]
-    if len(swept) == 2 and len(numeric) == 2 and "accuracy" in frame and frame["role"].nunique() == 1:
+    # A grid only: the scattered trials of an Optuna search would leave most cells empty; and never
+    # over seeds, which the report pools instead.
+    grid = (len(swept) == 2 and "seed" not in swept
+            and len(frame[swept].drop_duplicates()) >= 0.5 * frame[swept[0]].nunique() * frame[swept[1]].nunique())
+    if grid and len(numeric) == 2 and "accuracy" in frame and frame["role"].nunique() == 1:
         path = write_heatmap(frame, *swept, sweep_dir / "heatmap_accuracy.png")
         log.info("heatmap: %s", path)
+    _report(sweep_dir)
     return frame
+
+
+def _report(sweep_dir: Path) -> None:
+    """The sweep's `kd report` (seeds pooled, gain CIs, plots), without hiding how the sweep itself ended."""
+    from kd_cli.report import report_sweep
+
+    try:
+        report_sweep(sweep_dir)
+    except Exception as e:  # summarize runs in the CLI's finally: an error here must not replace the sweep's own
+        log.warning("the report of %s could not be written (%s: %s); `kd report %s` retries it",
+                    sweep_dir, type(e).__name__, e, sweep_dir)
 
 
 def _override_keys(job: Path) -> list[str]:

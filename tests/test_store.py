@@ -1,7 +1,6 @@
 """Checkpoints: atomic, refused when unsafe, corrupt, foreign or for another model."""
 
 import os
-import pickle
 
 import pytest
 import torch

@@ -88,4 +88,4 @@ def build_loss(cfg) -> DistillationLoss:
     return LOSSES[name](alpha=cfg.get("alpha"), T=cfg.get("T"), **options)
 
 
-from kd_cli.losses import hinton  # noqa: E402,F401  (registers the losses)
+from kd_cli.losses import combo, contrastive, feature, hinton, relation, response  # noqa: E402,F401  (registers the losses)

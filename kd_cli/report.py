@@ -1,0 +1,782 @@
+"""`kd report PATH...`: one table over run and sweep folders, with seeds averaged and KD gains tested.
+
+A row is one (configuration, role): the runs that differ only in `seed` are pooled, with mean, sample
+standard deviation and n. The distilled student's gain over the scratch student is paired by seed
+(the scratch student of the same seed and recipe), with a 95% t interval; a gain whose interval
+covers zero is reported as not distinguishable from zero. Failed and unfinished runs get rows of
+their own, with their one-line error, so a sweep with holes never looks complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from kd_cli.atomic import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+ROLE_ORDER = {"teacher": 0, "student_scratch": 1, "student_kd": 2}
+# Pooled over seeds as mean, std and n; `accuracy` is the last epoch's, `best_accuracy` the best epoch's.
+METRICS = ("accuracy", "best_accuracy", "val_accuracy")
+# Properties of the model or of the machine, not of the seed: averaged, shown without spread.
+COSTS = ("params", "size_mb", "flops", "latency_ms", "train_time_s", "compression", "teacher_retained")
+# Config keys that never make two runs different experiments (bookkeeping, or where files live).
+IGNORED = {"seed", "device", "resume", "store_dir", "overwrite", "command", "data.root", "data.download",
+           "teacher.checkpoint", "student.checkpoint"}
+IGNORED_PREFIXES = ("measure.", "hydra.")
+# Which config keys can change a row of each role: the stored models do not depend on alpha, T, loss.
+_RECIPE = ("dataset.", "data.", "train.")
+SCOPE = {"teacher": (*_RECIPE, "teacher."), "student_scratch": (*_RECIPE, "student."),
+         "train": (*_RECIPE, "teacher.", "student.")}
+SHORT = {"teacher.arch": "teacher", "student.arch": "student", "loss.name": "loss", "scheme.name": "scheme",
+         "dataset.name": "dataset"}
+DESCRIBE = ("loss", "alpha", "T")  # always shown for distilled rows, swept or not
+
+# Two-sided 95% quantiles of Student's t, t_{0.975}(df) for df = 1..30, from scipy.stats.t.ppf(0.975, df)
+# (scipy is not a dependency of kd). Above 30 the Cornish-Fisher expansion below is within 1e-7.
+_T975 = [12.706205, 4.302653, 3.182446, 2.776445, 2.570582, 2.446912, 2.364624, 2.306004, 2.262157, 2.228139,
+         2.200985, 2.178813, 2.160369, 2.144787, 2.131450, 2.119905, 2.109816, 2.100922, 2.093024, 2.085963,
+         2.079614, 2.073873, 2.068658, 2.063899, 2.059539, 2.055529, 2.051831, 2.048407, 2.045230, 2.042272]
+_Z975 = 1.959963984540054
+
+
+def t975(df: float) -> float:
+    """t_{0.975} for `df` degrees of freedom; a fractional df (Welch) is rounded down, which widens the interval."""
+    if df < 1:
+        raise ValueError(f"a t interval needs at least 1 degree of freedom, got {df}")
+    whole = math.floor(df)
+    if whole <= 30:
+        return _T975[whole - 1]
+    z, v = _Z975, float(whole)
+    return (z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
+            + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * v**4))
+
+
+# ---------------------------------------------------------------- reading runs
+
+
+@dataclass
+class Run:
+    path: Path
+    status: str  # ok | failed | unfinished
+    command: str | None
+    config: dict
+    rows: list[dict] = field(default_factory=list)
+    histories: dict = field(default_factory=dict)
+    error: str | None = None
+
+    @cached_property
+    def flat(self) -> dict:
+        return flatten(self.config)
+
+    @property
+    def sweep(self) -> Path | None:
+        # The basic sweeper leaves multirun.yaml in the sweep folder; the Optuna sweeper only its results.
+        markers = ("multirun.yaml", "optimization_results.yaml")
+        return self.path.parent if any((self.path.parent / m).exists() for m in markers) else None
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in (config or {}).items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def _hydra_config(path: Path) -> dict:
+    """A run's composed config as Hydra saved it, for runs that ended before writing results.json."""
+    from omegaconf import OmegaConf
+
+    saved = path / ".hydra" / "config.yaml"
+    if not saved.exists():
+        return {}
+    try:
+        conf = OmegaConf.load(saved)
+    except Exception:  # a half-written or foreign file: the run is still listed, without its settings
+        return {}
+    try:
+        return OmegaConf.to_container(conf, resolve=True)
+    except Exception:  # an interpolation that only resolves inside the job (hydra.*): keep it unresolved
+        return OmegaConf.to_container(conf, resolve=False)
+
+
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "(empty error.txt)"
+
+
+def load_run(path: Path) -> Run:
+    results = path / "results.json"
+    if results.exists():
+        try:
+            payload = json.loads(results.read_text())
+            config = payload.get("config") or _hydra_config(path)
+            return Run(path, "ok", payload.get("command") or config.get("command"), config,
+                       list(payload["rows"]), payload.get("histories") or {})
+        except (ValueError, KeyError, TypeError) as e:
+            config = _hydra_config(path)
+            return Run(path, "failed", config.get("command"), config, error=f"results.json is unreadable ({e})")
+    config = _hydra_config(path)
+    error = path / "error.txt"
+    if error.exists():
+        return Run(path, "failed", config.get("command"), config, error=last_line(error.read_text(errors="replace")))
+    note = "has a training state; resume=true continues it" if (path / "state").is_dir() else None
+    return Run(path, "unfinished", config.get("command"), config, error=note)
+
+
+def _is_run_dir(path: Path) -> bool:
+    return (path / "results.json").is_file() or (path / "error.txt").is_file() or (path / ".hydra").is_dir()
+
+
+def find_runs(paths: list[Path]) -> list[Run]:
+    """Every run folder under `paths` (a run, a sweep, or any folder holding them), each once."""
+    found: dict[Path, None] = {}
+    for root in paths:
+        root = Path(root)
+        if root.is_file():
+            root = root.parent
+        if _is_run_dir(root):
+            found[root.resolve()] = None
+            continue
+        candidates = set()
+        for name in ("results.json", "error.txt", "overrides.yaml"):
+            for hit in root.rglob(name):
+                folder = hit.parent.parent if name == "overrides.yaml" else hit.parent
+                if name == "overrides.yaml" and hit.parent.name != ".hydra":
+                    continue
+                relative = folder.relative_to(root).parts
+                if any(part.startswith(".") for part in relative):  # .submitit, .hydra internals
+                    continue
+                candidates.add(folder)
+        for folder in sorted(candidates, key=_natural_key):
+            found[folder.resolve()] = None
+    return [load_run(p) for p in found]
+
+
+def _natural_key(path: Path):
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.parts]
+
+
+# ---------------------------------------------------------------- one record per (run, role)
+
+
+def _in_scope(key: str, role: str) -> bool:
+    prefixes = SCOPE.get(role)
+    return prefixes is None or key.startswith(prefixes)
+
+
+def _counts(key: str) -> bool:
+    if key in IGNORED or key.startswith(IGNORED_PREFIXES):
+        return False
+    # dataset.* other than the name follow from the name
+    return not (key.startswith("dataset.") and key != "dataset.name")
+
+
+def _model_label(cfg: dict) -> str | None:
+    if not cfg:
+        return None
+    if cfg.get("arch") == "torchvision":
+        return f"torchvision:{cfg.get('name')}"
+    return cfg.get("arch")
+
+
+def build_records(runs: list[Run]) -> list[dict]:
+    """One record per model a run reports (stored models once), plus one per failed or unfinished run."""
+    records, seen_stored = [], set()
+    for run in runs:
+        flat = run.flat
+        if run.status == "ok":
+            by_role = {row["role"]: row for row in run.rows}
+            teacher = by_role.get("teacher")
+            for row in run.rows:
+                role = row["role"]
+                if role in ("teacher", "student_scratch"):
+                    # A stored model is reported by `kd train` and again by every `kd distill` that used it.
+                    key = (role, row.get("checkpoint"))
+                    if key in seen_stored:
+                        continue
+                    seen_stored.add(key)
+                record = {"_run": run, "_config": {k: v for k, v in flat.items() if _in_scope(k, role)},
+                          **{k: v for k, v in row.items() if v is not None}, "status": "ok"}
+                if role == "student_kd":
+                    record["_scratch"] = by_role.get("student_scratch")
+                    if teacher:
+                        record["_teacher_params"] = teacher.get("params")
+                records.append(record)
+        else:
+            role = "student_kd" if run.command == "distill" else (run.command or "run")
+            if run.command == "distill":
+                model = _model_label(run.config.get("student"))
+            else:
+                model = ", ".join(filter(None, (_model_label(run.config.get(k)) for k in ("teacher", "student"))))
+            record = {"_run": run, "_config": {k: v for k, v in flat.items() if _in_scope(k, role)},
+                      "role": role, "model": model or None, "seed": flat.get("seed"), "status": run.status,
+                      "error": run.error, "run": str(run.path)}
+            if run.command == "distill":
+                record |= {"loss": flat.get("loss.name"), "alpha": flat.get("alpha"), "T": flat.get("T")}
+            records.append(record)
+    return records
+
+
+def varying_keys(records: list[dict]) -> list[str]:
+    """Config keys whose value differs between records of one role: the swept keys, in config order."""
+    order, values = {}, {}
+    for record in records:
+        for key, value in record["_config"].items():
+            if not _counts(key):
+                continue
+            order.setdefault(key, len(order))
+            values.setdefault((record["role"], key), set()).add(_hashable(value))
+    for record in records:  # a key missing from some records of a role also varies
+        for (role, key), seen in values.items():
+            if role == record["role"] and key not in record["_config"]:
+                seen.add(None)
+    keys = {key for (role, key), seen in values.items() if len(seen) > 1}
+    return sorted(keys, key=order.__getitem__)
+
+
+def _hashable(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return tuple(value) if isinstance(value, list) else value
+
+
+# ---------------------------------------------------------------- filters
+
+
+def _parse(text: str):
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return value
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return str(a).lower() == str(b).lower()
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return str(a) == str(b)
+
+
+_LONG = {short: long for long, short in SHORT.items()}
+
+
+def _lookup(record: dict, key: str):
+    # Only the keys that can change this role's row: --filter alpha=0.9 keeps no teacher.
+    if key in record and not key.startswith("_"):
+        return True, record[key]
+    for name in (key, _LONG.get(key)):
+        if name and name in record["_config"]:
+            return True, record["_config"][name]
+    return False, None
+
+
+def apply_filters(records: list[dict], filters: list[str]) -> list[dict]:
+    for item in filters:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ReportError(f"--filter takes key=value (e.g. alpha=0.5, role=student_kd), got {item!r}")
+        wanted = _parse(text)
+        if not any(_lookup(r, key)[0] for r in records):
+            known = sorted({k for r in records for k in (*r, *r["_config"]) if not k.startswith("_")})
+            raise ReportError(f"--filter {key}: no run has that key; known keys: {', '.join(known)}")
+        records = [r for r in records if (hit := _lookup(r, key))[0] and _same(hit[1], wanted)]
+    return records
+
+
+class ReportError(Exception):
+    def __str__(self) -> str:
+        return f"kd: error: {super().__str__()}"
+
+
+# ---------------------------------------------------------------- statistics
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n-1); the deviation of a single value is undefined (NaN)."""
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+@dataclass
+class Gain:
+    gain: float = math.nan
+    low: float = math.nan
+    high: float = math.nan
+    n: int = 0
+    method: str = ""
+    verdict: str = "no scratch baseline"
+
+
+def _verdict(low: float, high: float) -> str:
+    if low > 0:
+        return "KD better: the 95% CI is above zero"
+    if high < 0:
+        return "KD worse: the 95% CI is below zero"
+    return "not distinguishable from zero: the 95% CI includes zero"
+
+
+def paired_gain(kd: list[float], scratch: list[float]) -> Gain:
+    """Mean of the per-seed differences kd - scratch, with a t interval over the differences."""
+    diffs = [a - b for a, b in zip(kd, scratch, strict=True)]
+    mean, sd = mean_std(diffs)
+    if len(diffs) < 2:
+        return Gain(mean, n=1, method="one seed", verdict="one seed: no confidence interval")
+    half = t975(len(diffs) - 1) * sd / math.sqrt(len(diffs))
+    return Gain(mean, mean - half, mean + half, len(diffs), f"paired by seed, t({len(diffs) - 1})",
+                _verdict(mean - half, mean + half))
+
+
+def welch_gain(kd: list[float], scratch: list[float]) -> Gain:
+    """Difference of means of unpaired samples (different seeds), Welch's t interval."""
+    (m1, s1), (m2, s2) = mean_std(kd), mean_std(scratch)
+    n1, n2 = len(kd), len(scratch)
+    v1, v2 = s1**2 / n1, s2**2 / n2
+    gain = m1 - m2
+    if v1 + v2 == 0:
+        df = n1 + n2 - 2
+        half = 0.0
+    else:
+        df = (v1 + v2) ** 2 / (v1**2 / (n1 - 1) + v2**2 / (n2 - 1))
+        half = t975(df) * math.sqrt(v1 + v2)
+    return Gain(gain, gain - half, gain + half, min(n1, n2), f"unpaired (Welch), df {df:.1f}",
+                _verdict(gain - half, gain + half))
+
+
+def _scratch_key(record: dict) -> str | None:
+    """The store path of the scratch student with this distilled student's recipe and seed."""
+    if record.get("_scratch"):
+        return record["_scratch"].get("checkpoint")
+    from omegaconf import OmegaConf
+
+    from kd_cli.store import store_path  # torch comes with it: only for runs distilled without a stored scratch student
+
+    try:
+        cfg = OmegaConf.create(record["_run"].config)
+        return str(store_path(cfg, cfg.student))
+    except Exception:  # an old or partial config: no baseline rather than a wrong one
+        return None
+
+
+def _recipe_of(checkpoint: str | None) -> tuple | None:
+    """`store/<dataset>/<model>/seed<N>-<hash>.pt` without the seed: the same recipe, any seed."""
+    if not checkpoint:
+        return None
+    path = Path(checkpoint)
+    seed_part, _, digest = path.stem.partition("-")
+    return (str(path.parent), digest) if seed_part.startswith("seed") and digest else None
+
+
+def compute_gain(group: list[dict], scratch_by_checkpoint: dict[str, dict],
+                 scratch_by_recipe: dict[tuple, list[dict]]) -> Gain:
+    kd, scratch, unpaired_kd, recipes = [], [], [], set()
+    for record in group:
+        key = _scratch_key(record)
+        partner = record.get("_scratch") or scratch_by_checkpoint.get(key)
+        if partner is not None and partner.get("accuracy") is not None:
+            kd.append(record["accuracy"])
+            scratch.append(partner["accuracy"])
+        unpaired_kd.append(record["accuracy"])
+        if (recipe := _recipe_of(key)) is not None:
+            recipes.add(recipe)
+    if len(kd) >= 2 or (len(kd) == 1 and len(group) == 1):
+        return paired_gain(kd, scratch)
+    pool = {r["checkpoint"]: r["accuracy"] for recipe in recipes for r in scratch_by_recipe.get(recipe, [])}
+    if len(unpaired_kd) >= 2 and len(pool) >= 2:
+        return welch_gain(unpaired_kd, list(pool.values()))
+    if len(kd) == 1:
+        return paired_gain(kd, scratch)
+    return Gain()
+
+
+# ---------------------------------------------------------------- the table
+
+
+@dataclass
+class Report:
+    frame: pd.DataFrame  # one row per (configuration, role) and per failed or unfinished run
+    keys: list[str]  # the configuration columns
+    gains: list[dict]
+    runs: list[Run]
+    optuna: list[dict]
+    plots: list[Path] = field(default_factory=list)
+
+
+def _display_name(key: str) -> str:
+    return SHORT.get(key, key)
+
+
+def build_report(runs: list[Run], filters: list[str] = (), sort: str | None = None) -> Report:
+    records = apply_filters(build_records(runs), list(filters))
+    swept = varying_keys(records)
+    for record in records:
+        for key in swept:
+            name = _display_name(key)
+            if name not in record and key in record["_config"]:
+                record[name] = record["_config"][key]
+    keys = [_display_name(k) for k in swept]
+    keys += [k for k in DESCRIBE if k not in keys and any(k in r for r in records)]
+
+    scratch_rows = [r for r in records if r["role"] == "student_scratch" and r["status"] == "ok"]
+    scratch_by_checkpoint = {r["checkpoint"]: r for r in scratch_rows if r.get("checkpoint")}
+    scratch_by_recipe: dict[tuple, list[dict]] = {}
+    for r in scratch_rows:
+        if (recipe := _recipe_of(r.get("checkpoint"))) is not None:
+            scratch_by_recipe.setdefault(recipe, []).append(r)
+
+    groups: dict[tuple, list[dict]] = {}
+    for record in records:
+        if record["status"] == "ok":
+            key = (record["role"], record.get("model"), *(_hashable(record.get(k)) for k in keys))
+            groups.setdefault(key, []).append(record)
+
+    rows = []
+    for (role, model, *values), group in groups.items():
+        group.sort(key=lambda r: (r.get("seed") is None, r.get("seed")))
+        row = {"role": role, "model": model, **dict(zip(keys, values)), "n": len(group),
+               "seeds": ",".join(str(r.get("seed")) for r in group)}
+        for metric in METRICS:
+            present = [r[metric] for r in group if r.get(metric) is not None]
+            if present:
+                row[metric], row[f"{metric}_std"] = mean_std(present)
+        for cost in COSTS:
+            present = [r[cost] for r in group if r.get(cost) is not None]
+            if present:
+                row[cost] = statistics.fmean(present)
+                if cost in ("params", "flops"):
+                    row[cost] = int(round(row[cost]))
+        if role == "student_kd":
+            gain = compute_gain(group, scratch_by_checkpoint, scratch_by_recipe)
+            row |= {"gain": gain.gain, "gain_ci_low": gain.low, "gain_ci_high": gain.high, "gain_n": gain.n,
+                    "gain_method": gain.method, "gain_verdict": gain.verdict}
+            teacher_params = [r["_teacher_params"] for r in group if r.get("_teacher_params")]
+            if teacher_params:
+                row["teacher_params"] = int(statistics.fmean(teacher_params))
+        row["status"] = "ok"
+        rows.append(row)
+    for record in records:
+        if record["status"] != "ok":
+            rows.append({"role": record["role"], "model": record.get("model"), **{k: record.get(k) for k in keys},
+                         "n": 0, "seeds": str(record.get("seed")), "status": record["status"],
+                         "error": record.get("error"), "run": record.get("run")})
+
+    frame = _sorted(pd.DataFrame(rows), keys, sort)
+    gains = []  # in the table's order
+    if "gain_verdict" in frame:
+        for _, row in frame[frame["gain_verdict"].notna()].iterrows():
+            gains.append({**{k: row.get(k) for k in ("role", "model", *keys)}, "gain": row["gain"],
+                          "low": row["gain_ci_low"], "high": row["gain_ci_high"], "n": int(row["gain_n"]),
+                          "method": row["gain_method"], "verdict": row["gain_verdict"]})
+    return Report(frame, keys, gains, runs, optuna_results(runs))
+
+
+def _sorted(frame: pd.DataFrame, keys: list[str], sort: str | None) -> pd.DataFrame:
+    if frame.empty:
+        return frame
+    if sort:
+        columns, ascending = [], []
+        for item in sort.split(","):
+            name = item.strip().lstrip("-")
+            if name not in frame.columns:
+                raise ReportError(f"--sort {name}: not a column of the report; columns: {', '.join(frame.columns)}")
+            columns.append(name)
+            ascending.append(not item.strip().startswith("-"))
+        return frame.sort_values(columns, ascending=ascending, na_position="last", kind="stable").reset_index(drop=True)
+    order = frame.assign(_role=frame["role"].map(ROLE_ORDER).fillna(len(ROLE_ORDER)),
+                         _failed=frame["status"] != "ok")
+    by = ["_role", "model", *[k for k in keys if k in frame.columns], "_failed"]
+    order = order.sort_values(by, na_position="first", kind="stable", key=_sort_key)
+    return order.drop(columns=["_role", "_failed"]).reset_index(drop=True)
+
+
+def _sort_key(column: pd.Series) -> pd.Series:
+    # Mixed columns (numbers and text, e.g. a key only some roles have) sort as text rather than fail.
+    if column.dtype == object:
+        return column.map(lambda v: "" if v is None else f"{v:020.6f}" if isinstance(v, (int, float)) else str(v))
+    return column
+
+
+# ---------------------------------------------------------------- optuna sweeps
+
+
+def optuna_results(runs: list[Run]) -> list[dict]:
+    """The winner of each Optuna sweep among `runs`, and the split its objective was measured on."""
+    out = []
+    for sweep in sorted({r.sweep for r in runs if r.sweep is not None}, key=str):
+        results = sweep / "optimization_results.yaml"
+        if not results.exists():
+            continue
+        data = yaml.safe_load(results.read_text()) or {}
+        best = data.get("best_params") or {}
+        jobs = [r for r in runs if r.sweep == sweep]
+        winner = next((r for r in jobs if all(_same(_overrides(r).get(k), _parse(str(v))) for k, v in best.items())), None)
+        fractions = {r.flat.get("data.val_fraction") for r in jobs}
+        fraction = next(iter(fractions)) if len(fractions) == 1 else None
+        split = (f"validation accuracy on a held-out {fraction:g} of the training set (data.val_fraction), "
+                 f"not the test set") if fraction else "the value the runs returned (no data.val_fraction in their config)"
+        entry = {"sweep": str(sweep), "best_params": best, "best_value": data.get("best_value"), "chosen_by": split,
+                 "trials": len(jobs), "winner": str(winner.path) if winner else None}
+        if winner is not None and winner.status == "ok":
+            kd_row = next((row for row in winner.rows if row["role"] == "student_kd"), None)
+            if kd_row:
+                entry["winner_test_accuracy"] = kd_row.get("accuracy")
+        out.append(entry)
+    return out
+
+
+def _overrides(run: Run) -> dict:
+    path = run.path / ".hydra" / "overrides.yaml"
+    try:
+        items = yaml.safe_load(path.read_text()) or []
+    except (OSError, yaml.YAMLError):
+        return {}
+    return {k.lstrip("+~"): _parse(v) for k, _, v in (item.partition("=") for item in items)}
+
+
+# ---------------------------------------------------------------- output
+
+
+def _fmt(value, digits: int = 2, sign: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+def _pm(row: pd.Series, metric: str) -> str | None:
+    mean = row.get(metric)
+    if mean is None or pd.isna(mean):
+        return None
+    std = row.get(f"{metric}_std")
+    return _fmt(mean) if std is None or pd.isna(std) else f"{_fmt(mean)} ± {_fmt(std)}"
+
+
+def gain_cell(row) -> str | None:
+    gain = row.get("gain")
+    if gain is None or pd.isna(gain):
+        return None
+    low, high = row.get("gain_ci_low"), row.get("gain_ci_high")
+    if low is None or pd.isna(low):
+        return f"{_fmt(gain, sign=True)} (n=1)"
+    return f"{_fmt(gain, sign=True)} [{_fmt(low, sign=True)}, {_fmt(high, sign=True)}]"
+
+
+def display_frame(report: Report) -> pd.DataFrame:
+    """The table as people read it: mean ± std, the gain with its interval, the error of a failed run."""
+    frame = report.frame
+    if frame.empty:
+        return frame
+    out = pd.DataFrame({"role": frame["role"], "model": frame["model"]})
+    for key in report.keys:
+        out[key] = [None if v is None or (isinstance(v, float) and math.isnan(v)) else
+                    f"{v:g}" if isinstance(v, float) else str(v) for v in frame[key].astype(object)]
+    out["n"] = frame["n"].astype(int)
+    out["seeds"] = frame["seeds"]
+    for metric in METRICS:
+        if metric in frame and frame[metric].notna().any():
+            out[metric] = [_pm(row, metric) for _, row in frame.iterrows()]
+    for cost in ("params", "size_mb", "flops", "latency_ms", "compression"):
+        if cost not in frame:
+            continue
+        if cost in ("params", "flops"):  # whole counts stay whole although failed rows (NaN) made the column float
+            out[cost] = pd.Series([None if pd.isna(v) else int(v) for v in frame[cost]], index=frame.index, dtype=object)
+        else:
+            out[cost] = frame[cost]
+    if "gain" in frame:
+        out["gain [95% CI]"] = [gain_cell(row) for _, row in frame.iterrows()]
+    out["status"] = frame["status"]  # the errors follow the table, one line per run
+    return out
+
+
+def _describe_config(entry: dict, keys: list[str]) -> str:
+    parts = [f"{k}={entry[k]:g}" if isinstance(entry.get(k), float) else f"{k}={entry[k]}"
+             for k in keys if entry.get(k) is not None and not pd.isna(entry[k])]
+    return ", ".join(parts)
+
+
+def gain_sentences(report: Report) -> list[str]:
+    lines = []
+    for g in report.gains:
+        what = f"{g['model']} distilled ({_describe_config(g, report.keys)})"
+        if math.isnan(g["gain"]):
+            lines.append(f"{what}: no scratch student of the same recipe and seeds to compare with "
+                         f"(`kd train` with the same overrides stores one)")
+        elif math.isnan(g["low"]):
+            lines.append(f"{what}: gain over scratch {_fmt(g['gain'], sign=True)} points from a single seed; "
+                         f"run more seeds (-m seed=0,1,2) for a confidence interval")
+        else:
+            lines.append(f"{what}: gain over scratch {_fmt(g['gain'], sign=True)} points, 95% CI "
+                         f"[{_fmt(g['low'], sign=True)}, {_fmt(g['high'], sign=True)}] ({g['method']}, n={g['n']}): "
+                         f"{g['verdict']}")
+    return lines
+
+
+def problem_lines(report: Report) -> list[str]:
+    lines = []
+    for run in report.runs:
+        if run.status != "ok":
+            detail = f": {run.error}" if run.error else ""
+            lines.append(f"{run.status} {run.path}{detail}")
+    return lines
+
+
+def optuna_lines(report: Report) -> list[str]:
+    lines = []
+    for o in report.optuna:
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in o["best_params"].items())
+        test = o.get("winner_test_accuracy")
+        test_text = f"; its test accuracy, reported but not used to choose: {test:.2f}" if test is not None else ""
+        lines.append(f"Optuna ({o['trials']} trials, {o['sweep']}) chose {params} by {o['chosen_by']}: "
+                     f"{o['best_value']}{test_text}")
+    return lines
+
+
+def to_markdown(report: Report, sources: list[Path]) -> str:
+    shown = display_frame(report)
+    from kd_cli.results import _cell
+
+    table = shown.astype(object).apply(lambda col: [_cell(v, col.name) for v in col]) if not shown.empty else shown
+    parts = ["# kd report", "", "Sources: " + ", ".join(f"`{s}`" for s in sources), "",
+             "Accuracy is top-1 % on the test split: `accuracy` after the last epoch, `best_accuracy` at the best "
+             "epoch; mean ± sample standard deviation over the `n` seeds. The gain is the distilled student's "
+             "accuracy minus the scratch student's, in points, with a 95% t confidence interval.", ""]
+    parts += [table.to_markdown(index=False, disable_numparse=True) if not table.empty else "(no runs)", ""]
+    for title, lines in (("KD gain over the scratch student", gain_sentences(report)),
+                         ("Hyperparameter search", optuna_lines(report)),
+                         ("Failed or unfinished runs", problem_lines(report))):
+        if lines:
+            parts += [f"## {title}", "", *[f"- {line}" for line in lines], ""]
+    if report.plots:
+        parts += ["## Plots", ""]
+        base = report.plots[0].parent
+        curves = []
+        for plot in report.plots:
+            rel = plot.relative_to(base) if plot.is_relative_to(base) else plot
+            if plot.parent.name == "report_curves":
+                curves.append(f"[{rel.stem}]({rel})")
+            else:
+                parts += [f"![{rel.stem}]({rel})", ""]
+        if curves:
+            parts += ["Training curves (loss and accuracy per epoch) of each run: " + ", ".join(curves), ""]
+    return "\n".join(parts)
+
+
+def to_json(report: Report) -> str:
+    records = json.loads(report.frame.to_json(orient="records"))
+    payload = {"rows": records, "keys": report.keys, "gains": report.gains, "optuna": report.optuna,
+               "runs": [{"path": str(r.path), "status": r.status, "command": r.command, "error": r.error}
+                        for r in report.runs],
+               "plots": [str(p) for p in report.plots]}
+    return json.dumps(_nan_to_none(payload), indent=2, default=str) + "\n"
+
+
+def _nan_to_none(obj):
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+def write_report(report: Report, out: Path, sources: list[Path], plots: bool = True) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    if plots:
+        from kd_cli import plots as figures
+
+        report.plots = figures.make_plots(report, out)
+    atomic_write_text(out / "report.csv", report.frame.to_csv(index=False))
+    atomic_write_text(out / "report.md", to_markdown(report, sources))
+    atomic_write_text(out / "report.json", to_json(report))
+    return [out / "report.csv", out / "report.md", out / "report.json", *report.plots]
+
+
+def print_report(report: Report, title: str) -> None:
+    from kd_cli.results import print_table
+
+    shown = display_frame(report)
+    if shown.empty:
+        print(f"{title}: no runs")
+        return
+    print_table(shown, title=title)
+    for heading, lines in (("KD gain", gain_sentences(report)), ("search", optuna_lines(report)),
+                           ("not finished", problem_lines(report))):
+        for line in lines:
+            print(f"{heading}: {line}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="kd report",
+        description="One table (and plots) over kd run and sweep folders: seeds pooled as mean ± std (n), "
+                    "last- and best-epoch accuracy, costs, and the KD gain over scratch with a 95%% CI.",
+        epilog="examples:\n  kd report outputs/distill-multirun/2026-11-22_10-00-00\n"
+               "  kd report outputs --filter role=student_kd --sort=-accuracy\n"
+               "  kd report outputs/distill outputs/train --format md --out reports/",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="run folders, sweep folders, or folders holding them")
+    parser.add_argument("--format", choices=("table", "csv", "md", "json"), default="table",
+                        help="what to print: a table (default), or the report as csv / md / json on stdout")
+    parser.add_argument("--sort", metavar="KEY", help="sort by a column; comma-separated for several, a leading - for descending: --sort=-accuracy")
+    parser.add_argument("--filter", metavar="KEY=VALUE", action="append", default=[],
+                        help="keep runs whose KEY (a column or any config key, e.g. data.fraction) equals VALUE; repeatable")
+    parser.add_argument("--out", type=Path, help="folder for report.csv/.md/.json and the plots (default: the first PATH)")
+    parser.add_argument("--no-plots", action="store_true", help="write the tables only")
+    args = parser.parse_args(argv)
+
+    missing = [str(p) for p in args.paths if not p.exists()]
+    if missing:
+        print(f"kd: error: no such file or folder: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    try:
+        runs = find_runs(args.paths)
+        if not runs:
+            raise ReportError(f"no kd runs under {', '.join(map(str, args.paths))} "
+                              f"(a run folder has results.json, error.txt or .hydra/)")
+        report = build_report(runs, args.filter, args.sort)
+        first = args.paths[0]
+        out = args.out or (first if first.is_dir() else first.parent)
+        written = write_report(report, out, args.paths, plots=not args.no_plots)
+    except ReportError as e:
+        print(e, file=sys.stderr)
+        return 1
+    if args.format == "table":
+        print_report(report, title=f"kd report: {len(runs)} runs")
+        print(f"report: {out / 'report.md'} (.csv, .json), {len(written) - 3} plots", file=sys.stderr)
+    elif args.format == "csv":
+        sys.stdout.write(report.frame.to_csv(index=False))
+    elif args.format == "md":
+        sys.stdout.write(to_markdown(report, args.paths))
+    else:
+        sys.stdout.write(to_json(report))
+    return 0
+
+
+def report_sweep(sweep_dir: Path) -> Report | None:
+    """The report of one sweep, written into it and printed: the end of `kd COMMAND -m ...`."""
+    runs = find_runs([Path(sweep_dir)])
+    if not runs:
+        return None
+    report = build_report(runs)
+    write_report(report, Path(sweep_dir), [Path(sweep_dir)])
+    print_report(report, title=f"report of sweep {sweep_dir}: {len(runs)} runs")
+    log.info("report: %s (.csv, .json) and %d plots", Path(sweep_dir) / "report.md", len(report.plots))
+    return report

@@ -1,0 +1,280 @@
+"""`kd report` on run folders written here, every printed number checked against a hand computation.
+
+The t quantiles in the expected values are t_{0.975}: 4.302653 for 2 degrees of freedom, 12.706205 for 1.
+"""
+
+import io
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from conftest import kd_executable
+from kd_cli import report
+from kd_cli.plots import pareto_front
+from kd_cli.store import store_path
+
+SIZES = {"mnist_teacher": (1_422_378, 5.4259, 3_232_640), "deepnn": (938_922, 3.5817, 140_700_000),
+         "mnist_student": (693_962, 2.6473, 1_776_384)}
+
+
+def config(command, seed, alpha=0.5, T=4.0, teacher="mnist_teacher", fraction=1.0, **extra):
+    cfg = {"dataset": {"name": "fashion_mnist", "channels": 1}, "teacher": {"arch": teacher, "checkpoint": None},
+           "student": {"arch": "mnist_student", "checkpoint": None}, "seed": seed, "device": "auto",
+           "store_dir": "outputs/store", "overwrite": False, "resume": False,
+           "data": {"root": "data", "download": True, "augment": False, "fraction": fraction, "test_fraction": 1.0},
+           "train": {"epochs": 2, "batch_size": 128, "optimizer": "adam", "lr": 0.001},
+           "measure": {"latency_runs": 3, "latency_warmup": 1}, "command": command, **extra}
+    if command == "distill":
+        cfg |= {"loss": {"name": "kd"}, "scheme": {"name": "offline"}, "alpha": alpha, "T": T}
+    return cfg
+
+
+def checkpoint(cfg, key):
+    return str(store_path(OmegaConf.create(cfg), OmegaConf.create(cfg[key])))
+
+
+def row(role, model, seed, accuracy, best=None, **extra):
+    params, size, flops = SIZES[model]
+    return {"role": role, "model": model, "dataset": "fashion_mnist", "scheme": None, "loss": None, "seed": seed,
+            "alpha": None, "T": None, "accuracy": accuracy, "best_accuracy": best if best is not None else accuracy,
+            "params": params, "helper_params": None, "size_mb": size, "flops": flops, "latency_ms": 0.1,
+            "train_time_s": 1.0, "train_img_per_s": 1000.0, "gain_vs_scratch": None, "teacher_retained": None,
+            "compression": None, "checkpoint": None, **extra}
+
+
+def history(accuracies):
+    return [{"epoch": i + 1, "loss": 1.0 / (i + 1), "train_accuracy": a - 1, "test_accuracy": a, "lr": 0.001,
+             "img_per_s": 1000.0} for i, a in enumerate(accuracies)]
+
+
+def write_run(folder: Path, cfg: dict, rows: list[dict] | None = None, error: str | None = None, overrides=()):
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
+    if rows is not None:
+        histories = {r["role"]: history([r["accuracy"] - 2, r["accuracy"]]) for r in rows}
+        payload = {"command": cfg["command"], "kd_version": "0.1.0", "torch": "2.13.0", "device": "cpu",
+                   "config": cfg, "histories": histories, "rows": rows}
+        (folder / "results.json").write_text(json.dumps(payload))
+    if error is not None:
+        (folder / "error.txt").write_text(f"Traceback (most recent call last):\n  File \"x.py\", line 1\n{error}\n")
+
+
+def distill_run(folder, seed, alpha, kd_acc, scratch_acc, teacher_acc, kd_best=None, teacher="mnist_teacher",
+                fraction=1.0, with_scratch=True):
+    cfg = config("distill", seed, alpha=alpha, teacher=teacher, fraction=fraction)
+    rows = [row("teacher", teacher, seed, teacher_acc, checkpoint=checkpoint(cfg, "teacher"))]
+    if with_scratch:
+        rows.append(row("student_scratch", "mnist_student", seed, scratch_acc, loss="ce",
+                        checkpoint=checkpoint(cfg, "student")))
+    rows.append(row("student_kd", "mnist_student", seed, kd_acc, best=kd_best, loss="kd", scheme="offline",
+                    alpha=alpha, T=4.0, compression=SIZES[teacher][1] / SIZES["mnist_student"][1],
+                    checkpoint=str(folder / "student.pt")))
+    write_run(folder, cfg, rows, overrides=[f"alpha={alpha}", f"seed={seed}"])
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """alpha in {0.5, 0.9} x seeds {0, 1, 2}, each job with its scratch student; one failed and one unfinished job."""
+    root = tmp_path / "sweep"
+    root.mkdir()
+    (root / "multirun.yaml").write_text("hydra: {overrides: {task: ['alpha=0.5,0.9', 'seed=0,1,2']}}\n")
+    scratch = {0: 79.0, 1: 80.5, 2: 80.5}
+    teacher = {0: 85.0, 1: 86.0, 2: 87.0}
+    kd = {0.5: ([80.0, 81.0, 82.5], [80.5, 81.0, 83.0]), 0.9: ([83.0, 83.5, 84.0], [83.0, 83.5, 84.0])}
+    job = 0
+    for alpha, (last, best) in kd.items():
+        for seed in range(3):
+            distill_run(root / str(job), seed, alpha, last[seed], scratch[seed], teacher[seed], kd_best=best[seed])
+            job += 1
+    write_run(root / "6", config("distill", 3, alpha=0.9), error="kd: error: student_kd: the loss became NaN or inf in epoch 2, step 7",
+              overrides=["alpha=0.9", "seed=3"])
+    write_run(root / "7", config("distill", 3, alpha=0.5), overrides=["alpha=0.5", "seed=3"])
+    (root / "7" / "state").mkdir()
+    return root
+
+
+def rows_of(frame: pd.DataFrame, **where) -> pd.DataFrame:
+    mask = pd.Series(True, index=frame.index)
+    for key, value in where.items():
+        mask &= frame[key] == value
+    return frame[mask]
+
+
+def test_numbers_match_hand_computation(sweep, capsys):
+    assert report.main([str(sweep), "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    frame = pd.DataFrame(out["rows"])
+    assert out["keys"] == ["alpha", "loss", "T"]
+
+    teacher = rows_of(frame, role="teacher").iloc[0]
+    # 85, 86, 87: mean 86, sample std 1; one teacher per seed although 6 jobs report it
+    assert (teacher["n"], teacher["accuracy"], teacher["accuracy_std"]) == (3, pytest.approx(86.0), pytest.approx(1.0))
+    scratch = rows_of(frame, role="student_scratch").iloc[0]
+    # 79, 80.5, 80.5: mean 80, variance (1 + 0.25 + 0.25) / 2 = 0.75
+    assert scratch["n"] == 3 and scratch["accuracy"] == pytest.approx(80.0)
+    assert scratch["accuracy_std"] == pytest.approx(math.sqrt(0.75))
+
+    low = rows_of(frame, role="student_kd", alpha=0.5, status="ok").iloc[0]
+    # last epoch 80, 81, 82.5: mean 81.1667, variance (1.3611 + 0.0278 + 1.7778) / 2 = 1.58333
+    assert low["n"] == 3 and low["seeds"] == "0,1,2"
+    assert low["accuracy"] == pytest.approx(243.5 / 3)
+    assert low["accuracy_std"] == pytest.approx(math.sqrt(1.58333333))
+    # best epoch 80.5, 81, 83: mean 81.5, variance (1 + 0.25 + 2.25) / 2 = 1.75
+    assert low["best_accuracy"] == pytest.approx(81.5) and low["best_accuracy_std"] == pytest.approx(math.sqrt(1.75))
+    # paired differences 1.0, 0.5, 2.0: mean 1.16667, sd sqrt(0.58333) = 0.763763, se 0.440959,
+    # half width 4.302653 * 0.440959 = 1.897294
+    assert low["gain"] == pytest.approx(3.5 / 3)
+    assert low["gain_ci_low"] == pytest.approx(3.5 / 3 - 1.897294, abs=1e-5)
+    assert low["gain_ci_high"] == pytest.approx(3.5 / 3 + 1.897294, abs=1e-5)
+    assert low["gain_n"] == 3 and low["gain_method"] == "paired by seed, t(2)"
+    assert low["gain_verdict"].startswith("not distinguishable from zero")
+
+    high = rows_of(frame, role="student_kd", alpha=0.9, status="ok").iloc[0]
+    # 83, 83.5, 84 against 79, 80.5, 80.5: differences 4, 3, 3.5, mean 3.5, sd 0.5, half 4.302653 * 0.5 / sqrt(3) = 1.242068
+    assert (high["accuracy"], high["accuracy_std"]) == (pytest.approx(83.5), pytest.approx(0.5))
+    assert (high["gain_ci_low"], high["gain_ci_high"]) == (pytest.approx(2.257932, abs=1e-5), pytest.approx(4.742068, abs=1e-5))
+    assert high["gain_verdict"].startswith("KD better")
+    assert high["params"] == 693_962 and high["compression"] == pytest.approx(5.4259 / 2.6473)
+
+    failed = rows_of(frame, status="failed").iloc[0]
+    assert (failed["role"], failed["alpha"], failed["seeds"], failed["n"]) == ("student_kd", 0.9, "3", 0)
+    assert failed["error"] == "kd: error: student_kd: the loss became NaN or inf in epoch 2, step 7"
+    unfinished = rows_of(frame, status="unfinished").iloc[0]
+    assert (unfinished["alpha"], unfinished["seeds"]) == (0.5, "3") and "resume=true" in unfinished["error"]
+    assert len(frame) == 6
+
+
+def test_printed_table_and_sentences(sweep, capsys):
+    assert report.main([str(sweep)]) == 0
+    printed = capsys.readouterr().out
+    for text in ("86.00 ± 1.00", "80.00 ± 0.87", "81.17 ± 1.26", "81.50 ± 1.32", "83.50 ± 0.50",
+                 "+1.17 [-0.73, +3.06]", "+3.50 [+2.26, +4.74]", "693,962", "2.05"):
+        assert text in printed, text
+    assert ("gain over scratch +1.17 points, 95% CI [-0.73, +3.06] (paired by seed, t(2), n=3): "
+            "not distinguishable from zero") in printed
+    assert "gain over scratch +3.50 points, 95% CI [+2.26, +4.74] (paired by seed, t(2), n=3): KD better" in printed
+    assert f"failed {sweep / '6'}: kd: error: student_kd: the loss became NaN or inf in epoch 2, step 7" in printed
+    assert f"unfinished {sweep / '7'}" in printed
+
+    md = (sweep / "report.md").read_text()
+    assert "| student_kd      | mnist_student | 0.5     | kd     | 4   | 3   | 0,1,2   | 81.17 ± 1.26 | 81.50 ± 1.32    | 693,962 " in md
+    assert f"- failed {sweep / '6'}: kd: error: student_kd: the loss became NaN or inf in epoch 2, step 7" in md
+    csv = pd.read_csv(sweep / "report.csv")
+    assert set(csv["status"]) == {"ok", "failed", "unfinished"} and len(csv) == 6
+    for name in ("report_pareto_size.png", "report_pareto_flops.png", "report_curves/0.png"):
+        assert (sweep / name).stat().st_size > 1000, name
+    assert not (sweep / "report_alpha_T.png").exists()  # T was not swept: no alpha x T grid to show
+
+
+def test_filter_sort_and_formats(sweep, capsys):
+    assert report.main([str(sweep), "--filter", "alpha=0.9", "--format", "csv", "--no-plots"]) == 0
+    frame = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert list(frame["role"]) == ["student_kd", "student_kd"] and list(frame["status"]) == ["ok", "failed"]
+    assert frame.loc[0, "gain"] == pytest.approx(3.5)  # the pairs come from each run's own scratch student
+
+    assert report.main([str(sweep), "--filter", "seed=0", "--format", "json", "--no-plots"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [(r["role"], r["n"], r["accuracy"]) for r in rows] == [
+        ("teacher", 1, 85.0), ("student_scratch", 1, 79.0), ("student_kd", 1, 80.0), ("student_kd", 1, 83.0)]
+    assert rows[2]["gain"] == pytest.approx(1.0) and rows[2]["gain_ci_low"] is None
+
+    assert report.main([str(sweep), "--sort=-accuracy", "--format", "json", "--no-plots"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["accuracy"] for r in rows[:4]] == [pytest.approx(86.0), pytest.approx(83.5), pytest.approx(243.5 / 3),
+                                                 pytest.approx(80.0)]
+
+    assert report.main([str(sweep), "--format", "md", "--no-plots"]) == 0
+    assert capsys.readouterr().out.startswith("# kd report")
+
+    assert report.main([str(sweep), "--filter", "colour=red"]) == 1
+    assert "--filter colour: no run has that key" in capsys.readouterr().err
+    assert report.main([str(sweep), "--sort", "nope"]) == 1
+    assert report.main([str(sweep / "missing")]) == 2
+
+
+def test_unpaired_seeds_use_welch_and_store_lookup(tmp_path, capsys):
+    """Scratch students from `kd train` runs; distilled runs without their own scratch row."""
+    for seed, accuracy in {0: 79.0, 1: 80.5, 2: 80.5}.items():
+        cfg = config("train", seed)
+        rows = [row("teacher", "mnist_teacher", seed, 85.0 + seed, checkpoint=checkpoint(cfg, "teacher")),
+                row("student_scratch", "mnist_student", seed, accuracy, loss="ce", checkpoint=checkpoint(cfg, "student"))]
+        write_run(tmp_path / "train" / str(seed), cfg, rows)
+    # alpha 0.5, seeds 0 and 1: paired through the store path with the train runs' students.
+    distill_run(tmp_path / "distill" / "a", 0, 0.5, 81.0, None, 85.0, with_scratch=False)
+    distill_run(tmp_path / "distill" / "b", 1, 0.5, 82.0, None, 86.0, with_scratch=False)
+    # alpha 0.7, seeds 3 and 4: no scratch student of those seeds, so unpaired against seeds 0-2.
+    distill_run(tmp_path / "distill" / "c", 3, 0.7, 82.0, None, 85.0, with_scratch=False)
+    distill_run(tmp_path / "distill" / "d", 4, 0.7, 84.0, None, 85.0, with_scratch=False)
+
+    assert report.main([str(tmp_path / "train"), str(tmp_path / "distill"), "--out", str(tmp_path / "rep"),
+                        "--format", "json", "--no-plots"]) == 0
+    frame = pd.DataFrame(json.loads(capsys.readouterr().out)["rows"])
+    paired = rows_of(frame, role="student_kd", alpha=0.5).iloc[0]
+    # differences 81 - 79 = 2, 82 - 80.5 = 1.5: mean 1.75, sd 0.353553, se 0.25, half 12.706205 * 0.25
+    assert paired["gain"] == pytest.approx(1.75) and paired["gain_method"] == "paired by seed, t(1)"
+    assert (paired["gain_ci_low"], paired["gain_ci_high"]) == (pytest.approx(1.75 - 3.176551, abs=1e-5),
+                                                               pytest.approx(1.75 + 3.176551, abs=1e-5))
+    welch = rows_of(frame, role="student_kd", alpha=0.7).iloc[0]
+    # kd 82, 84 (var 2, n 2) vs scratch 79, 80.5, 80.5 (var 0.75, n 3): gain 3, se sqrt(2/2 + 0.75/3) = 1.118034,
+    # Welch df 1.5625 / (1 + 0.03125) = 1.515 -> 1 (rounded down): half 12.706205 * 1.118034 = 14.205969
+    assert welch["gain"] == pytest.approx(3.0) and welch["gain_method"] == "unpaired (Welch), df 1.5"
+    assert (welch["gain_ci_low"], welch["gain_ci_high"]) == (pytest.approx(-11.205969, abs=1e-5),
+                                                             pytest.approx(17.205969, abs=1e-5))
+    assert rows_of(frame, role="student_scratch").iloc[0]["n"] == 3
+    assert (tmp_path / "rep" / "report.csv").exists()
+
+
+def test_scope_fraction_and_teacher_plots(tmp_path, capsys):
+    """Teachers x data fractions: the scratch student's row does not split by teacher, the teacher's does."""
+    accuracies = {("mnist_teacher", 0.5): 82.0, ("mnist_teacher", 1.0): 84.0, ("deepnn", 0.5): 81.0, ("deepnn", 1.0): 83.0}
+    job = 0
+    for (teacher, fraction), kd_acc in accuracies.items():
+        for seed in (0, 1):
+            distill_run(tmp_path / str(job), seed, 0.5, kd_acc + seed, 78.0 + 2 * fraction + seed, 86.0, teacher=teacher,
+                        fraction=fraction)
+            job += 1
+    assert report.main([str(tmp_path), "--format", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    frame = pd.DataFrame(out["rows"])
+    assert out["keys"] == ["teacher", "data.fraction", "loss", "alpha", "T"]
+    assert len(rows_of(frame, role="teacher")) == 4
+    scratch = rows_of(frame, role="student_scratch")
+    assert sorted(scratch["data.fraction"]) == [0.5, 1.0] and list(scratch["n"]) == [2, 2]
+    assert scratch["teacher"].isna().all()
+    kd = rows_of(frame, role="student_kd", teacher="deepnn")
+    # kd 81, 82 vs scratch 79, 80 at fraction 0.5: differences 2, 2 -> gain 2 with zero spread
+    assert rows_of(kd, **{"data.fraction": 0.5}).iloc[0]["gain"] == pytest.approx(2.0)
+    for name in ("report_accuracy_vs_fraction.png", "report_student_accuracy_vs_teacher_size.png",
+                 "report_pareto_size.png"):
+        assert (tmp_path / name).stat().st_size > 1000, name
+
+
+def test_through_the_kd_command(sweep):
+    proc = subprocess.run([kd_executable(), "report", str(sweep), "--no-plots"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "+3.50 [+2.26, +4.74]" in proc.stdout and "report.md" in proc.stderr
+    assert "report" in subprocess.run([kd_executable(), "--help"], capture_output=True, text=True).stdout
+
+
+def test_t_quantiles():
+    assert report.t975(1) == 12.706205 and report.t975(2) == 4.302653 and report.t975(2.9) == 4.302653
+    assert report.t975(30) == 2.042272
+    assert report.t975(31) == pytest.approx(2.039513, abs=1e-6)
+    assert report.t975(100) == pytest.approx(1.983972, abs=1e-6)
+    with pytest.raises(ValueError):
+        report.t975(0.5)
+    stats = pytest.importorskip("scipy.stats")
+    for df in (*range(1, 41), 60, 120, 1000):
+        assert report.t975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-6)
+
+
+def test_pareto_front():
+    # (cost, accuracy): the 2-cost 79% point and the 3-cost 84% point are beaten by the 2-cost 85% one
+    assert pareto_front([(1, 80), (2, 85), (3, 84), (2, 79), (4, 90)]) == [0, 1, 4]
