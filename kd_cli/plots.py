@@ -195,16 +195,21 @@ def _fraction_plot(ok: pd.DataFrame, keys: list[str], out: Path) -> list[Path]:
                          out / "report_accuracy_vs_fraction.png")]
 
 
+def _series_by(frame: pd.DataFrame, keys: list[str], single_label: str) -> dict[str, pd.DataFrame]:
+    """One plotted series per combination of `keys`, labelled "key=value, ..."."""
+    series = {}
+    for values, sub in (frame.groupby(keys, dropna=False) if keys else [((), frame)]):
+        values = values if isinstance(values, tuple) else (values,)
+        label = ", ".join(f"{k}={_value(v)}" for k, v in zip(keys, values) if pd.notna(v)) or single_label
+        series[label] = sub
+    return series
+
+
 def _teacher_size_plot(kd: pd.DataFrame, keys: list[str], out: Path) -> list[Path]:
     if "teacher_params" not in kd or len(_distinct(kd, "teacher_params")) < 2:
         return []
     others = [k for k in ["model", *keys] if k not in ("teacher",) and len(_distinct(kd, k)) > 1]
-    series = {}
-    for values, sub in (kd.groupby(others, dropna=False) if others else [((), kd)]):
-        values = values if isinstance(values, tuple) else (values,)
-        label = ", ".join(f"{k}={_value(v)}" for k, v in zip(others, values) if pd.notna(v)) or "student"
-        series[label] = sub
-    return [_series_plot(series, "teacher_params", "accuracy", _std_err, "teacher parameters",
+    return [_series_plot(_series_by(kd, others, "student"), "teacher_params", "accuracy", _std_err, "teacher parameters",
                          "distilled student test accuracy (%)", "student accuracy vs teacher size",
                          out / "report_student_accuracy_vs_teacher_size.png", logx=True)]
 
@@ -222,12 +227,7 @@ def _student_size_gain_plot(kd: pd.DataFrame, keys: list[str], out: Path) -> lis
     if len(_distinct(kd, "params")) < 2:
         return []
     others = [k for k in keys if k not in ("student",) and len(_distinct(kd, k)) > 1]
-    series = {}
-    for values, sub in (kd.groupby(others, dropna=False) if others else [((), kd)]):
-        values = values if isinstance(values, tuple) else (values,)
-        label = ", ".join(f"{k}={_value(v)}" for k, v in zip(others, values) if pd.notna(v)) or "gain"
-        series[label] = sub
-    return [_series_plot(series, "params", "gain", _ci_err, "student parameters",
+    return [_series_plot(_series_by(kd, others, "gain"), "params", "gain", _ci_err, "student parameters",
                          "gain over scratch (points), 95% CI", "KD gain vs student size",
                          out / "report_gain_vs_student_size.png", logx=True, zero_line=True)]
 
