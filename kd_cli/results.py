@@ -49,6 +49,8 @@ def _cell(value, column: str) -> str:
         return "-"
     if column == "flops":
         return f"{value / 1e6:,.1f}M"
+    if isinstance(value, float) and value.is_integer() and column in ("seed", "params", "helper_params"):
+        value = int(value)  # a column with gaps comes back from pandas as floats
     if isinstance(value, float):
         return f"{value:,.2f}" if abs(value) >= 0.01 or value == 0 else f"{value:.3g}"
     if isinstance(value, int):
