@@ -77,7 +77,9 @@ def resume_target(command: str, args: list[str]) -> list[str]:
     if "resume=true" not in (a.lower() for a in args) or any(a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in args):
         return []
     multirun = "-m" in args or "--multirun" in args
-    same = lambda overrides: sorted(o for o in overrides if not o.startswith(("resume=", "-")))  # noqa: E731
+    # Hydra's own overrides (hydra/launcher=..., hydra.launcher.n_jobs=...) are not among a run's
+    # recorded task overrides and do not change what it computes.
+    same = lambda overrides: sorted(o for o in overrides if not o.startswith(("resume=", "-", "hydra/", "hydra.")))  # noqa: E731
     root = Path("outputs") / (f"{command}-multirun" if multirun else command)
     for folder in sorted(root.glob("*"), reverse=True):
         overrides = _overrides_of(folder, multirun)

@@ -263,3 +263,18 @@ def test_full_traceback_on_request(kd):
     env_proc = subprocess.run([kd_executable(), "distill", *TINY, "device=cuda"], cwd=kd.cwd,
                               env={**os.environ, "HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True)
     assert env_proc.returncode != 0 and "Traceback" in env_proc.stderr
+
+
+def test_resume_finds_the_sweep_whatever_launcher_ran_it(tmp_path, monkeypatch):
+    import yaml
+
+    from kd_cli.cli import resume_target
+
+    monkeypatch.chdir(tmp_path)
+    sweep = tmp_path / "outputs/distill-multirun/2026-01-01_00-00-00"
+    sweep.mkdir(parents=True)
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": ["alpha=0.1,0.5", "T=2"]}}}))
+    same_sweep = ["-m", "alpha=0.1,0.5", "T=2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "resume=true"]
+    assert resume_target("distill", same_sweep) == [f"hydra.sweep.dir={sweep.relative_to(tmp_path)}"]
+    assert resume_target("distill", ["-m", "alpha=0.1,0.9", "T=2", "resume=true"]) == []
+    assert resume_target("distill", ["-m", "alpha=0.1,0.5", "T=2"]) == []  # only with resume=true
