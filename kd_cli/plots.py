@@ -100,13 +100,14 @@ def _two_key_plots(kd: pd.DataFrame, keys: list[str], out: Path) -> list[Path]:
         grid_like = len(part) >= 0.5 * len(rows) * len(cols) and len(rows) <= 15 and len(cols) <= 15
         name = f"report_{_slug(row_key)}_{_slug(col_key)}{suffix}.png"
         if grid_like:
-            paths.append(_heatmap(part, row_key, col_key, rows, cols, where, out / name))
+            paths.append(heatmap(part, row_key, col_key, rows, cols, where, out / name))
         else:
             paths.append(_scatter(part, row_key, col_key, where, out / name))
     return paths
 
 
-def _heatmap(part, row_key, col_key, rows, cols, where, path) -> Path:
+def heatmap(part, row_key, col_key, rows, cols, where, path, subject: str = "distilled student") -> Path:
+    """Accuracy over two keys: one cell per (row, col) row of `part`, with its std and n when given."""
     plt = _plt()
     import numpy as np
 
@@ -131,7 +132,7 @@ def _heatmap(part, row_key, col_key, rows, cols, where, path) -> Path:
             ax.text(j, i, text[i][j], ha="center", va="center", fontsize=8,
                     color="black" if mean[i, j] > middle else "white")
     fig.colorbar(image, ax=ax, label="accuracy (%), mean over seeds")
-    ax.set_title(f"distilled student accuracy: {row_key} x {col_key}" + (f"\n{where}" if where else ""), fontsize=10)
+    ax.set_title(f"{subject} accuracy: {row_key} x {col_key}" + (f"\n{where}" if where else ""), fontsize=10)
     return _save(fig, path)
 
 

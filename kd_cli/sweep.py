@@ -14,7 +14,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from kd_cli.atomic import atomic_write
+from kd_cli.atomic import atomic_write_text
 from kd_cli.results import print_table
 
 log = logging.getLogger(__name__)
@@ -78,12 +78,14 @@ def _parse_value(text: str):
     return value if isinstance(value, (int, float, str, bool)) or value is None else text
 
 
-def _job_rows(job: Path) -> list[dict]:
+def _job_overrides(job: Path) -> dict:
+    """The job's own overrides, key -> value (a `+`/`~` prefix dropped)."""
     overrides = yaml.safe_load((job / ".hydra/overrides.yaml").read_text()) or []
-    base = {"job": job.name}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        base[key.lstrip("+~")] = _parse_value(value)
+    return {key.lstrip("+~"): _parse_value(value) for key, _, value in (item.partition("=") for item in overrides)}
+
+
+def _job_rows(job: Path, overrides: dict) -> list[dict]:
+    base = {"job": job.name, **overrides}
     results = job / "results.json"
     if results.exists():
         payload = json.loads(results.read_text())
@@ -103,12 +105,12 @@ def summarize(sweep_dir: Path) -> pd.DataFrame | None:
     jobs = _job_dirs(sweep_dir)
     if not jobs:
         return None
-    rows = [row for job in jobs for row in _job_rows(job)]
-    frame = pd.DataFrame(rows)
-    override_keys = {k for job in jobs for k in _override_keys(job)}
+    overrides = {job: _job_overrides(job) for job in jobs}
+    frame = pd.DataFrame([row for job in jobs for row in _job_rows(job, overrides[job])])
+    override_keys = {k for job_overrides in overrides.values() for k in job_overrides}
     swept = [k for k in frame.columns if k in override_keys and frame[k].astype(str).nunique() > 1]
     frame = frame[["job", *swept, *[c for c in frame.columns if c not in swept and c != "job"]]]
-    atomic_write(sweep_dir / "summary.csv", lambda f: f.write(frame.to_csv(index=False).encode()))
+    atomic_write_text(sweep_dir / "summary.csv", frame.to_csv(index=False))
     shown = ["job", *swept, "status", *[c for c in ("role", "accuracy", "best_accuracy", "gain_vs_scratch",
                                                      "teacher_retained", "train_time_s", "error") if c in frame]]
     print_table(frame[shown], title=f"sweep {sweep_dir}: {len(jobs)} jobs")
@@ -136,31 +138,12 @@ def _report(sweep_dir: Path) -> None:
                     sweep_dir, type(e).__name__, e, sweep_dir)
 
 
-def _override_keys(job: Path) -> list[str]:
-    overrides = yaml.safe_load((job / ".hydra/overrides.yaml").read_text()) or []
-    return [item.partition("=")[0].lstrip("+~") for item in overrides]
+def write_heatmap(frame: pd.DataFrame, row_key: str, col_key: str, path: Path) -> Path:
+    """Accuracy over the two swept keys, one cell per combination (the mean where seeds repeat it)."""
+    from kd_cli.plots import heatmap
 
-
-def write_heatmap(frame: pd.DataFrame, row_key: str, col_key: str, path: Path, value: str = "accuracy") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    grid = frame.pivot_table(index=row_key, columns=col_key, values=value, aggfunc="mean").sort_index()
-    fig, ax = plt.subplots(figsize=(1.2 * len(grid.columns) + 2.5, 0.8 * len(grid.index) + 2))
-    image = ax.imshow(grid.values, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(grid.columns)), [f"{c:g}" for c in grid.columns])
-    ax.set_yticks(range(len(grid.index)), [f"{r:g}" for r in grid.index])
-    ax.set_xlabel(col_key)
-    ax.set_ylabel(row_key)
-    for i in range(grid.shape[0]):
-        for j in range(grid.shape[1]):
-            if pd.notna(grid.values[i, j]):
-                ax.text(j, i, f"{grid.values[i, j]:.2f}", ha="center", va="center", color="white", fontsize=9)
-    fig.colorbar(image, ax=ax, label=f"{value} (%)")
-    ax.set_title(f"student {value} over {row_key} x {col_key}")
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
-    return path
+    cells = (frame.groupby([row_key, col_key])["accuracy"]
+             .agg(accuracy="mean", accuracy_std="std", n="size").reset_index())
+    subject = "student" if frame["role"].iloc[0] == "student_kd" else str(frame["role"].iloc[0])
+    return heatmap(cells, row_key, col_key, sorted(cells[row_key].unique()), sorted(cells[col_key].unique()),
+                   "", path, subject=subject)
