@@ -322,3 +322,27 @@ def _common_parent(paths: list[Path]) -> Path:
 
     common = Path(os.path.commonpath([str(p) for p in paths]))
     return common.parent if len(paths) == 1 else common
+
+
+def published_vs_measured(table: pd.DataFrame, title: str, path: Path) -> Path:
+    """A seed experiment's figures side by side: the document's and this machine's, one pair per result."""
+    plt = _plt()
+    labels = list(table["result"])
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(labels) + 2), 4.5))
+    width = 0.4
+    positions = range(len(labels))
+    for offset, column, color in ((-width / 2, "published", "tab:gray"), (width / 2, "measured", "tab:green")):
+        values = pd.to_numeric(table[column], errors="coerce")
+        bars = ax.bar([p + offset for p in positions], values.fillna(0), width, label=column, color=color)
+        for bar, value in zip(bars, values):
+            if pd.notna(value):
+                ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(positions), labels, rotation=20, ha="right")
+    ax.set_ylabel("test accuracy (%)")
+    present = pd.to_numeric(pd.concat([table["published"], table["measured"]]), errors="coerce").dropna()
+    if len(present):
+        ax.set_ylim(max(0.0, present.min() - 10), min(100.0, present.max() + 5))
+    ax.set_title(title, fontsize=10)
+    ax.legend()
+    return _save(fig, path)

@@ -34,7 +34,7 @@ COSTS = ("params", "size_mb", "flops", "latency_ms", "train_time_s", "compressio
 # Config keys that never make two runs different experiments (bookkeeping, or where files live).
 IGNORED = {"seed", "device", "resume", "store_dir", "overwrite", "command", "data.root", "data.download",
            "teacher.checkpoint", "student.checkpoint"}
-IGNORED_PREFIXES = ("measure.", "hydra.")
+IGNORED_PREFIXES = ("measure.", "hydra.", "preset.")
 # Which config keys can change a row of each role: the stored models do not depend on alpha, T, loss.
 _RECIPE = ("dataset.", "data.", "train.")
 SCOPE = {"teacher": (*_RECIPE, "teacher."), "student_scratch": (*_RECIPE, "student."),
@@ -268,7 +268,7 @@ def _parse(text: str):
     return value
 
 
-def _same(a, b) -> bool:
+def same(a, b) -> bool:
     if isinstance(a, bool) or isinstance(b, bool):
         return str(a).lower() == str(b).lower()
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
@@ -279,7 +279,7 @@ def _same(a, b) -> bool:
 _LONG = {short: long for long, short in SHORT.items()}
 
 
-def _lookup(record: dict, key: str):
+def lookup(record: dict, key: str):
     # Only the keys that can change this role's row: --filter alpha=0.9 keeps no teacher.
     if key in record and not key.startswith("_"):
         return True, record[key]
@@ -295,10 +295,10 @@ def apply_filters(records: list[dict], filters: list[str]) -> list[dict]:
         if not sep or not key:
             raise ReportError(f"--filter takes key=value (e.g. alpha=0.5, role=student_kd), got {item!r}")
         wanted = _parse(text)
-        if not any(_lookup(r, key)[0] for r in records):
+        if not any(lookup(r, key)[0] for r in records):
             known = sorted({k for r in records for k in (*r, *r["_config"]) if not k.startswith("_")})
             raise ReportError(f"--filter {key}: no run has that key; known keys: {', '.join(known)}")
-        records = [r for r in records if (hit := _lookup(r, key))[0] and _same(hit[1], wanted)]
+        records = [r for r in records if (hit := lookup(r, key))[0] and same(hit[1], wanted)]
     return records
 
 
@@ -527,7 +527,7 @@ def optuna_results(runs: list[Run]) -> list[dict]:
         data = yaml.safe_load(results.read_text()) or {}
         best = data.get("best_params") or {}
         jobs = [r for r in runs if r.sweep == sweep]
-        winner = next((r for r in jobs if all(_same(_overrides(r).get(k), _parse(str(v))) for k, v in best.items())), None)
+        winner = next((r for r in jobs if all(same(_overrides(r).get(k), _parse(str(v))) for k, v in best.items())), None)
         fractions = {r.flat.get("data.val_fraction") for r in jobs}
         fraction = next(iter(fractions)) if len(fractions) == 1 else None
         split = (f"validation accuracy on a held-out {fraction:g} of the training set (data.val_fraction), "

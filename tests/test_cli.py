@@ -88,7 +88,7 @@ def test_missing_teacher_gives_the_train_command(kd):
     proc = kd("distill", *TINY, "alpha=0.6", check=False)
     line = one_line_error(proc)
     assert line.startswith("kd: error: no trained teacher mnist_teacher for fashion_mnist")
-    assert f"run `kd train {' '.join(TINY)}` first, or pass teacher.checkpoint=PATH" in line
+    assert f"run `kd train {' '.join(TINY)}` first, pass train_missing=true to train it here, or pass teacher.checkpoint=PATH" in line
 
 
 @pytest.mark.parametrize("override, message", [
@@ -116,7 +116,7 @@ def test_errors_leave_earlier_results_untouched(kd):
 def test_help_lists_commands_and_groups(kd):
     assert "distill" in kd("--help").stdout
     help_text = kd("distill", "--help").stdout
-    for group in ("dataset: cifar10, cifar100, fashion_mnist, mnist", "loss: at, cc, ce, combo,", "scheme: offline", "teacher:"):
+    for group in ("dataset: cifar10, cifar100, fashion_mnist, mnist", "loss: at, cc, ce, combo,", "scheme: born_again, multi_teacher, offline, online, self, ta", "teacher:"):
         assert group in help_text
     assert "alpha: 0.9" in kd("distill", "--cfg", "job").stdout
     unknown = kd("distil", check=False)

@@ -3,7 +3,8 @@
 Every loss is called as `loss(student, teacher, targets, indices=...)`: `student` and `teacher` are
 dicts of outputs, "logits" plus the features hooked at the loss's layer paths (keyed by path);
 `teacher` is None when the loss needs none; `indices` are the batch's positions in the training
-set (for methods with a per-sample memory). Adding a method is one module with one class, one yaml
+set (for methods with a per-sample memory); `inputs` is the normalised batch (for schemes whose
+helper modules see the images themselves: mutual-learning peers). Adding a method is one module with one class, one yaml
 in conf/loss/, one test.
 """
 
@@ -79,13 +80,13 @@ class DistillationLoss(nn.Module):
         return [(student[s], teacher[t]) for s, t in zip(self.student_layers, self.teacher_layers)]
 
 
-def build_loss(cfg) -> DistillationLoss:
-    """The loss of `cfg.loss`, given the top-level `alpha` and `T` where it takes them."""
+def build_loss(cfg, alpha: float | None = None, T: float | None = None) -> DistillationLoss:
+    """The loss of `cfg.loss`, given the top-level `alpha` and `T` (or these) where it takes them."""
     options = {k: v for k, v in cfg.loss.items() if k != "name"}
     name = cfg.loss.name
     if name not in LOSSES:
         raise KdError(f"unknown loss '{name}'; choose one of: {', '.join(sorted(LOSSES))}")
-    return LOSSES[name](alpha=cfg.get("alpha"), T=cfg.get("T"), **options)
+    return LOSSES[name](alpha=cfg.get("alpha") if alpha is None else alpha, T=cfg.get("T") if T is None else T, **options)
 
 
 from kd_cli.losses import combo, contrastive, feature, hinton, relation, response  # noqa: E402,F401  (registers the losses)

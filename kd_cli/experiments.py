@@ -1,0 +1,135 @@
+"""`kd distill experiment=NAME`: a seed experiment, or its quick variant, as one command.
+
+A preset is an `@package _global_` config in conf/experiment/ with a `preset:` block: `runs`, the
+`kd distill` sweeps the experiment consists of (one line of overrides each, run with -m into one
+folder), and `published`, the seed document's figures, each with the rows it is compared with.
+Presets set `train_missing=true`, so whatever teacher, assistant or scratch baseline the runs need
+is trained into the model store on the way. At the end the experiment's table (published beside
+measured) and its plot are written, with `kd report`'s tables and plots over all its runs.
+"""
+
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from kd_cli.atomic import atomic_write_text
+from kd_cli.errors import KdError
+from kd_cli.preflight import preflight
+from kd_cli.report import build_records, build_report, find_runs, lookup, same, varying_keys, write_report
+from kd_cli.results import print_table
+
+ROOT = Path("outputs") / "experiments"
+_NOT_RUNNING = ("-m", "--multirun", "--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion",
+                "-sc", "--package", "-p", "--resolve")
+
+
+def preset_of(args: list[str], conf_dir: str):
+    """The `preset` block of the experiment on this command line, or None (no preset, or Hydra's own -m/--cfg)."""
+    if not any(a.startswith("experiment=") for a in args) or any(a.split("=")[0] in _NOT_RUNNING for a in args):
+        return None
+    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+        cfg = compose("distill", [a for a in args if not a.startswith("-")])
+    preset = cfg.get("preset")
+    return preset if preset is not None and preset.get("runs") else None
+
+
+def _folder(name: str, args: list[str]) -> Path:
+    """A new folder for this experiment, or with resume=true the newest one of the same command line."""
+    same_line = sorted(a for a in args if not a.lower().startswith("resume="))
+    if "resume=true" in (a.lower() for a in args):
+        for folder in sorted((ROOT / name).glob("*"), reverse=True):
+            try:
+                recorded = json.loads((folder / "experiment.json").read_text())["args"]
+            except (OSError, ValueError, KeyError):
+                continue
+            if sorted(a for a in recorded if not a.lower().startswith("resume=")) == same_line:
+                print(f"kd: resuming {folder}", file=sys.stderr)
+                return folder
+        print(f"kd: no earlier run of this experiment line under {ROOT / name}; starting a new one", file=sys.stderr)
+    return ROOT / name / time.strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def run_experiment(args: list[str], preset, conf_dir: str) -> int:
+    """Run every part of the preset, then write its tables and plots. Returns the exit status."""
+    name = preset.name
+    parts = [shlex.split(line) for line in preset.runs]
+    for part in parts:  # every part checked before anything runs
+        preflight("distill", [*args, *part, "-m"], conf_dir)
+    folder = _folder(name, args)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "experiment.json", json.dumps(
+        {"name": name, "args": args, "runs": list(preset.runs)}, indent=2) + "\n")
+    failed = []
+    for number, part in enumerate(parts, 1):
+        line = " ".join(["kd distill", *args, *part, "-m"])
+        print(f"kd: {name}, part {number}/{len(parts)}: {line}", file=sys.stderr, flush=True)
+        command = [sys.executable, "-m", "kd_cli", "distill", *args, *part, f"hydra.sweep.dir={folder / f'part{number}'}", "-m"]
+        if subprocess.call(command) != 0:
+            failed.append(number)
+    write_experiment(folder, preset)
+    if failed:
+        print(f"kd: {name}: part(s) {', '.join(map(str, failed))} had failed jobs (see the tables above); "
+              f"`kd distill {' '.join(args)} resume=true` re-runs only what is missing", file=sys.stderr)
+        return 1
+    return 0
+
+
+def published_table(records: list[dict], published) -> pd.DataFrame:
+    """One row per published figure: the measured mean of the rows it names (or the best configuration's)."""
+    ok = [r for r in records if r["status"] == "ok" and r.get("accuracy") is not None]
+    rows = []
+    for entry in published:
+        wanted = entry.get("match") or {}
+        hits = [r for r in ok if all(lookup(r, k)[0] and same(lookup(r, k)[1], v) for k, v in wanted.items())]
+        row = {"result": entry["label"], "published": entry.get("value"), "measured": None, "difference": None,
+               "n": len(hits), "best_at": None}
+        if hits:
+            groups = {(): hits}
+            if entry.get("pick", "mean") == "max":
+                keys = varying_keys(hits)
+                groups = {}
+                for r in hits:
+                    groups.setdefault(tuple((k, r["_config"].get(k)) for k in keys), []).append(r)
+            config, members = max(groups.items(), key=lambda item: statistics.fmean(r["accuracy"] for r in item[1]))
+            row["measured"] = round(statistics.fmean(r["accuracy"] for r in members), 2)
+            row["n"] = len(members)
+            row["best_at"] = ", ".join(f"{k}={v}" for k, v in config) or None
+            if row["published"] is not None:
+                row["difference"] = round(row["measured"] - row["published"], 2)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["result", "published", "measured", "difference", "n", "best_at"])
+
+
+def write_experiment(folder: Path, preset) -> pd.DataFrame:
+    """experiment.csv/.md/.json and experiment.png (published vs measured), plus `kd report` over all parts."""
+    from kd_cli import plots
+
+    runs = find_runs([folder])
+    if not runs:
+        raise KdError(f"{folder} holds no kd runs; nothing to tabulate")
+    table = published_table(build_records(runs), OmegaConf.to_container(preset.published, resolve=True))
+    title = f"{preset.name}: published ({preset.source}) vs measured here"
+    atomic_write_text(folder / "experiment.csv", table.to_csv(index=False))
+    note = f"\n{preset.note}\n" if preset.get("note") else ""
+    shown = table.dropna(axis=1, how="all").astype(object)
+    shown = shown.where(shown.notna(), None)
+    atomic_write_text(folder / "experiment.md", f"# {title}\n{note}\n{shown.to_markdown(index=False, missingval='-')}\n")
+    atomic_write_text(folder / "experiment.json", json.dumps(
+        {**json.loads((folder / "experiment.json").read_text()), "source": preset.source, "note": preset.get("note"),
+         "table": json.loads(table.to_json(orient="records"))}, indent=2) + "\n")
+    plots.published_vs_measured(table, title, folder / "experiment.png")
+    write_report(build_report(runs), folder, [folder])
+    print_table(shown, title=title, hide=())
+    if preset.get("note"):
+        print(preset.note)
+    print(f"experiment: {folder / 'experiment.md'} (.csv, .json, .png); every run: {folder / 'report.md'} and its plots",
+          file=sys.stderr)
+    return table

@@ -1,0 +1,218 @@
+"""One `kd` run: its config, folder, device and data, and the models it obtains, trains and reports.
+
+Schemes are written against this class: `stored()` gives a model trained from labels (from the
+model store, or trained into it), `distill()` trains one student from one teacher, `row()` measures
+a model for the results table, `finish()` writes the table.
+"""
+
+import json
+import logging
+import os
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+import kd_cli
+from kd_cli.config import RUN_ONLY, run_identity, teacher_config, validate
+from kd_cli.data import ImageData, load_data, normalize
+from kd_cli.engine import FitResult, fit, resolve_device, seed_everything
+from kd_cli.errors import KdError
+from kd_cli.losses import DistillationLoss
+from kd_cli.losses.hinton import CrossEntropy
+from kd_cli.measure import model_costs
+from kd_cli.models import build_model, model_label
+from kd_cli.provenance import record_run
+from kd_cli.results import add_comparisons, print_table, results_frame, write_results
+from kd_cli.store import load_checkpoint, load_into, model_spec, recipe, save_checkpoint, store_path
+
+log = logging.getLogger(__name__)
+
+# Overrides that only `kd distill` understands; dropped when suggesting the matching `kd train`.
+_DISTILL_ONLY = ("loss", "alpha", "T", "scheme", "teacher.checkpoint", "resume", "hparams_search", "train_missing",
+                 "quant", "teacher_recipe")
+
+
+def completed_results(run_dir: Path, cfg) -> bool:
+    """True when `run_dir` already holds this very run's results (a re-run sweep skips it)."""
+    results = Path(run_dir) / "results.json"
+    if not results.exists():
+        return False
+    done = json.loads(results.read_text())
+    if {k: v for k, v in done.get("config", {}).items() if k not in RUN_ONLY} != run_identity(cfg):
+        raise KdError(f"{run_dir} already holds the results of a different config; choose another hydra.run.dir "
+                      f"(nothing was overwritten)")
+    return True
+
+
+def train_command(cfg, model_cfg=None) -> str:
+    """The `kd train` line with this run's recipe, so the model it stores is the one looked for.
+
+    With `model_cfg`, the line trains that model as the teacher (a multi-teacher member, say).
+    """
+    try:
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # called without Hydra (tests, notebooks)
+        overrides = []
+    kept = [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] not in _DISTILL_ONLY]
+    # The recipe as `cfg` has it: a teacher_recipe may have changed data.* or train.* values.
+    kept = [f"{key}={OmegaConf.select(cfg, key)}" if key.startswith(("data.", "train.")) else o
+            for o, key in ((o, o.split("=")[0]) for o in kept)]
+    if model_cfg is not None:
+        kept = [o for o in kept if not o.startswith(("teacher=", "teacher.", "student=", "student."))]
+        kept += [f"teacher={model_cfg.arch}", "~student"]
+    val_fraction = cfg.data.get("val_fraction", 0)
+    if val_fraction and not any(o.startswith("data.val_fraction=") for o in kept):
+        kept.append(f"data.val_fraction={val_fraction}")  # set by hparams_search=optuna, part of the recipe
+    return " ".join(["kd train", *map(shlex.quote, kept)])
+
+
+@dataclass
+class Run:
+    cfg: object
+    run_dir: Path
+    device: torch.device
+    data: ImageData
+
+    @classmethod
+    def start(cls, cfg, run_dir) -> "Run":
+        validate(cfg)
+        device = resolve_device(cfg.device)
+        if cfg.deterministic:
+            # cuBLAS needs a fixed workspace to be deterministic; cuDNN must not pick kernels by timing.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.benchmark = False
+            torch.use_deterministic_algorithms(True)
+        record_run(run_dir, device)
+        data = load_data(cfg).to(device)
+        log.info("%s on %s: %d training / %d test images, %d classes, run directory %s",
+                 cfg.dataset.name, device, len(data.train_y), len(data.test_y), data.spec.num_classes, run_dir)
+        return cls(cfg, Path(run_dir), device, data)
+
+    def new_model(self, model_cfg, seed_offset: int = 0) -> torch.nn.Module:
+        # Seeding right before building gives scratch and distilled students the same initial weights;
+        # an offset gives models trained side by side (mutual-learning peers) different ones.
+        seed_everything(self.cfg.seed + seed_offset)
+        return build_model(model_cfg, self.data.spec).to(self.device)
+
+    def example(self) -> torch.Tensor:
+        """Two normalised training images: enough to trace feature shapes."""
+        return normalize(self.data.train_x[:2], self.data)
+
+    def state_path(self, role: str) -> Path:
+        return self.run_dir / "state" / f"{role}.pt"
+
+    def meta(self, model_cfg, result: FitResult) -> dict:
+        return {
+            "model": model_label(model_cfg), "model_cfg": model_spec(model_cfg), "dataset": self.cfg.dataset.name,
+            "num_classes": self.data.spec.num_classes, "seed": self.cfg.seed, "recipe": recipe(self.cfg),
+            "config": run_identity(self.cfg),
+            "metrics": {k: getattr(result, k) for k in ("accuracy", "best_accuracy", "val_accuracy", "train_time_s",
+                                                        "train_img_per_s") if getattr(result, k) is not None},
+            "history": result.history,
+        }
+
+    def row(self, role: str, model, model_cfg, meta: dict, checkpoint: Path | str | None, **columns) -> dict:
+        """The results-table row of `model`; `model_cfg` may be the label itself for composite models."""
+        shape = (self.data.spec.channels, self.data.spec.size, self.data.spec.size)
+        metrics = {k: round(v, 2) for k, v in meta["metrics"].items()}
+        label = model_cfg if isinstance(model_cfg, str) else model_label(model_cfg)
+        return {"role": role, "model": label, "dataset": self.cfg.dataset.name,
+                "seed": self.cfg.seed, **columns, **metrics,
+                **model_costs(model, shape, self.device, self.cfg.measure),
+                "checkpoint": str(checkpoint) if checkpoint else None}
+
+    def load(self, model_cfg, path: Path):
+        model = self.new_model(model_cfg)
+        meta = load_into(model, load_checkpoint(path), path, model_cfg, self.cfg)
+        return model.to(self.device), meta
+
+    def train_from_labels(self, model_cfg, role: str, path: Path):
+        """Train `model_cfg` with cross-entropy alone and store it at `path`."""
+        model = self.new_model(model_cfg)
+        # One state file per model: a multi-teacher run trains several teachers one after another.
+        state = self.state_path(f"{role}-{model_label(model_cfg)}")
+        result = fit(model, CrossEntropy(), self.data, self.cfg, self.device, label=role, state_path=state)
+        meta = self.meta(model_cfg, result)
+        save_checkpoint(path, model, meta)
+        return model, meta
+
+    def stored(self, model_cfg, role: str, required: bool = True):
+        """(model, meta, path) of `model_cfg` trained from labels with this recipe, or None.
+
+        Found in the model store; when missing, trained into it if `train_missing=true`, else an
+        error naming the `kd train` command (or None when not `required`).
+        """
+        path = store_path(self.cfg, model_cfg)
+        if path.exists():
+            model, meta = self.load(model_cfg, path)
+            log.info("%s: %s from the model store (%s)", role, model_label(model_cfg), path)
+            return model, meta, path
+        if self.cfg.get("train_missing"):
+            log.info("%s: %s is not in the model store; training it from labels (train_missing=true)",
+                     role, model_label(model_cfg))
+            return (*self.train_from_labels(model_cfg, role, path), path)
+        if not required:
+            log.info("no scratch %s in the store for this recipe; `%s` adds it (and gain_vs_scratch), "
+                     "or pass train_missing=true", model_label(model_cfg), train_command(self.cfg))
+            return None
+        other = None if model_spec(model_cfg) == model_spec(self.cfg.teacher) else model_cfg
+        raise KdError(
+            f"no trained {role} {model_label(model_cfg)} for {self.cfg.dataset.name} (seed {self.cfg.seed}, this recipe) "
+            f"at {path}; run `{train_command(self.cfg, other)}` first, pass train_missing=true to train it here, "
+            f"or pass teacher.checkpoint=PATH"
+        )
+
+    def teacher(self):
+        """(model, meta, path) of the configured teacher: `teacher.checkpoint`, or the model store.
+
+        `teacher_recipe` changes the recipe the teacher was (or is) trained with, e.g.
+        `{data: {fraction: 1.0}}` to distil on a fraction of the data from a teacher that saw all of it.
+        """
+        if not self.cfg.teacher.checkpoint:
+            if not self.cfg.get("teacher_recipe"):
+                return self.stored(self.cfg.teacher, "teacher")
+            cfg = teacher_config(self.cfg)
+            data = load_data(cfg).to(self.device) if recipe(cfg) != recipe(self.cfg) else self.data
+            return Run(cfg, self.run_dir, self.device, data).stored(cfg.teacher, "teacher")
+        path = Path(self.cfg.teacher.checkpoint)
+        if not path.exists():
+            raise KdError(f"teacher.checkpoint={path} does not exist; check the path")
+        return (*self.load(self.cfg.teacher, path), path)
+
+    def scratch_row(self, rows: list, histories: dict) -> None:
+        """Add the scratch student (the no-KD baseline) when the store has it or may train it."""
+        found = self.stored(self.cfg.student, "student_scratch", required=False)
+        if found:
+            model, meta, path = found
+            rows.append(self.row("student_scratch", model, self.cfg.student, meta, path, loss="ce"))
+            histories["student_scratch"] = meta["history"]
+
+    def distill(self, student_cfg, teacher_model: torch.nn.Module | None, loss_fn: DistillationLoss, role: str,
+                checkpoint: Path, seed_offset: int = 0, **meta_extra):
+        """Train `student_cfg` from `teacher_model` with `loss_fn`; save it (and the loss's helpers) to `checkpoint`."""
+        student = self.new_model(student_cfg, seed_offset)
+        loss_fn.attach(student, teacher_model, self.example(), len(self.data.train_y))
+        result = fit(student, loss_fn, self.data, self.cfg, self.device, teacher=teacher_model, label=role,
+                     state_path=self.state_path(role))
+        meta = self.meta(student_cfg, result) | meta_extra
+        save_checkpoint(checkpoint, student, meta, helpers=loss_fn.state_dict())
+        return student, meta, result
+
+    def finish(self, rows: list[dict], histories: dict) -> None:
+        add_comparisons(rows)
+        frame = results_frame(rows)
+        details = {"command": self.cfg.command, "kd_version": kd_cli.__version__, "torch": torch.__version__,
+                   "device": str(self.device), "config": OmegaConf.to_container(self.cfg, resolve=True),
+                   "histories": histories}
+        write_results(self.run_dir, frame, details)
+        print_table(frame, title=f"kd {self.cfg.command}: {self.cfg.dataset.name}, seed {self.cfg.seed}")
+        log.info("results: %s (.csv, .md, .json)", self.run_dir / "results")
+        state_dir = self.run_dir / "state"
+        if state_dir.is_dir():  # the run is complete: its resumable training states are no longer needed
+            for state in state_dir.glob("*.pt"):
+                state.unlink()
+            state_dir.rmdir()

@@ -1,0 +1,88 @@
+"""Chains of teachers: `offline` (teacher -> student), `ta` (teacher -> assistants -> student) and
+`born_again` (the student's architecture teaching itself over generations).
+
+Every link is offline distillation from the previous model. The models in the middle of a chain
+are kept in the model store under a key that names their teacher's weights, the loss, alpha and T.
+Those links use `scheme.link_alpha` / `link_T` (the run's alpha and T when null): set them, and a
+sweep over alpha and T of the last link trains the earlier links once. The final student goes to
+the run folder.
+"""
+
+import logging
+
+from omegaconf import OmegaConf
+
+from kd_cli.losses import build_loss
+from kd_cli.models import model_label
+from kd_cli.schemes import model_config, scheme
+from kd_cli.store import checksum, store_path
+
+log = logging.getLogger(__name__)
+
+
+@scheme("offline")
+def offline(run):
+    return distill_chain(run, run.teacher(), run.cfg.teacher, links=[], role="")
+
+
+@scheme("ta")
+def teacher_assistant(run):
+    """Mirzadeh et al. (2020): teacher -> assistant(s) -> student, each link offline KD."""
+    assistants = [model_config(name) for name in run.cfg.scheme.assistants]
+    return distill_chain(run, run.teacher(), run.cfg.teacher, assistants, role="assistant")
+
+
+@scheme("born_again")
+def born_again(run):
+    """Furlanello et al. (2018): generation k of the student's architecture learns from generation k-1.
+
+    `scheme.start=scratch` starts from the student trained from labels (generation 0); `teacher`
+    starts from the configured teacher, so generation 1 is the distilled student and generation 2
+    learns from a distilled student ("distilled student as teacher").
+    """
+    cfg = run.cfg
+    if cfg.scheme.start == "scratch":
+        first, first_cfg = run.stored(cfg.student, "teacher"), cfg.student
+    else:
+        first, first_cfg = run.teacher(), cfg.teacher
+    return distill_chain(run, first, first_cfg, [cfg.student] * (cfg.scheme.generations - 1), role="generation")
+
+
+def _link_settings(cfg) -> tuple[float, float]:
+    """alpha and T of the links before the last: `scheme.link_alpha` / `link_T`, else the run's own."""
+    alpha, T = cfg.scheme.get("link_alpha"), cfg.scheme.get("link_T")
+    return (cfg.alpha if alpha is None else alpha), (cfg.T if T is None else T)
+
+
+def distill_chain(run, first, first_cfg, links: list, role: str):
+    cfg = run.cfg
+    teacher, teacher_meta, teacher_path = first
+    rows = [run.row("teacher", teacher, first_cfg, teacher_meta, teacher_path)]
+    histories = {"teacher": teacher_meta["history"]}
+    run.scratch_row(rows, histories)
+    teacher_cfg = first_cfg
+    link_alpha, link_T = _link_settings(cfg)
+    for number, link_cfg in enumerate(links, 1):
+        name = f"{role}_{number}"
+        lineage = {"teacher_sha256": checksum(teacher.state_dict()), "loss": OmegaConf.to_container(cfg.loss, resolve=True),
+                   "alpha": link_alpha, "T": link_T}
+        path = store_path(cfg, link_cfg, lineage)
+        if path.exists():
+            model, meta = run.load(link_cfg, path)
+            log.info("%s: %s taught by %s, from the model store (%s)", name, model_label(link_cfg),
+                     model_label(teacher_cfg), path)
+        else:
+            model, meta, _ = run.distill(link_cfg, teacher, build_loss(cfg, link_alpha, link_T), name, path,
+                                         lineage=lineage, taught_by=model_label(teacher_cfg))
+        rows.append(run.row(name, model, link_cfg, meta, path, scheme=cfg.scheme.name, loss=cfg.loss.name,
+                            alpha=link_alpha, T=link_T, taught_by=model_label(teacher_cfg)))
+        histories[name] = meta["history"]
+        teacher, teacher_cfg, teacher_path = model, link_cfg, path
+    loss_fn = build_loss(cfg)
+    student, meta, result = run.distill(cfg.student, teacher, loss_fn, "student_kd", run.run_dir / "student.pt",
+                                        loss=cfg.loss.name, alpha=cfg.alpha, T=cfg.T, teacher=str(teacher_path))
+    histories["student_kd"] = result.history
+    rows.append(run.row("student_kd", student, cfg.student, meta, run.run_dir / "student.pt", scheme=cfg.scheme.name,
+                        loss=cfg.loss.name, alpha=cfg.alpha, T=cfg.T, taught_by=model_label(teacher_cfg),
+                        helper_params=sum(p.numel() for p in loss_fn.parameters())))
+    return rows, histories, result.val_accuracy

@@ -1,0 +1,140 @@
+"""`self`: be your own teacher (Zhang et al., 2019).
+
+The student gets an auxiliary exit after each stage but the last: a 1x1 convolution to the
+deepest stage's width, pooling, and a linear classifier. The final exit (the student's own head)
+teaches the shallow ones: each exit learns from the labels, from the final exit's soft targets
+(KL at temperature T) and from the deepest stage's pooled features (L2). The deployed model is the
+backbone with its final exit; the exits are reported as an early-exit student, each with the
+accuracy and the cost of running the backbone only up to it.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_cli.engine import evaluate
+from kd_cli.errors import KdError
+from kd_cli.features import default_layers
+from kd_cli.losses import DistillationLoss
+from kd_cli.losses.hinton import soft_target_kl
+from kd_cli.models import model_label
+from kd_cli.schemes import scheme
+
+
+class ExitHead(nn.Module):
+    """Stage features -> (embedding of the deepest stage's width, class logits)."""
+
+    def __init__(self, channels: int, width: int, num_classes: int):
+        super().__init__()
+        self.bottleneck = nn.Sequential(nn.Conv2d(channels, width, 1, bias=False), nn.BatchNorm2d(width),
+                                        nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.classifier = nn.Linear(width, num_classes)
+
+    def forward(self, features):
+        embedding = self.bottleneck(features)
+        return embedding, self.classifier(embedding)
+
+
+class SelfDistillation(DistillationLoss):
+    """CE(final) + sum over exits of (1 - alpha) CE + alpha T^2 KL(final || exit) + w * L2(embedding, deepest)."""
+
+    needs_teacher = False
+
+    def __init__(self, alpha: float, T: float, feature_weight: float, stages: list[str], num_classes: int):
+        super().__init__(student_layers=stages)
+        self.alpha, self.T, self.feature_weight, self.num_classes = float(alpha), float(T), float(feature_weight), num_classes
+
+    def setup(self, student_shapes, teacher_shapes, num_train):
+        if any(len(shape) != 3 for shape in student_shapes):
+            raise KdError(f"scheme=self needs convolutional feature maps at scheme.exits; got shapes {student_shapes}")
+        width = student_shapes[-1][0]
+        self.heads = nn.ModuleList(ExitHead(shape[0], width, self.num_classes) for shape in student_shapes[:-1])
+
+    def forward(self, student, teacher, targets, **_):
+        final = student["logits"]
+        deepest = student[self.student_layers[-1]].float().mean(dim=(2, 3)).detach()
+        loss = F.cross_entropy(final, targets)
+        for head, path in zip(self.heads, self.student_layers):
+            embedding, logits = head(student[path])
+            loss = loss + ((1 - self.alpha) * F.cross_entropy(logits, targets)
+                           + self.alpha * soft_target_kl(logits, final.detach(), self.T)
+                           + self.feature_weight * F.mse_loss(embedding.float(), deepest))
+        return loss
+
+
+class _Exit(Exception):
+    def __init__(self, features):
+        self.features = features
+
+
+class EarlyExit(nn.Module):
+    """The backbone run up to `path`, then `head`: what an early-exit deployment computes."""
+
+    def __init__(self, backbone: nn.Module, path: str, head: ExitHead):
+        super().__init__()
+        self.backbone, self.path, self.head = backbone, path, head
+
+    def forward(self, x):
+        def stop(module, inputs, output):
+            raise _Exit(output)
+
+        handle = self.backbone.get_submodule(self.path).register_forward_hook(stop)
+        try:
+            self.backbone(x)
+        except _Exit as reached:
+            return self.head(reached.features)[1]
+        finally:
+            handle.remove()
+        raise KdError(f"the backbone never ran layer '{self.path}'")
+
+    @torch.no_grad()
+    def used_size(self, example: torch.Tensor) -> tuple[int, float]:
+        """(parameters, MiB as fp32) of the modules this exit actually runs."""
+        ran: dict[int, nn.Module] = {}
+
+        def record(module, inputs, output):  # returns None: a hook's return value would replace the output
+            ran[id(module)] = module
+
+        hooks = [m.register_forward_hook(record) for m in self.backbone.modules() if not list(m.children())]
+        was_training = self.training
+        self.eval()
+        try:
+            self(example)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.train(was_training)
+        tensors = [t for m in [*ran.values(), self.head] for t in m.state_dict(keep_vars=True).values()]
+        params = sum(p.numel() for m in [*ran.values(), self.head] for p in m.parameters())
+        return params, sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in tensors) / 2**20
+
+
+@scheme("self")
+def self_distillation(run):
+    cfg = run.cfg
+    if cfg.loss.name != "kd":
+        raise KdError(f"scheme=self distils between the student's own exits with KD; leave loss=kd (got loss={cfg.loss.name})")
+    probe = run.new_model(cfg.student)
+    stages = list(cfg.scheme.exits) if cfg.scheme.exits else default_layers(probe, "stages")
+    if len(stages) < 2:
+        raise KdError(f"scheme=self needs at least two stages to put exits after; {model_label(cfg.student)} has "
+                      f"{stages}; choose a deeper student or set scheme.exits=[PATH,...] (the last is the deepest)")
+    loss_fn = SelfDistillation(cfg.alpha, cfg.T, cfg.scheme.feature_weight, stages, run.data.spec.num_classes)
+    rows, histories = [], {}
+    run.scratch_row(rows, histories)
+    student, meta, result = run.distill(cfg.student, None, loss_fn, "student_kd", run.run_dir / "student.pt",
+                                        loss="self", alpha=cfg.alpha, T=cfg.T, exits=stages)
+    histories["student_kd"] = result.history
+    label = model_label(cfg.student)
+    student.eval()
+    for number, (path, head) in enumerate(zip(stages, loss_fn.heads), 1):
+        early = EarlyExit(student, path, head).eval()
+        metrics = {"accuracy": evaluate(early, run.data)}
+        params, size = early.used_size(run.example())
+        row = run.row(f"exit_{number}", early, f"{label}@{path}", {"metrics": metrics}, None, scheme="self",
+                      alpha=cfg.alpha, T=cfg.T, taught_by="final exit")
+        rows.append(row | {"params": params, "size_mb": round(size, 4)})
+    rows.append(run.row("student_kd", student, cfg.student, meta, run.run_dir / "student.pt", scheme="self",
+                        loss="kd", alpha=cfg.alpha, T=cfg.T,
+                        helper_params=sum(p.numel() for p in loss_fn.parameters())))
+    return rows, histories, result.val_accuracy

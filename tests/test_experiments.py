@@ -1,0 +1,88 @@
+"""Seed experiments as presets: every preset composes and checks; the quick ones run end to end."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+
+from kd_cli.cli import config_dir
+from kd_cli.config import register_model_groups
+from kd_cli.experiments import published_table
+from kd_cli.preflight import preflight
+
+PRESETS = sorted(p.stem for p in Path(config_dir(), "experiment").glob("*.yaml") if p.stem != "demo")
+QUICK = [name for name in PRESETS if name.startswith("quick_")]
+FULL = [name for name in PRESETS if not name.startswith("quick_")]
+
+
+def test_every_seed_experiment_has_a_quick_variant():
+    assert sorted(FULL) == ["alpha_t_grid", "data_fraction", "distilled_teacher", "mnist", "teacher_assistant",
+                            "teacher_free", "tutorial"]
+    assert sorted(QUICK) == sorted(f"quick_{name}" for name in FULL)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_preset_composes_and_every_part_passes_preflight(name):
+    register_model_groups()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("distill", [f"experiment={name}"])
+    preset = cfg.preset
+    assert preset.name == name and preset.source and preset.runs and preset.published
+    assert cfg.train_missing is True
+    for part in preset.runs:
+        preflight("distill", [f"experiment={name}", *part.split(), "-m"], config_dir())  # raises on any bad combination
+    for entry in preset.published:
+        assert entry.label and "match" in entry and "role" in entry.match
+
+
+def test_full_preset_prints_its_plan(kd):
+    plan = kd("distill", "experiment=teacher_assistant", "--cfg", "job").stdout
+    assert "scheme=ta scheme.assistants=[conv4],[conv6],[conv8]" in plan
+    assert "label: TA size 6" in plan and "value: 72.5" in plan
+    assert not (kd.cwd / "outputs").exists()  # --cfg runs nothing
+
+
+def record(role, accuracy, **config):
+    return {"role": role, "accuracy": accuracy, "status": "ok", "_config": config, **{k: v for k, v in config.items() if "." not in k}}
+
+
+def test_published_table_means_and_best_configuration():
+    records = [
+        record("teacher", 90.0), record("student_scratch", 80.0),
+        record("student_kd", 81.0, alpha=0.5, T=4.0, seed=0), record("student_kd", 83.0, alpha=0.5, T=4.0, seed=1),
+        record("student_kd", 84.0, alpha=0.9, T=4.0, seed=0), record("student_kd", 81.0, alpha=0.9, T=4.0, seed=1),
+        {"role": "student_kd", "status": "failed", "_config": {}},
+    ]
+    table = published_table(records, [
+        {"label": "teacher", "value": 91.0, "match": {"role": "teacher"}},
+        {"label": "KD at alpha 0.5", "value": 82.5, "match": {"role": "student_kd", "alpha": 0.5}},
+        {"label": "best KD", "value": None, "pick": "max", "match": {"role": "student_kd"}},
+        {"label": "never run", "value": 70.0, "match": {"role": "student_kd", "alpha": 0.1}},
+    ]).set_index("result")
+    assert table.loc["teacher", ["published", "measured", "difference", "n"]].tolist() == [91.0, 90.0, -1.0, 1]
+    assert table.loc["KD at alpha 0.5", ["measured", "difference", "n"]].tolist() == [82.0, -0.5, 2]
+    assert table.loc["best KD", "measured"] == 82.5 and table.loc["best KD", "best_at"] == "alpha=0.9"
+    assert pd.isna(table.loc["never run", "measured"]) and table.loc["never run", "n"] == 0
+
+
+@pytest.fixture(scope="module")
+def shared_store(tmp_path_factory):
+    """One model store for all quick presets, as a user's would be: teachers are shared where recipes agree."""
+    return tmp_path_factory.mktemp("store")
+
+
+@pytest.mark.usefixtures("fashion_mnist")
+@pytest.mark.parametrize("name", QUICK)
+def test_quick_preset_runs_end_to_end(kd, shared_store, name):
+    proc = kd("distill", f"experiment={name}", f"store_dir={shared_store}")
+    (folder,) = (kd.cwd / "outputs" / "experiments" / name).iterdir()
+    table = pd.read_csv(folder / "experiment.csv")
+    assert {"result", "published", "measured"} <= set(table.columns)
+    assert table["measured"].notna().all(), table  # every published figure found its rows
+    assert table["measured"].between(10, 100).all()
+    assert (folder / "experiment.png").stat().st_size > 1000 and (folder / "report.md").is_file()
+    summary = json.loads((folder / "experiment.json").read_text())
+    assert summary["name"] == name and len(summary["table"]) == len(table)
+    assert "published" in proc.stdout and "measured" in proc.stdout

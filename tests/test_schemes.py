@@ -1,0 +1,222 @@
+"""Training schemes: the pieces against their definitions, then each scheme end to end through `kd`."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+from conftest import TINY
+from kd_cli.losses.hinton import HintonKD
+from kd_cli.measure import count_flops
+from kd_cli.models import ImageSpec, build_model
+from kd_cli.schemes.ensemble import SoftTargetEnsemble
+from kd_cli.schemes.mutual import MutualLearning
+from kd_cli.schemes.self_distillation import EarlyExit, SelfDistillation
+
+SPEC = ImageSpec(channels=1, size=28, num_classes=10)
+
+
+class Fixed(nn.Module):
+    """A "model" that returns given logits whatever its input."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, x):
+        return self.logits
+
+
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_ensemble_soft_targets_are_the_weighted_mean(T):
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 10) * 3, torch.randn(5, 10) * 3
+    out = SoftTargetEnsemble([Fixed(a), Fixed(b)], T, weights=[3.0, 1.0])(torch.zeros(5, 1))
+    expected = 0.75 * F.softmax(a / T, dim=1) + 0.25 * F.softmax(b / T, dim=1)
+    assert torch.allclose(F.softmax(out / T, dim=1), expected, atol=1e-6)
+
+
+def test_ensemble_confidence_weights_favour_the_surer_teacher():
+    sure = torch.tensor([[10.0, 0.0, 0.0]])
+    unsure = torch.tensor([[0.0, 0.1, 0.0]])
+    out = SoftTargetEnsemble([Fixed(sure), Fixed(unsure)], 1.0, confidence=True)(torch.zeros(1, 1))
+    p_sure, p_unsure = F.softmax(sure, 1), F.softmax(unsure, 1)
+    w = torch.tensor([p_sure.max(), p_unsure.max()])
+    w = w / w.sum()
+    assert torch.allclose(F.softmax(out, 1), w[0] * p_sure + w[1] * p_unsure, atol=1e-6)
+    assert w[0] > 0.6
+
+
+def test_mutual_learning_is_each_peer_learning_from_the_other():
+    torch.manual_seed(0)
+    base = HintonKD(alpha=0.5, T=2.0)
+    peer = nn.Linear(4, 3)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    student_logits = torch.randn(6, 3, requires_grad=True)
+    loss = MutualLearning(base, [peer])({"logits": student_logits}, None, y, inputs=x)
+    peer_logits = peer(x)
+    expected = (base({"logits": student_logits}, {"logits": peer_logits.detach()}, y)
+                + base({"logits": peer_logits}, {"logits": student_logits.detach()}, y))
+    assert torch.allclose(loss, expected)
+    loss.backward()
+    # The peer learns from its own term only: its gradient equals that of base(peer, student fixed).
+    own = torch.autograd.grad(base({"logits": peer(x)}, {"logits": student_logits.detach()}, y), peer.weight)[0]
+    assert torch.allclose(peer.weight.grad, own, atol=1e-6)
+
+
+def test_early_exit_runs_the_backbone_up_to_its_stage_only():
+    model = build_model(OmegaConf.create({"arch": "light6", "checkpoint": None}), SPEC).eval()
+    stages = model.kd_layers["stages"]
+    loss = SelfDistillation(0.5, 3.0, 0.1, stages, SPEC.num_classes)
+    loss.attach(model, None, torch.randn(2, 1, 28, 28), 100)
+    assert len(loss.heads) == len(stages) - 1
+    x = torch.randn(3, 1, 28, 28)
+    first = EarlyExit(model, stages[0], loss.heads[0]).eval()
+    assert first(x).shape == (3, 10)
+    assert count_flops(first, (1, 28, 28)) < count_flops(model, (1, 28, 28)) / 2
+    params, size = first.used_size(x[:1])
+    conv1 = model.features[0]
+    assert conv1.weight.numel() <= params < sum(p.numel() for p in model.parameters()) / 4
+    assert size > params * 4 / 2**20  # BatchNorm running statistics count too
+    # The backbone itself still runs whole once the exit has been used.
+    assert model(x).shape == (3, 10)
+
+
+def test_self_distillation_loss_teaches_exits_from_the_final_exit_only():
+    torch.manual_seed(0)
+    model = build_model(OmegaConf.create({"arch": "lightnn", "checkpoint": None}), SPEC)
+    stages = model.kd_layers["stages"]
+    loss_fn = SelfDistillation(0.5, 3.0, 0.1, stages, 10)
+    loss_fn.attach(model, None, torch.randn(2, 1, 28, 28), 100)
+    from kd_cli.features import FeatureTaps
+
+    taps = FeatureTaps(model, stages, "student")
+    x, y = torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    logits = model(x)
+    out = {"logits": logits, **taps.pop()}
+    loss = loss_fn(out, None, y)
+    # alpha = 0, feature_weight = 0: plain CE on the final exit plus CE on each exit.
+    plain = SelfDistillation(0.0, 3.0, 0.0, stages, 10)
+    plain.heads = loss_fn.heads
+    expected = F.cross_entropy(logits, y) + sum(F.cross_entropy(h(out[p])[1], y) for h, p in zip(loss_fn.heads, stages))
+    assert torch.allclose(plain(out, None, y), expected)
+    assert torch.isfinite(loss)
+
+
+# ---------------------------------------------------------------- end to end through `kd`
+
+
+def rows_of(run_dir: Path) -> dict:
+    return {r["role"]: r for r in json.loads((run_dir / "results.json").read_text())["rows"]}
+
+
+def run_rows(root: Path) -> tuple[Path, dict]:
+    (run_dir,) = [p for p in (root / "outputs" / "distill").iterdir() if p.is_dir()]
+    return run_dir, rows_of(run_dir)
+
+
+@pytest.fixture
+def kd_tiny(kd, fashion_mnist):
+    def distill(*overrides, check=True):
+        return kd("distill", *TINY, "train_missing=true", *overrides, check=check)
+
+    return distill
+
+
+def test_teacher_assistant_chain_stores_and_reuses_the_assistant(kd, kd_tiny):
+    links = ("scheme=ta", "scheme.assistants=[conv4]", "scheme.link_alpha=0.9", "scheme.link_T=4")
+    first = kd_tiny(*links, "hydra.run.dir=runs/a")
+    rows = rows_of(kd.cwd / "runs" / "a")
+    assert list(rows) == ["teacher", "student_scratch", "assistant_1", "student_kd"]
+    assert (rows["assistant_1"]["model"], rows["assistant_1"]["taught_by"]) == ("conv4", "mnist_teacher")
+    assert rows["student_kd"]["taught_by"] == "conv4" and rows["student_kd"]["scheme"] == "ta"
+    assert "training it from labels (train_missing=true)" in first.stdout + first.stderr
+    stored = kd.cwd / rows["assistant_1"]["checkpoint"]
+    assert stored.is_file() and "store/fashion_mnist/conv4" in str(stored)
+    # A sweep over the last link trains the assistant once.
+    again = kd_tiny(*links, "alpha=0.5", "hydra.run.dir=runs/b")
+    assert "assistant_1: conv4 taught by mnist_teacher, from the model store" in again.stdout + again.stderr
+    assert rows_of(kd.cwd / "runs" / "b")["assistant_1"]["checkpoint"] == rows["assistant_1"]["checkpoint"]
+    # Another alpha for the links makes another assistant.
+    kd_tiny(*links, "scheme.link_alpha=0.5", "hydra.run.dir=runs/c")
+    other = rows_of(kd.cwd / "runs" / "c")["assistant_1"]
+    assert other["checkpoint"] != rows["assistant_1"]["checkpoint"] and other["alpha"] == 0.5
+
+
+def test_born_again_generations_learn_from_the_previous_one(kd, kd_tiny):
+    kd_tiny("scheme=born_again", "scheme.generations=3")
+    _, rows = run_rows(kd.cwd)
+    assert list(rows) == ["teacher", "student_scratch", "generation_1", "generation_2", "student_kd"]
+    assert {r["model"] for r in rows.values()} == {"mnist_student"}
+    assert rows["teacher"]["checkpoint"] == rows["student_scratch"]["checkpoint"]  # generation 0
+    assert rows["generation_1"]["checkpoint"] != rows["generation_2"]["checkpoint"]
+
+
+def test_multi_teacher_reports_each_teacher_the_ensemble_and_the_student(kd, kd_tiny):
+    kd_tiny("scheme=multi_teacher", "scheme.teachers=[mnist_teacher,conv2]", "scheme.weights=[2,1]")
+    _, rows = run_rows(kd.cwd)
+    assert list(rows) == ["teacher_1", "teacher_2", "teacher", "student_scratch", "student_kd"]
+    ensemble = rows["teacher"]
+    assert ensemble["model"] == "ensemble(mnist_teacher+conv2)"
+    assert ensemble["params"] == rows["teacher_1"]["params"] + rows["teacher_2"]["params"]
+    assert rows["student_kd"]["taught_by"] == ensemble["model"]
+    assert rows["student_kd"]["teacher_retained"] == pytest.approx(
+        100 * rows["student_kd"]["accuracy"] / ensemble["accuracy"], abs=0.011)
+
+
+def test_online_peers_train_together_from_scratch(kd, kd_tiny):
+    kd_tiny("scheme=online", "scheme.peers=[mnist_student]")
+    run_dir, rows = run_rows(kd.cwd)
+    assert list(rows) == ["student_scratch", "peer_1", "student_kd"]
+    assert rows["peer_1"]["model"] == "mnist_student" and rows["peer_1"]["accuracy"] > 30
+    # Different starting weights: the two peers of one architecture did not stay equal.
+    assert rows["peer_1"]["accuracy"] != rows["student_kd"]["accuracy"] or rows["student_kd"]["accuracy"] != rows["student_scratch"]["accuracy"]
+    assert rows["student_kd"]["helper_params"] == rows["peer_1"]["params"]
+    assert not (kd.cwd / "outputs" / "store" / "fashion_mnist" / "mnist_teacher").exists()  # no teacher needed
+
+
+def test_self_distillation_reports_each_exit_and_the_deployed_student(kd, kd_tiny):
+    kd_tiny("student=lightnn", "scheme=self")
+    _, rows = run_rows(kd.cwd)
+    assert list(rows) == ["student_scratch", "exit_1", "student_kd"]
+    exit_row, student = rows["exit_1"], rows["student_kd"]
+    assert exit_row["model"] == "lightnn@features.2"
+    assert exit_row["flops"] < student["flops"] and exit_row["params"] < student["params"]
+    assert student["params"] == rows["student_scratch"]["params"]  # the exits are not part of the deployed model
+    assert student["helper_params"] > 0
+
+
+def test_teacher_free_is_offline_kd_from_the_students_own_model(kd, kd_tiny):
+    kd_tiny("teacher=mnist_student")
+    _, rows = run_rows(kd.cwd)
+    assert rows["teacher"]["checkpoint"] == rows["student_scratch"]["checkpoint"]
+    assert rows["student_kd"]["taught_by"] == "mnist_student"
+
+
+def test_teacher_recipe_trains_the_teacher_on_other_data(kd, kd_tiny):
+    kd_tiny("teacher_recipe={data:{fraction:0.1}}")
+    _, rows = run_rows(kd.cwd)
+    teacher = torch.load(kd.cwd / rows["teacher"]["checkpoint"], weights_only=True)
+    scratch = torch.load(kd.cwd / rows["student_scratch"]["checkpoint"], weights_only=True)
+    assert teacher["meta"]["recipe"]["data"]["fraction"] == 0.1
+    assert scratch["meta"]["recipe"]["data"]["fraction"] == 0.05
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["scheme=ta"], "scheme=ta needs scheme.assistants, a list of models such as 'scheme.assistants=[conv8,conv6]'"),
+    (["scheme=ta", "scheme.assistants=[conv5]"], "scheme.assistants: unknown model 'conv5'; choose from: conv10,"),
+    (["scheme=multi_teacher", "scheme.teachers=[conv2,conv4]", "scheme.weights=[1]"], "scheme.weights must be 2 non-negative numbers"),
+    (["scheme=born_again", "scheme.generations=0"], "scheme.generations must be a whole number >= 1, got 0"),
+    (["scheme=multi_teacher", "scheme.teachers=[conv2]", "loss=at"], "scheme=multi_teacher combines logits"),
+    (["scheme=self", "student=mnist_student"], "scheme=self needs at least two stages"),
+    (["teacher_recipe={data:{fractoin:1.0}}"], "teacher_recipe: Key 'fractoin' is not in struct"),
+])
+def test_bad_scheme_settings_exit_with_one_line(kd_tiny, overrides, message):
+    proc = kd_tiny(*overrides, check=False)
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr
+    assert message in lines[0]
