@@ -24,6 +24,11 @@ COMMANDS = {
 # ---- kd report: a plain argparse command (kd_cli/report.py), not a Hydra app ----
 COMMANDS["report"] = "one table and plots over run and sweep folders: seeds pooled, KD gain with a 95% CI"
 
+# ---- kd export / quantize / bench-model: plain argparse commands (kd_cli/deploy/), not Hydra apps ----
+from kd_cli.deploy import COMMANDS as DEPLOY_COMMANDS  # noqa: E402
+
+COMMANDS |= DEPLOY_COMMANDS
+
 
 def config_dir() -> str:
     """conf/ beside the package in a checkout or editable install, inside it in a wheel install."""
@@ -95,7 +100,8 @@ def resume_target(command: str, args: list[str]) -> list[str]:
 
 def usage() -> str:
     lines = [f"kd {__version__}: knowledge-distillation experiments", "", "usage: kd COMMAND [OVERRIDES...] [-m]", ""]
-    lines += [f"  {name:<9}{text}" for name, text in COMMANDS.items()]
+    width = max(map(len, COMMANDS)) + 2
+    lines += [f"  {name:<{width}}{text}" for name, text in COMMANDS.items()]
     lines += ["", "kd COMMAND --help shows its config groups and options; kd COMMAND --cfg job shows the composed config.",
               "examples:", "  kd train teacher=resnet18 student=light6", "  kd distill loss=kd alpha=0.6 T=4",
               "  kd distill -m alpha=0.1,0.5,0.9 T=1,2,4,8"]
@@ -118,6 +124,10 @@ def main() -> None:
         from kd_cli.report import main as report_main
 
         sys.exit(report_main(args[1:]))
+    if command in DEPLOY_COMMANDS:  # ---- plain argparse, see kd_cli/deploy/ ----
+        from kd_cli.deploy import main as deploy_main
+
+        sys.exit(deploy_main(command, args[1:]))
 
     from kd_cli.config import register_model_groups
     from kd_cli.preflight import preflight
@@ -126,6 +136,12 @@ def main() -> None:
     register_model_groups()
     try:
         preflight(command, args[1:], config_dir())
+        if command == "distill":  # a seed experiment is several sweeps: kd_cli/experiments.py runs them
+            from kd_cli.experiments import preset_of, run_experiment
+
+            preset = preset_of(args[1:], config_dir())
+            if preset is not None:
+                sys.exit(run_experiment(args[1:], preset, config_dir()))
     except KdError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

@@ -52,4 +52,4 @@ def run_distill(cfg, run_dir: Path) -> float | None:
     run = Run.start(cfg, run_dir)
     rows, histories, objective = run_scheme(run)
     run.finish(rows, histories)
-    return objective
+    return None if objective is None else round(objective, 2)  # as the table shows it, and as a resumed run reads it

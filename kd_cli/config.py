@@ -53,8 +53,10 @@ CHOICES = {
     "train.teacher_precision": ("auto", "fp32", "bf16"),
     "train.channels_last": ("auto", True, False),
     "train.amp": ("auto", True, False),
+    "quant": (None, "qat"),
 }
-FLAGS = ("data.download", "data.augment", "overwrite", "resume", "deterministic", "train.compile", "train.nesterov")
+FLAGS = ("data.download", "data.augment", "overwrite", "resume", "deterministic", "train.compile", "train.nesterov",
+         "train_missing")
 
 
 def validate(cfg) -> None:
@@ -70,6 +72,8 @@ def validate(cfg) -> None:
     _integer(cfg, "seed", 0)
     _integer(cfg, "train.epochs", 1)
     _integer(cfg, "train.batch_size", 1)
+    if OmegaConf.select(cfg, "train.threads") is not None:
+        _integer(cfg, "train.threads", 1)
     if _number(cfg, "train.lr") <= 0:
         raise KdError(f"train.lr must be > 0, got {cfg.train.lr}")
     for key in ("data.fraction", "data.test_fraction"):
@@ -81,3 +85,72 @@ def validate(cfg) -> None:
         raise KdError(f"alpha must be in [0, 1] (the weight of the distillation term), got {cfg.alpha}")
     if "T" in cfg and _number(cfg, "T") <= 0:
         raise KdError(f"T must be > 0 (the softmax temperature), got {cfg.T}")
+    if "scheme" in cfg:
+        _validate_scheme(cfg)
+    if cfg.get("teacher_recipe"):
+        validate(teacher_config(cfg))
+    if cfg.get("quant") == "qat":  # checked now, not after the fp32 student has trained
+        _integer(cfg, "qat.epochs", 1)
+        _integer(cfg, "qat.calibration_images", 1)
+        if cfg.qat.lr is not None and _number(cfg, "qat.lr") <= 0:
+            raise KdError(f"qat.lr must be > 0 (or null for train.lr / 10), got {cfg.qat.lr}")
+
+
+def teacher_config(cfg):
+    """The run's config with `teacher_recipe` applied: the recipe its teacher is trained with."""
+    changes = cfg.teacher_recipe
+    if not OmegaConf.is_dict(changes) or not set(changes) <= {"data", "train"}:
+        raise KdError(f"teacher_recipe changes data.* and train.* keys, e.g. 'teacher_recipe={{data:{{fraction:1.0}}}}'; "
+                      f"got {OmegaConf.to_container(changes) if OmegaConf.is_config(changes) else changes!r}")
+    try:
+        merged = OmegaConf.merge(cfg, changes)
+    except Exception as e:  # an unknown key: the struct config refuses it
+        raise KdError(f"teacher_recipe: {str(e).splitlines()[0]}") from None
+    merged.teacher_recipe = None
+    return merged
+
+
+def _model_names(cfg, key: str, required: bool) -> list:
+    names = OmegaConf.select(cfg, key)
+    names = [] if names is None else names
+    if not OmegaConf.is_list(names) and not isinstance(names, list):
+        raise KdError(f"{key} must be a list of models such as '{key}=[conv8,conv6]' (quoted in a shell), got {names!r}")
+    known = sorted(name for name in CATALOGUE if name != "torchvision")
+    for name in names:
+        if name not in known:
+            raise KdError(f"{key}: unknown model '{name}'; choose from: {', '.join(known)}")
+    if required and not names:
+        raise KdError(f"scheme={cfg.scheme.name} needs {key}, a list of models such as '{key}=[conv8,conv6]' (quoted in a shell)")
+    return list(names)
+
+
+def _validate_scheme(cfg) -> None:
+    scheme = cfg.scheme
+    if cfg.get("quant") == "qat" and scheme.name not in ("offline", "ta", "born_again"):
+        raise KdError(f"quant=qat fine-tunes a student from its teacher: use it with scheme=offline, ta or born_again "
+                      f"(not scheme={scheme.name}), or run `kd quantize run=PATH` on this run's student")
+    if "link_alpha" in scheme and scheme.link_alpha is not None and not 0 <= _number(cfg, "scheme.link_alpha") <= 1:
+        raise KdError(f"scheme.link_alpha must be in [0, 1] or null, got {scheme.link_alpha}")
+    if "link_T" in scheme and scheme.link_T is not None and _number(cfg, "scheme.link_T") <= 0:
+        raise KdError(f"scheme.link_T must be > 0 or null, got {scheme.link_T}")
+    if scheme.name == "ta":
+        _model_names(cfg, "scheme.assistants", required=True)
+    elif scheme.name == "born_again":
+        _integer(cfg, "scheme.generations", 1)
+        if scheme.start not in ("scratch", "teacher"):
+            raise KdError(f"scheme.start must be scratch or teacher, got {scheme.start!r}")
+    elif scheme.name == "multi_teacher":
+        teachers = _model_names(cfg, "scheme.teachers", required=True)
+        weights = scheme.weights
+        if weights is not None:
+            if len(weights) != len(teachers) or any(isinstance(w, bool) or not isinstance(w, Real) or w < 0 for w in weights) or not sum(weights):
+                raise KdError(f"scheme.weights must be {len(teachers)} non-negative numbers (one per teacher, not all 0), got {list(weights)}")
+            if scheme.confidence:
+                raise KdError("scheme.weights and scheme.confidence=true exclude each other; set one")
+        if not isinstance(scheme.confidence, bool):
+            raise KdError(f"scheme.confidence must be true or false, got {scheme.confidence!r}")
+    elif scheme.name == "online":
+        _model_names(cfg, "scheme.peers", required=False)
+    elif scheme.name == "self":
+        if _number(cfg, "scheme.feature_weight") < 0:
+            raise KdError(f"scheme.feature_weight must be >= 0, got {scheme.feature_weight}")

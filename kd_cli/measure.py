@@ -1,5 +1,12 @@
-"""What a deployable model costs: parameters, bytes, FLOPs and latency, measured one way everywhere."""
+"""What a deployable model costs: parameters, bytes, FLOPs and latency, measured one way everywhere.
 
+Int8 models (kd_cli/deploy/quantize.py) go through the same functions. Their quantized layers keep
+weights packed instead of as parameters, and torch's FLOP counter does not see quantized kernels,
+so both are read from the quantized layers themselves.
+"""
+
+import logging
+import math
 import statistics
 import time
 
@@ -7,42 +14,95 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from kd_cli.errors import KdError
+
+log = logging.getLogger(__name__)
+CPU = torch.device("cpu")
+
+
+def packed_layers(model: nn.Module) -> list[nn.Module]:
+    """The quantized convolutions and linear layers of `model` (none in a float model)."""
+    return [m for m in model.modules() if hasattr(m, "_packed_params") and callable(getattr(m, "weight", None))]
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return bool(packed_layers(model))
+
+
+def _packed_tensors(model: nn.Module):
+    for layer in packed_layers(model):
+        yield layer.weight()
+        if layer.bias() is not None:
+            yield layer.bias()
+
 
 def count_params(model: nn.Module) -> int:
     """All parameters: a frozen teacher's weights are trainable ones of the deployable model."""
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in model.parameters()) + sum(t.numel() for t in _packed_tensors(model))
+
+
+def _tensors(values):
+    for value in values:
+        if isinstance(value, (tuple, list)):  # a quantized linear layer's state is a (weight, bias) pair
+            yield from _tensors(value)
+        elif isinstance(value, torch.Tensor):
+            yield value
 
 
 def size_mb(model: nn.Module) -> float:
-    """Bytes of the state_dict as fp32 (integer buffers at their own width), in MiB."""
+    """Bytes of the state_dict as fp32 (integer and int8 tensors at their own width), in MiB."""
     total = 0
-    for t in model.state_dict().values():
+    for t in _tensors(model.state_dict().values()):
         total += t.numel() * (4 if t.is_floating_point() else t.element_size())
     return total / 2**20
 
 
-def _example(model: nn.Module, shape, device) -> torch.Tensor:
-    return torch.randn(1, *shape, device=device)
+def _device(model: nn.Module) -> torch.device:
+    tensor = next(iter([*model.parameters(), *model.buffers()]), None)
+    return tensor.device if tensor is not None else CPU
+
+
+def _example(model: nn.Module, shape, device, batch: int = 1) -> torch.Tensor:
+    return torch.randn(batch, *shape, device=device)
 
 
 @torch.no_grad()
 def count_flops(model: nn.Module, shape) -> int:
-    """Forward FLOPs for one image (torch's counter: 2 FLOPs per multiply-add), eval mode."""
+    """Forward FLOPs for one image (torch's counter: 2 FLOPs per multiply-add), eval mode.
+
+    A quantized layer's multiply-adds are counted the same way (2 per int8 multiply-add), so an int8
+    model reports the FLOPs of its float original.
+    """
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    with FlopCounterMode(display=False) as counter:
-        model(_example(model, shape, device))
+    int8_flops = []
+
+    def count(layer, inputs, output):
+        # Each output element of a conv / linear layer takes one weight row (in/groups x kh x kw, or in).
+        int8_flops.append(2 * output.numel() * layer.weight()[0].numel())
+
+    hooks = [layer.register_forward_hook(count) for layer in packed_layers(model)]
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(_example(model, shape, _device(model)))
+    finally:
+        for hook in hooks:
+            hook.remove()
     model.train(was_training)
-    return int(counter.get_total_flops())
+    return int(counter.get_total_flops()) + sum(int8_flops)
 
 
 @torch.inference_mode()
-def latency_ms(model: nn.Module, shape, device: torch.device, runs: int = 50, warmup: int = 10) -> float:
-    """Median wall time of a batch-1 forward pass on `device`, after `warmup` untimed passes."""
+def latency_stats(model: nn.Module, shape, device: torch.device, runs: int = 50, warmup: int = 10,
+                  batch: int = 1) -> dict:
+    """Median and 90th percentile (nearest rank) of a forward pass's wall time in ms, on `device`.
+
+    `warmup` untimed passes come first (allocator, oneDNN / cuDNN kernel choice, caches), so the
+    figures are of the steady state only.
+    """
     was_training = model.training
     model.eval()
-    x = _example(model, shape, device)
+    x = _example(model, shape, device, batch)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         model(x)
@@ -54,13 +114,41 @@ def latency_ms(model: nn.Module, shape, device: torch.device, runs: int = 50, wa
         sync()
         times.append(time.perf_counter() - start)
     model.train(was_training)
-    return statistics.median(times) * 1000.0
+    ranked = sorted(times)
+    return {"median_ms": statistics.median(times) * 1000.0, "p90_ms": ranked[math.ceil(0.9 * len(ranked)) - 1] * 1000.0}
+
+
+def latency_ms(model: nn.Module, shape, device: torch.device, runs: int = 50, warmup: int = 10) -> float:
+    """Median wall time of a batch-1 forward pass on `device`, after `warmup` untimed passes."""
+    return latency_stats(model, shape, device, runs, warmup)["median_ms"]
+
+
+def int8_costs(model: nn.Module, shape, runs: int, warmup: int) -> dict:
+    """`int8_size_mb` and CPU `int8_latency_ms` of `model` quantized post-training (an int8 model as it is).
+
+    Neither depends on the quantization scales, so random inputs calibrate it and no data is read.
+    A model that cannot be quantized gets no int8 columns: the run it belongs to is not failed for it.
+    """
+    from kd_cli.deploy.quantize import quantize  # deploy builds on this module
+
+    try:
+        int8 = model if is_quantized(model) else quantize(model, [_example(model, shape, CPU, 8)])
+    except KdError as e:
+        log.warning("%s; its int8 columns stay empty", e)
+        return {}
+    return {"int8_size_mb": round(size_mb(int8), 4), "int8_latency_ms": round(latency_ms(int8, shape, CPU, runs, warmup), 4)}
 
 
 def model_costs(model: nn.Module, shape, device: torch.device, measure_cfg) -> dict:
-    return {
+    if is_quantized(model):
+        device = CPU  # PyTorch's int8 kernels run on the CPU only
+    runs, warmup = measure_cfg.latency_runs, measure_cfg.latency_warmup
+    costs = {
         "params": count_params(model),
         "size_mb": round(size_mb(model), 4),
         "flops": count_flops(model, shape),
-        "latency_ms": round(latency_ms(model, shape, device, measure_cfg.latency_runs, measure_cfg.latency_warmup), 4),
+        "latency_ms": round(latency_ms(model, shape, device, runs, warmup), 4),
     }
+    if measure_cfg.get("int8"):
+        costs |= int8_costs(model, shape, runs, warmup)
+    return costs

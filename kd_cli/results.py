@@ -12,8 +12,9 @@ from rich.table import Table
 from kd_cli.atomic import atomic_write_text
 
 COLUMNS = [
-    "role", "model", "dataset", "scheme", "loss", "seed", "alpha", "T",
+    "role", "model", "dataset", "scheme", "taught_by", "loss", "seed", "alpha", "T",
     "accuracy", "best_accuracy", "val_accuracy", "params", "helper_params", "size_mb", "flops", "latency_ms",
+    "int8_size_mb", "int8_latency_ms",
     "train_time_s", "train_img_per_s", "gain_vs_scratch", "teacher_retained", "compression", "checkpoint",
 ]
 
@@ -21,6 +22,7 @@ COLUMNS = [
 def add_comparisons(rows: list[dict]) -> None:
     """Fill the distilled rows' gain over the scratch student and their share of the teacher."""
     by_role = {r["role"]: r for r in rows}
+    # `teacher`: the first model of a chain, or a multi-teacher run's ensemble.
     teacher, scratch = by_role.get("teacher"), by_role.get("student_scratch")
     for row in rows:
         if row["role"] != "student_kd":

@@ -59,8 +59,9 @@ def train_command(cfg, model_cfg=None) -> str:
         overrides = []
     kept = [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] not in _DISTILL_ONLY]
     # The recipe as `cfg` has it: a teacher_recipe may have changed data.* or train.* values.
-    kept = [f"{key}={OmegaConf.select(cfg, key)}" if key.startswith(("data.", "train.")) else o
-            for o, key in ((o, o.split("=")[0]) for o in kept)]
+    kept = [f"{key}={OmegaConf.select(cfg, key)}" if key.startswith(("data.", "train.")) and
+            _parsed(value) != OmegaConf.select(cfg, key) else f"{key}={value}"
+            for key, _, value in (o.partition("=") for o in kept)]
     if model_cfg is not None:
         kept = [o for o in kept if not o.startswith(("teacher=", "teacher.", "student=", "student."))]
         kept += [f"teacher={model_cfg.arch}", "~student"]
@@ -68,6 +69,14 @@ def train_command(cfg, model_cfg=None) -> str:
     if val_fraction and not any(o.startswith("data.val_fraction=") for o in kept):
         kept.append(f"data.val_fraction={val_fraction}")  # set by hparams_search=optuna, part of the recipe
     return " ".join(["kd train", *map(shlex.quote, kept)])
+
+
+def _parsed(text: str):
+    """An override's value as the config holds it (OmegaConf's YAML reads 1e-3 as a number)."""
+    try:
+        return OmegaConf.to_container(OmegaConf.create(f"v: {text}"))["v"]
+    except Exception:
+        return text
 
 
 @dataclass

@@ -23,7 +23,8 @@ from kd_cli.models import model_label
 
 FORMAT = "kd-checkpoint/1"
 # Keys that change how fast a model trains but not which model comes out.
-_RUNTIME_ONLY = {"train": {"amp", "teacher_cache", "teacher_cache_max_mb", "teacher_precision", "channels_last", "compile"},
+_RUNTIME_ONLY = {"train": {"amp", "teacher_cache", "teacher_cache_max_mb", "teacher_precision", "channels_last", "compile",
+                           "threads"},
                  "data": {"root", "download"}}
 
 
@@ -39,13 +40,16 @@ def model_spec(model_cfg) -> dict:
     return {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if k != "checkpoint"}
 
 
-def store_path(cfg, model_cfg) -> Path:
-    key = json.dumps({"recipe": recipe(cfg), "model": model_spec(model_cfg)}, sort_keys=True)
+def store_path(cfg, model_cfg, lineage: dict | None = None) -> Path:
+    """Where the store keeps `model_cfg` trained with this recipe: from labels, or as `lineage` says
+    (a teacher-assistant link or a born-again generation: which teacher, loss, alpha and T)."""
+    identity = {"recipe": recipe(cfg), "model": model_spec(model_cfg)}
+    key = json.dumps(identity | ({"lineage": lineage} if lineage else {}), sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     return Path(cfg.store_dir) / cfg.dataset.name / model_label(model_cfg) / f"seed{cfg.seed}-{digest}.pt"
 
 
-def _checksum(state_dict: dict) -> str:
+def checksum(state_dict: dict) -> str:
     digest = hashlib.sha256()
     for name, tensor in state_dict.items():
         digest.update(name.encode())
@@ -57,7 +61,7 @@ def save_checkpoint(path: Path, model: torch.nn.Module, meta: dict, helpers: dic
     """Weights (plus training-only helper modules, if any) and what they are, written atomically."""
     state_dict = model.state_dict()
     payload = {"format": FORMAT, "kd_version": kd_cli.__version__, "state_dict": state_dict,
-               "sha256": _checksum(state_dict), "meta": meta, "helpers": helpers or {}}
+               "sha256": checksum(state_dict), "meta": meta, "helpers": helpers or {}}
     atomic_torch_save(Path(path), payload)
 
 
@@ -82,7 +86,7 @@ def load_checkpoint(path: Path) -> dict:
         raise KdError(f"{path} is not a kd checkpoint; point at a file written by kd train / kd distill")
     if "sha256" not in payload:
         raise KdError(f"checkpoint {path} has no checksum (an early kd development build wrote it); retrain it")
-    if _checksum(payload["state_dict"]) != payload["sha256"]:
+    if checksum(payload["state_dict"]) != payload["sha256"]:
         raise KdError(f"checkpoint {path} fails its checksum (its weights changed after it was written); retrain it")
     return payload
 

@@ -193,7 +193,7 @@ REFUSED_UPFRONT = [
     (["dataset=imagenet"], "unknown dataset 'imagenet'; choose one of: cifar10, cifar100, fashion_mnist, mnist"),
     (["student=resnet99"], "unknown student 'resnet99'; choose one of: conv10,"),
     (["loss=kdd"], "unknown loss 'kdd'; choose one of:"),
-    (["scheme=nope"], "unknown scheme 'nope'; choose one of: offline"),
+    (["scheme=nope"], "unknown scheme 'nope'; choose one of: born_again, multi_teacher, offline, online, self, ta"),
     (["alhpa=0.5"], "unknown key 'alhpa'; did you mean 'alpha'?"),
     (["train.epochs=abc"], "train.epochs must be a whole number >= 1, got 'abc'"),
     (["data.augment=maybe"], "data.augment must be true or false, got 'maybe'"),

@@ -213,6 +213,7 @@ def test_teacher_recipe_trains_the_teacher_on_other_data(kd, kd_tiny):
     (["scheme=born_again", "scheme.generations=0"], "scheme.generations must be a whole number >= 1, got 0"),
     (["scheme=multi_teacher", "scheme.teachers=[conv2]", "loss=at"], "scheme=multi_teacher combines logits"),
     (["scheme=self", "student=mnist_student"], "scheme=self needs at least two stages"),
+    (["scheme=online", "quant=qat"], "quant=qat fine-tunes a student from its teacher: use it with scheme=offline, ta or born_again"),
     (["teacher_recipe={data:{fractoin:1.0}}"], "teacher_recipe: Key 'fractoin' is not in struct"),
 ])
 def test_bad_scheme_settings_exit_with_one_line(kd_tiny, overrides, message):

@@ -85,4 +85,8 @@ def distill_chain(run, first, first_cfg, links: list, role: str):
     rows.append(run.row("student_kd", student, cfg.student, meta, run.run_dir / "student.pt", scheme=cfg.scheme.name,
                         loss=cfg.loss.name, alpha=cfg.alpha, T=cfg.T, taught_by=model_label(teacher_cfg),
                         helper_params=sum(p.numel() for p in loss_fn.parameters())))
+    if cfg.get("quant") == "qat":  # the same student in int8: post-training quantized, and quantization-aware KD
+        from kd_cli.deploy.qat import qat_rows
+
+        rows += qat_rows(run, teacher, student, loss_fn)
     return rows, histories, result.val_accuracy

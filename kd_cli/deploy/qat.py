@@ -1,0 +1,72 @@
+"""`kd distill quant=qat`: the distilled student in int8, quantized after training and trained quantized.
+
+Two rows after the fp32 `student_kd` row, measured like it (Run.row) but as int8 models on the CPU,
+where PyTorch's int8 kernels run:
+
+- `student_kd_ptq`: the finished KD student, post-training quantized (activation ranges from
+  `qat.calibration_images` training images);
+- `student_kd_qat`: a copy fine-tuned for `qat.epochs` with fake quantization in its forward pass,
+  still learning from the teacher with the run's own loss, then converted to int8. It starts from
+  the trained student, so a lower learning rate (`qat.lr`, default train.lr / 10) only adapts it
+  to int8 rounding instead of retraining it.
+
+The int8 models are saved beside student.pt as TorchScript (`torch.jit.load`).
+"""
+
+import logging
+
+import torch
+from omegaconf import OmegaConf
+
+from kd_cli.config import _integer, _number
+from kd_cli.deploy.quantize import calibration_batches, convert, prepare_qat, quantize, save_int8
+from kd_cli.engine import evaluate, fit
+from kd_cli.errors import KdError
+
+log = logging.getLogger(__name__)
+
+
+def _settings(cfg) -> tuple[int, int, float]:
+    epochs = _integer(cfg, "qat.epochs", 1)
+    images = _integer(cfg, "qat.calibration_images", 1)
+    lr = cfg.train.lr / 10 if cfg.qat.lr is None else _number(cfg, "qat.lr")
+    if lr <= 0:
+        raise KdError(f"qat.lr must be > 0 (or null for train.lr / 10), got {cfg.qat.lr}")
+    return epochs, images, lr
+
+
+def qat_rows(run, teacher, student, loss_fn, **columns) -> list[dict]:
+    """The `student_kd_ptq` and `student_kd_qat` rows of the finished fp32 KD `student`.
+
+    `columns` adds to (or replaces) the scheme, loss, alpha and T columns, e.g. taught_by=...
+    """
+    cfg = run.cfg
+    epochs, images, lr = _settings(cfg)
+    cpu_data = run.data.to(torch.device("cpu"))
+    calibration = calibration_batches(cpu_data, images, cfg.seed)
+    columns = {"scheme": cfg.scheme.name, "loss": cfg.loss.name, "alpha": cfg.alpha, "T": cfg.T, **columns}
+
+    def row(role: str, int8, metrics: dict) -> dict:
+        path = run.run_dir / f"{role}.torchscript.pt"
+        save_int8(int8, path)
+        accuracy = evaluate(int8, cpu_data)
+        log.info("%s: int8 test accuracy %.2f%% on the CPU, saved to %s", role, accuracy, path)
+        return run.row(role, int8, cfg.student, {"metrics": {"accuracy": accuracy, **metrics}}, path, **columns)
+
+    rows = [row("student_kd_ptq", quantize(student, calibration), {})]
+
+    fake_quantized = prepare_qat(student, calibration[0][:2]).to(run.device)
+    layers = dict(fake_quantized.named_modules())
+    fused_away = [path for path in loss_fn.student_layers if path.partition(":")[0] not in layers]
+    if fused_away:
+        raise KdError(f"quant=qat: loss={cfg.loss.name} hooks student layer(s) {', '.join(fused_away)}, which quantization "
+                      f"fuses into the layer before; set loss.student_layers to convolution or pooling layers, or quant=null")
+    # Fake quantization has fp32 kernels only: no bf16 autocast for this fine-tuning.
+    qat_cfg = OmegaConf.merge(cfg, {"train": {"epochs": epochs, "lr": lr, "amp": False}})
+    log.info("student_kd_qat: %d epoch(s) of quantization-aware training from the KD student, lr %g", epochs, lr)
+    result = fit(fake_quantized, loss_fn, run.data, qat_cfg, run.device, teacher=teacher, label="student_kd_qat",
+                 state_path=run.state_path("student_kd_qat"))
+    int8 = convert(fake_quantized, calibration[0][:2])
+    # train_time_s is the fine-tuning's own: the fp32 KD student it starts from has its own row.
+    rows.append(row("student_kd_qat", int8, {"train_time_s": result.train_time_s, "train_img_per_s": result.train_img_per_s}))
+    return rows

@@ -1,0 +1,230 @@
+"""kd export / quantize / bench-model, measure.int8 and quant=qat, on a distilled Fashion-MNIST student."""
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from conftest import FASHION, TINY, kd_executable
+from kd_cli.data import read_idx, stratified_subset
+from kd_cli.deploy.quantize import quantize
+from kd_cli.errors import KdError
+from kd_cli.measure import count_flops, count_params, latency_stats, model_costs, size_mb
+from kd_cli.models import ImageSpec, build_model
+from kd_cli.store import load_checkpoint
+
+pytestmark = [pytest.mark.usefixtures("fashion_mnist"),
+              pytest.mark.filterwarnings(r"ignore:`torch\.jit\.load` is deprecated:DeprecationWarning")]
+ONE_EPOCH = [*TINY, "train.epochs=1"]
+FASHION_SPEC = ImageSpec(channels=1, size=28, num_classes=10)
+
+
+def run_kd(cwd: Path, *args, check=True):
+    env = {**os.environ, "CI": "1", "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.run([kd_executable(), *args], cwd=cwd, env=env, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kd {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def one_line_error(proc) -> str:
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("kd: error: ")
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory, fashion_mnist):
+    """A teacher and scratch student (trained with measure.int8=true), then a KD student: its run folder."""
+    cwd = tmp_path_factory.mktemp("deploy")
+    run_kd(cwd, "train", *ONE_EPOCH, "measure.int8=true")
+    run_kd(cwd, "distill", *ONE_EPOCH)
+    (run_dir,) = (cwd / "outputs" / "distill").iterdir()
+    return run_dir
+
+
+def fashion_test_images(n: int) -> torch.Tensor:
+    """The first `n` Fashion-MNIST test images, read straight from the files (not through kd), uint8 N x 1 x 28 x 28."""
+    return torch.from_numpy(read_idx(FASHION / "t10k-images-idx3-ubyte.gz")[:n].copy())[:, None]
+
+
+def load_student(path: Path) -> nn.Module:
+    payload = load_checkpoint(path)
+    model = build_model(OmegaConf.create(payload["meta"]["model_cfg"]), FASHION_SPEC)
+    model.load_state_dict(payload["state_dict"])
+    return model.eval()
+
+
+def test_export_round_trip(distilled):
+    import onnxruntime
+
+    proc = run_kd(distilled.parent, "export", f"run={distilled}")
+    out = distilled / "export"
+    info = json.loads((out / "mnist_student.json").read_text())
+    assert f"wrote {out / 'mnist_student.onnx'}" in proc.stdout
+    assert info["input"]["shape"] == ["batch", 1, 28, 28] and info["output"]["shape"] == ["batch", 10]
+    assert info["normalization"]["mean"] == [0.286] and info["normalization"]["std"] == [0.353]
+    assert info["class_names"][0] == "T-shirt/top" and len(info["class_names"]) == 10
+    recorded = pd.read_csv(distilled / "results.csv").set_index("role").loc["student_kd"]
+    assert info["accuracy"]["recorded"] == pytest.approx(recorded["accuracy"], abs=0.01)
+    assert info["accuracy"]["onnxruntime"] == pytest.approx(info["accuracy"]["pytorch"], abs=0.2)
+    assert info["size"]["params"] == 693_962 and info["size"]["onnx_bytes"] == (out / "mnist_student.onnx").stat().st_size
+
+    # Our own check, independent of kd's: real test images, normalised as the JSON says, batch size not 2.
+    mean, std = info["normalization"]["mean"][0], info["normalization"]["std"][0]
+    x = (fashion_test_images(100).float() / 255 - mean) / std
+    with torch.inference_mode():
+        want = load_student(distilled / "student.pt")(x)
+        program = torch.export.load(out / "mnist_student.pt2").module()
+        torch.testing.assert_close(program(x), want, rtol=1e-4, atol=1e-4)
+    session = onnxruntime.InferenceSession(str(out / "mnist_student.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_quantize_run_reports_size_accuracy_and_latency(distilled):
+    proc = run_kd(distilled.parent, "quantize", f"run={distilled}", "calibration=256", "threads=1")
+    out = distilled / "quantize"
+    table = pd.read_csv(out / "results.csv").set_index("role")
+    fp32, int8 = table.loc["student_kd"], table.loc["student_kd_ptq"]
+    assert fp32["size_mb"] / int8["size_mb"] >= 3.5
+    assert fp32["params"] == int8["params"] == 693_962 and fp32["flops"] == int8["flops"]
+    assert fp32["latency_ms"] > 0 and int8["latency_ms"] > 0
+    details = json.loads((out / "results.json").read_text())
+    assert details["quantization"] == "static" and details["calibration_images"] == 256
+    assert details["accuracy_change"] == pytest.approx(int8["accuracy"] - fp32["accuracy"], abs=0.011)
+    assert "accuracy" in proc.stdout and "points" in proc.stdout and "x smaller" in proc.stdout
+    assert (out / "results.md").is_file()
+
+    # The written int8 model is the one measured: loaded without kd, it scores the row's accuracy.
+    model = torch.jit.load(out / "mnist_student_int8.torchscript.pt")
+    images = torch.from_numpy(read_idx(FASHION / "t10k-images-idx3-ubyte.gz").copy())[:, None]
+    labels = torch.from_numpy(read_idx(FASHION / "t10k-labels-idx1-ubyte.gz").astype(np.int64))
+    picked = stratified_subset(labels, 0.1, 0)  # TINY's data.test_fraction, as kd picks it
+    with torch.inference_mode():
+        predicted = model((images[picked].float() / 255 - 0.286) / 0.353).argmax(1)
+    assert 100 * (predicted == labels[picked]).float().mean().item() == pytest.approx(int8["accuracy"], abs=0.011)
+
+
+@pytest.mark.parametrize("arch", ["lightnn", "light6", "conv4", "mnist_student"])
+def test_int8_conv_students_are_at_least_3_5x_smaller(arch):
+    model = build_model(OmegaConf.create({"arch": arch}), FASHION_SPEC).eval()
+    int8 = quantize(model, [torch.randn(16, 1, 28, 28)])
+    assert size_mb(model) / size_mb(int8) >= 3.5
+    assert count_flops(int8, (1, 28, 28)) == count_flops(model, (1, 28, 28))
+    # BatchNorm folds into the layer before it: at most its scale and shift disappear.
+    batchnorm = sum(p.numel() for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in m.parameters())
+    assert count_params(model) - batchnorm <= count_params(int8) <= count_params(model)
+
+
+def test_measure_int8_columns(distilled):
+    table = pd.read_csv(next((distilled.parent.parent / "train").iterdir()) / "results.csv").set_index("role")
+    assert (table["size_mb"] / table["int8_size_mb"] >= 3.5).all()
+    assert (table["int8_latency_ms"] > 0).all()
+    # Off by default: the distill run has no int8 columns.
+    assert "int8_size_mb" not in pd.read_csv(distilled / "results.csv").dropna(axis=1, how="all").columns
+
+    measure = OmegaConf.create({"latency_runs": 2, "latency_warmup": 1, "int8": True})
+    costs = model_costs(build_model(OmegaConf.create({"arch": "lightnn"}), FASHION_SPEC), (1, 28, 28), torch.device("cpu"), measure)
+    assert costs["size_mb"] / costs["int8_size_mb"] >= 3.5
+
+
+def test_distill_quant_qat_end_to_end(distilled):
+    """kd distill quant=qat: the KD student, then its int8 rows (post-training, and QAT with the teacher)."""
+    cwd = distilled.parent.parent.parent
+    run_kd(cwd, "distill", *ONE_EPOCH, "quant=qat", "qat.calibration_images=256", "hydra.run.dir=outputs/qat")
+    table = pd.read_csv(cwd / "outputs" / "qat" / "results.csv").set_index("role")
+    assert list(table.index) == ["teacher", "student_scratch", "student_kd", "student_kd_ptq", "student_kd_qat"]
+    fp32 = table.loc["student_kd"]
+    for role in ("student_kd_ptq", "student_kd_qat"):
+        row = table.loc[role]
+        assert 10 < row["accuracy"] <= 100 and fp32["size_mb"] / row["size_mb"] >= 3.5
+        assert (row["model"], row["loss"], row["alpha"], row["T"], row["params"]) == (
+            "mnist_student", "kd", fp32["alpha"], fp32["T"], fp32["params"])
+        model = torch.jit.load(cwd / row["checkpoint"])
+        assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    assert table.loc["student_kd_qat", "train_time_s"] > 0 and pd.isna(table.loc["student_kd_ptq", "train_time_s"])
+
+
+def test_bench_model_reports_device_and_warmup(tmp_path):
+    proc = run_kd(tmp_path, "bench-model", "mnist_student", "dataset=fashion_mnist", "runs=3", "warmup=2", "batch=8")
+    table = pd.read_csv(tmp_path / "outputs" / "bench-model" / "mnist_student-fashion_mnist" / "results.csv")
+    assert table[["precision", "device"]].values.tolist()[:1] == [["fp32", "cpu"]]
+    assert ["int8", "cpu"] in table[["precision", "device"]].values.tolist()
+    assert (table["warmup"] == 2).all() and (table["runs"] == 3).all() and (table["batch_size"] == 8).all()
+    assert (table["latency_ms"] <= table["latency_p90_ms"]).all() and (table["img_per_s"] > 0).all()
+    assert table.loc[0, "params"] == 693_962 and "fp32 on cpu: " in proc.stdout
+
+
+def test_latency_excludes_warmup():
+    class SlowStart(nn.Module):
+        """Slow for its first 3 calls, as a first call is (allocation, kernel choice); instant afterwards."""
+
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls <= 3:
+                time.sleep(0.05)
+            return x
+
+    model = SlowStart()
+    stats = latency_stats(model, (1, 2, 2), torch.device("cpu"), runs=5, warmup=3)
+    assert model.calls == 8 and stats["p90_ms"] < 25
+
+
+def test_unsupported_models_are_refused_in_one_line():
+    with pytest.raises(KdError, match="no convolution or linear layer"):
+        quantize(nn.Sequential(nn.Flatten()), [torch.randn(2, 1, 4, 4)])
+
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > 0 else -self.conv(x)
+
+    with pytest.raises(KdError, match="cannot be quantized by PyTorch's FX graph mode") as error:
+        quantize(DataDependent(), [torch.randn(2, 1, 8, 8)])
+    assert "\n" not in str(error.value)
+
+
+def test_bad_inputs_give_one_line(tmp_path, distilled, capsys, monkeypatch):
+    # Through the installed command once: exit status 1, one line on stderr, nothing written.
+    line = one_line_error(run_kd(tmp_path, "export", "run=missing", check=False))
+    assert "run folder missing does not exist" in line
+
+    from kd_cli.deploy import main
+
+    def error_line(command, *argv) -> str:
+        assert main(command, list(argv)) == 1
+        captured = capsys.readouterr()
+        lines = [line for line in captured.err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("kd: error: "), captured.err
+        return lines[0]
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    assert "holds no student.pt" in error_line("quantize", "run=empty")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes((distilled / "student.pt").read_bytes()[:2000])
+    for command in (["export", f"student.checkpoint={corrupt}"], ["quantize", f"student.checkpoint={corrupt}"],
+                    ["bench-model", str(corrupt)]):
+        assert "is truncated or corrupt" in error_line(*command)
+    assert "did you mean 'calibration'" in error_line("quantize", f"run={distilled}", "calibraton=9")
+    assert "neither an existing run folder" in error_line("bench-model", "no_such_model")
+    assert "needs run=PATH" in error_line("export")
+    assert not (tmp_path / "outputs").exists()

@@ -1,0 +1,166 @@
+"""Precision and threads: what `train.amp`, `train.teacher_precision` and `train.threads` do on the CPU.
+
+`auto` is decided by the hardware (whether the CPU has native bf16), never by timing; the capability
+check is monkeypatched here, so these tests run the same on any CPU (bf16 autocast works everywhere,
+emulated where it is not native). No wall-clock assertions.
+"""
+
+import copy
+import logging
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from kd_cli import engine
+from kd_cli.bench import ALPHA, T, compose_config, tutorial_overrides, write_fake_cifar10
+from kd_cli.config import validate
+from kd_cli.data import load_data, normalize
+from kd_cli.engine import Teacher, fit, seed_everything, student_precision
+from kd_cli.errors import KdError
+from kd_cli.losses import build_loss
+from kd_cli.models import build_model
+from kd_cli.store import recipe
+
+STEPS, BATCH = 4, 8
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    return write_fake_cifar10(tmp_path_factory.mktemp("cifar"), STEPS * BATCH)
+
+
+def native_bf16(monkeypatch, has: bool) -> None:
+    monkeypatch.setattr(engine, "cpu_has_native_bf16", lambda: has)
+
+
+def distill_config(root, *extra):
+    overrides = [*tutorial_overrides(root, "cpu", 1, augment=False, batch_size=BATCH), "student=lightnn",
+                 "teacher=deepnn", "loss=kd", f"alpha={ALPHA}", f"T={T}", *extra]
+    return compose_config("distill", overrides)
+
+
+def run_fit(cfg):
+    """One epoch of KD; returns (dtype of the student's logits in each step, each step's loss, threads seen)."""
+    data = load_data(cfg)
+    seed_everything(0)
+    student = build_model(cfg.student, data.spec)
+    seed_everything(1)
+    teacher = build_model(cfg.teacher, data.spec)
+    loss_fn = build_loss(cfg)
+    loss_fn.attach(student, teacher, normalize(data.train_x[:2], data), len(data.train_y))
+    logit_dtypes, losses, threads = [], [], []
+    student.classifier[-1].register_forward_hook(lambda m, i, out: logit_dtypes.append(out.dtype) if m.training else None)
+
+    def record(module, inputs, out):
+        losses.append(out.detach())
+        threads.append(torch.get_num_threads())
+
+    loss_fn.register_forward_hook(record)
+    fit(student, loss_fn, data, cfg, CPU, teacher=teacher)
+    return logit_dtypes, losses, threads
+
+
+def test_amp_auto_stays_fp32_on_a_cpu_without_native_bf16(cifar, monkeypatch, caplog):
+    native_bf16(monkeypatch, False)
+    with caplog.at_level(logging.INFO, logger="kd_cli.engine"):
+        dtypes, losses, _ = run_fit(distill_config(cifar))
+    assert dtypes == [torch.float32] * STEPS
+    assert all(loss.dtype == torch.float32 for loss in losses)
+    assert "student precision: fp32 (this CPU lacks native bf16" in caplog.text
+    assert "teacher precision: fp32 (this CPU lacks native bf16" in caplog.text
+
+
+def test_amp_auto_runs_the_student_in_bf16_and_the_loss_in_fp32_with_native_bf16(cifar, monkeypatch, caplog):
+    native_bf16(monkeypatch, True)
+    with caplog.at_level(logging.INFO, logger="kd_cli.engine"):
+        dtypes, losses, _ = run_fit(distill_config(cifar))
+    assert dtypes == [torch.bfloat16] * STEPS
+    assert len(losses) == STEPS and all(loss.dtype == torch.float32 and torch.isfinite(loss) for loss in losses)
+    assert "student precision: bf16 (this CPU has native bf16; train.amp=false for fp32)" in caplog.text
+    assert caplog.text.count("student precision:") == 1  # once per fit, not per step
+
+
+@pytest.mark.parametrize("amp, native, expected", [(False, True, "fp32"), (True, False, "bf16"), ("auto", True, "bf16"),
+                                                   ("auto", False, "fp32")])
+def test_student_precision_follows_train_amp_and_the_hardware(monkeypatch, amp, native, expected):
+    native_bf16(monkeypatch, native)
+    assert student_precision(OmegaConf.create({"amp": amp}), CPU) == expected
+
+
+def test_the_loss_is_computed_from_fp32_outputs_under_bf16(cifar, monkeypatch):
+    """CPU autocast leaves log_softmax / softmax in the input's dtype, so the engine hands the loss fp32 outputs."""
+    native_bf16(monkeypatch, True)
+    seen = []
+    cfg = distill_config(cifar)
+    data = load_data(cfg)
+    student, teacher = build_model(cfg.student, data.spec), build_model(cfg.teacher, data.spec)
+    loss_fn = build_loss(cfg)
+    loss_fn.attach(student, teacher, normalize(data.train_x[:2], data), len(data.train_y))
+    loss_fn.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append((args[0]["logits"].dtype, args[1]["logits"].dtype, torch.is_autocast_enabled("cpu"))),
+        with_kwargs=True)
+    fit(student, loss_fn, data, cfg, CPU, teacher=teacher)
+    assert seen == [(torch.float32, torch.float32, False)] * STEPS
+
+
+def test_bf16_teacher_cache_is_half_size_and_gives_the_fp32_losses_closely(cifar, monkeypatch):
+    native_bf16(monkeypatch, True)
+    cfg_bf16 = distill_config(cifar, "train.teacher_cache=on")
+    cfg_fp32 = distill_config(cifar, "train.teacher_cache=on", "train.teacher_precision=fp32")
+    data = load_data(cfg_bf16)
+    seed_everything(1)
+    teacher_model = build_model(cfg_bf16.teacher, data.spec)
+    bf16 = Teacher(copy.deepcopy(teacher_model), [], data, cfg_bf16, CPU, augment=False)
+    fp32 = Teacher(copy.deepcopy(teacher_model), [], data, cfg_fp32, CPU, augment=False)
+    assert bf16.precision == "bf16" and fp32.precision == "fp32"
+    assert bf16.cache["logits"].dtype == torch.bfloat16 and fp32.cache["logits"].dtype == torch.float32
+
+    idx = torch.tensor([5, 0, STEPS * BATCH - 1, 5])
+    x = normalize(data.train_x[idx], data)
+    handed = bf16(x, idx)["logits"]
+    assert handed.dtype == torch.float32
+    torch.testing.assert_close(handed, bf16.cache["logits"][idx].float(), rtol=0, atol=0)
+    seed_everything(0)
+    student = build_model(cfg_bf16.student, data.spec).eval()
+    loss_fn = build_loss(cfg_bf16)
+    with torch.no_grad():
+        student_out = {"logits": student(x)}
+        loss_bf16 = loss_fn(student_out, bf16(x, idx), data.train_y[idx])
+        loss_fp32 = loss_fn(student_out, fp32(x, idx), data.train_y[idx])
+    assert loss_bf16.dtype == torch.float32
+    torch.testing.assert_close(loss_bf16, loss_fp32, rtol=1e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, "two", True])
+def test_train_threads_must_be_a_whole_number_of_at_least_one(cifar, threads):
+    cfg = distill_config(cifar)
+    cfg.train.threads = threads
+    with pytest.raises(KdError, match="train.threads"):
+        validate(cfg)
+
+
+def test_train_threads_sets_the_thread_count_for_the_fit_only(cifar, monkeypatch):
+    native_bf16(monkeypatch, False)
+    before = torch.get_num_threads()
+    _, _, threads = run_fit(distill_config(cifar, "train.threads=2"))
+    assert threads == [2] * STEPS
+    assert torch.get_num_threads() == before
+    _, _, threads = run_fit(distill_config(cifar))  # null: torch's setting, untouched
+    assert threads == [before] * STEPS
+
+
+def test_runtime_keys_do_not_change_the_store_recipe(cifar):
+    base = distill_config(cifar)
+    changed = distill_config(cifar, "train.threads=1", "train.amp=false", "train.teacher_precision=bf16")
+    assert recipe(base) == recipe(changed)
+    assert "threads" not in recipe(base)["train"] and "amp" not in recipe(base)["train"]
