@@ -46,3 +46,16 @@ def fashion_mnist():
         f"Fashion-MNIST is missing from {FASHION}; `make install` adds it (Debian package dataset-fashion-mnist)"
     )
     return FASHION
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test. The models in such tests are tiny, and on a shared 2-core
+    machine every multi-threaded operation can wait for a descheduled thread (10x slower tests);
+    comparisons hold at any thread count, as long as both sides use the same one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

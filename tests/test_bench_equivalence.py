@@ -20,18 +20,8 @@ from kd_cli.models import build_model
 
 STEPS, BATCH = 20, 8
 CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")
 EXACT = ["train.teacher_cache=off", "train.teacher_precision=fp32", "train.channels_last=false", "train.amp=false"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Both sides on one thread. These models are tiny, and on a shared 2-core machine every
-    multi-threaded operation can wait for a descheduled thread (10x slower tests); the comparison
-    holds at any thread count, as long as both sides use the same one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
