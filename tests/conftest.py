@@ -59,3 +59,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def seeded_kd_setup(cfg):
+    """(data, student, teacher, loss) of a config, each model built from its own fixed seed."""
+    from kd_cli.data import load_data
+    from kd_cli.engine import seed_everything
+    from kd_cli.losses import build_loss
+    from kd_cli.models import build_model
+
+    data = load_data(cfg)
+    seed_everything(0)
+    student = build_model(cfg.student, data.spec)
+    seed_everything(1)
+    teacher = build_model(cfg.teacher, data.spec)
+    return data, student, teacher, build_loss(cfg)

@@ -8,6 +8,7 @@ import copy
 
 import numpy as np
 import pytest
+from conftest import seeded_kd_setup
 import torch
 
 from kd_cli.bench import (ALPHA, LR, T, compose_config, plain_ce_step, plain_dataset, plain_kd_step, tutorial_overrides,
@@ -124,12 +125,7 @@ def test_teacher_cache_changes_no_training_step(cifar):
     for mode in ("on", "off"):
         cfg = config(cifar, "lightnn", "deepnn", epochs=2,
                      extra=[f"train.teacher_cache={mode}", "train.teacher_precision=fp32", "train.amp=false"])
-        data = load_data(cfg)
-        seed_everything(0)
-        student = build_model(cfg.student, data.spec)
-        seed_everything(1)
-        teacher = build_model(cfg.teacher, data.spec)
-        loss_fn = build_loss(cfg)
+        data, student, teacher, loss_fn = seeded_kd_setup(cfg)
         losses[mode] = recorded(loss_fn)
         torch.manual_seed(123)
         fit(student, loss_fn, data, cfg, CPU, teacher=teacher)

@@ -9,6 +9,7 @@ import copy
 import logging
 
 import pytest
+from conftest import seeded_kd_setup
 import torch
 from omegaconf import OmegaConf
 
@@ -44,12 +45,7 @@ def distill_config(root, *extra):
 
 def run_fit(cfg):
     """One epoch of KD; returns (dtype of the student's logits in each step, each step's loss, threads seen)."""
-    data = load_data(cfg)
-    seed_everything(0)
-    student = build_model(cfg.student, data.spec)
-    seed_everything(1)
-    teacher = build_model(cfg.teacher, data.spec)
-    loss_fn = build_loss(cfg)
+    data, student, teacher, loss_fn = seeded_kd_setup(cfg)
     loss_fn.attach(student, teacher, normalize(data.train_x[:2], data), len(data.train_y))
     logit_dtypes, losses, threads = [], [], []
     student.classifier[-1].register_forward_hook(lambda m, i, out: logit_dtypes.append(out.dtype) if m.training else None)
