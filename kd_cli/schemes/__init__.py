@@ -11,7 +11,6 @@ from typing import Callable
 from omegaconf import OmegaConf
 
 from kd_cli.errors import KdError
-from kd_cli.models import CATALOGUE
 
 SCHEMES: dict[str, Callable] = {}
 
@@ -32,10 +31,8 @@ def run_scheme(run):
 
 
 def model_config(name: str):
-    """The config of catalogue model `name`, as `teacher=NAME` would compose it."""
-    if name not in CATALOGUE or name == "torchvision":
-        raise KdError(f"unknown model '{name}' in the scheme; choose one of: "
-                      f"{', '.join(sorted(k for k in CATALOGUE if k != 'torchvision'))}")
+    """The config of catalogue model `name`, as `teacher=NAME` would compose it (config.validate
+    has already checked every name a scheme lists)."""
     return OmegaConf.create({"arch": name, "checkpoint": None})
 
 
