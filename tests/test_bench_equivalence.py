@@ -11,8 +11,9 @@ import pytest
 from conftest import seeded_kd_setup
 import torch
 
-from kd_cli.bench import (ALPHA, LR, T, compose_config, plain_ce_step, plain_dataset, plain_kd_step, tutorial_overrides,
-                          write_fake_cifar10)
+from kd_cli.bench.cifar10_files import write_fake_cifar10
+from kd_cli.bench.sides import compose_config, tutorial_overrides
+from kd_cli.bench.tutorial import ALPHA, LR, T, plain_ce_step, plain_dataset, plain_kd_step
 from kd_cli.data import load_data, normalize
 from kd_cli.engine import Teacher, fit, seed_everything
 from kd_cli.losses import build_loss

@@ -14,7 +14,9 @@ import torch
 from omegaconf import OmegaConf
 
 from kd_cli import engine
-from kd_cli.bench import ALPHA, T, compose_config, tutorial_overrides, write_fake_cifar10
+from kd_cli.bench.cifar10_files import write_fake_cifar10
+from kd_cli.bench.sides import compose_config, tutorial_overrides
+from kd_cli.bench.tutorial import ALPHA, T
 from kd_cli.config import validate
 from kd_cli.data import load_data, normalize
 from kd_cli.engine import Teacher, fit, seed_everything, student_precision
@@ -153,3 +155,19 @@ def test_runtime_keys_do_not_change_the_store_recipe(cifar):
     changed = distill_config(cifar, "train.threads=1", "train.amp=false", "train.teacher_precision=bf16")
     assert recipe(base) == recipe(changed)
     assert "threads" not in recipe(base)["train"] and "amp" not in recipe(base)["train"]
+
+
+@pytest.mark.skipif(not engine.keep_freed_memory(), reason="glibc's mallopt is not available here")
+def test_freed_memory_is_reused_without_page_faults():
+    """What a CPU fit sets up (keep_freed_memory): a freed 64 MB block is handed out again, not faulted in anew.
+
+    By glibc's default, blocks over 32 MB are mmapped and returned on free, so the second block
+    would fault in 16k fresh pages.
+    """
+    import resource
+
+    block = 64 * 2**20
+    torch.empty(block, dtype=torch.uint8).fill_(1)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(block, dtype=torch.uint8).fill_(1)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before < block // 4096 // 10
