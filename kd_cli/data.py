@@ -207,7 +207,7 @@ def load_data(cfg) -> ImageData:
         train_x=train_x[train_idx], train_y=train_y[train_idx],
         test_x=test_x[test_idx], test_y=test_y[test_idx],
         mean=stats(ds.mean), std=stats(ds.std),
-        spec=ImageSpec(channels=ds.channels, size=ds.image_size, num_classes=ds.num_classes), **val,
+        spec=ImageSpec.of(ds), **val,
     )
 
 

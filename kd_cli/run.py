@@ -57,7 +57,8 @@ def train_command(cfg, model_cfg=None) -> str:
         overrides = list(HydraConfig.get().overrides.task)
     except ValueError:  # called without Hydra (tests, notebooks)
         overrides = []
-    kept = [o for o in overrides if o.lstrip("+~").split("=")[0].split(".")[0] not in _DISTILL_ONLY]
+    keys = [o.lstrip("+~").split("=")[0] for o in overrides]
+    kept = [o for o, key in zip(overrides, keys) if key not in _DISTILL_ONLY and key.split(".")[0] not in _DISTILL_ONLY]
     # The recipe as `cfg` has it: a teacher_recipe may have changed data.* or train.* values.
     kept = [f"{key}={OmegaConf.select(cfg, key)}" if key.startswith(("data.", "train.")) and
             _parsed(value) != OmegaConf.select(cfg, key) else f"{key}={value}"

@@ -91,6 +91,24 @@ def test_missing_teacher_gives_the_train_command(kd):
     assert f"run `kd train {' '.join(TINY)}` first, pass train_missing=true to train it here, or pass teacher.checkpoint=PATH" in line
 
 
+def test_train_command_keeps_the_recipe_and_drops_what_only_distill_takes(monkeypatch):
+    from types import SimpleNamespace
+
+    from hydra import compose, initialize_config_dir
+
+    from kd_cli import run
+    from kd_cli.cli import config_dir
+    from kd_cli.config import register_model_groups
+
+    register_model_groups()
+    overrides = [*TINY, "alpha=0.6", "loss=kd", "teacher.checkpoint=/tmp/teacher.pt", "train_missing=true"]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("distill", overrides)
+    task = SimpleNamespace(overrides=SimpleNamespace(task=overrides))
+    monkeypatch.setattr(run.HydraConfig, "get", staticmethod(lambda: task))
+    assert run.train_command(cfg) == f"kd train {' '.join(TINY)}"
+
+
 @pytest.mark.parametrize("override, message", [
     ("alpha=1.5", "kd: error: alpha must be in [0, 1] (the weight of the distillation term), got 1.5"),
     ("T=0", "kd: error: T must be > 0 (the softmax temperature), got 0"),

@@ -7,6 +7,7 @@ process), and the plain loop must run as a user's script would.
 """
 
 import copy
+import dataclasses
 import io
 import logging
 import multiprocessing
@@ -69,16 +70,15 @@ def tutorial_overrides(root: Path, device: str, epochs: int, augment: bool, batc
 
 
 def subset(data: ImageData, n: int) -> ImageData:
-    return ImageData(data.train_x[:n], data.train_y[:n], data.test_x, data.test_y, data.mean, data.std, data.spec)
+    return dataclasses.replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n])
 
 
 class _Side:
-    """What both sides share: the config, the data and the seeded initial weights of every model."""
+    """What both sides share: the config and the seeded initial weights of every model."""
 
     def __init__(self, case: Case, root: Path, device_name: str):
-        from kd_cli.data import load_data
         from kd_cli.engine import resolve_device, seed_everything
-        from kd_cli.models import build_model
+        from kd_cli.models import ImageSpec, build_model
 
         self.case = case
         command = "distill" if case.teacher else "train"
@@ -87,20 +87,19 @@ class _Side:
             overrides += [f"teacher={case.teacher}", "loss=kd", f"alpha={ALPHA}", f"T={T}"]
         self.cfg = compose_config(command, overrides)
         self.device = resolve_device(self.cfg.device)
-        self.root = root
-        self.data = load_data(self.cfg).to(self.device)
+        self.spec = ImageSpec.of(self.cfg.dataset)
         # One set of initial weights for both sides (each builds the same seeded models) and every round.
         seed_everything(self.cfg.seed)
-        self.student_init = build_model(self.cfg.student, self.data.spec).state_dict()
+        self.student_init = build_model(self.cfg.student, self.spec).state_dict()
         self.teacher = None
         if case.teacher:
             seed_everything(self.cfg.seed + 1)
-            self.teacher = build_model(self.cfg.teacher, self.data.spec).eval()
+            self.teacher = build_model(self.cfg.teacher, self.spec).eval()
 
     def fresh_student(self) -> torch.nn.Module:
         from kd_cli.models import build_model
 
-        model = build_model(self.cfg.student, self.data.spec)
+        model = build_model(self.cfg.student, self.spec)
         model.load_state_dict(self.student_init)
         return model
 
@@ -108,9 +107,15 @@ class _Side:
 class KdSide(_Side):
     """kd's own code path: a composed config, `load_data`, the catalogue, `build_loss`, `engine.fit`."""
 
+    def __init__(self, case: Case, root: Path, device_name: str):
+        from kd_cli.data import load_data
+
+        super().__init__(case, root, device_name)
+        self.data = load_data(self.cfg).to(self.device)
+
     def _fit(self, data: ImageData, epochs: int) -> tuple[float, float]:
-        from kd_cli.engine import fit
         from kd_cli.data import normalize
+        from kd_cli.engine import fit
         from kd_cli.losses import build_loss
         from kd_cli.losses.hinton import CrossEntropy
 
@@ -140,9 +145,9 @@ class KdSide(_Side):
     def flops(self) -> tuple[float, float]:
         """FLOPs per trained image as kd executes them (a cached teacher runs once per fit) and as the plain loop does."""
         cached = self.case.teacher is not None and not self.case.augment
-        student, spec = self.fresh_student(), self.data.spec
-        return (train_flops_per_image(student, self.teacher, 1.0 / self.case.kd_epochs if cached else 1.0, spec),
-                train_flops_per_image(student, self.teacher, 1.0, spec))
+        student = self.fresh_student()
+        return (train_flops_per_image(student, self.teacher, 1.0 / self.case.kd_epochs if cached else 1.0, self.spec),
+                train_flops_per_image(student, self.teacher, 1.0, self.spec))
 
 
 class PlainSide(_Side):

@@ -53,7 +53,7 @@ def _catalogue_model(name: str, dataset):
                       f"pass a path that exists or one of: {', '.join(sorted(CATALOGUE))}")
     model_cfg = OmegaConf.create({"arch": arch, **({"name": tv_name or "resnet18", "weights": None} if arch == "torchvision" else {})})
     seed_everything(0)
-    return build_model(model_cfg, ImageSpec(dataset.channels, dataset.image_size, dataset.num_classes)).eval()
+    return build_model(model_cfg, ImageSpec.of(dataset)).eval()
 
 
 def _devices(name: str) -> list[torch.device]:

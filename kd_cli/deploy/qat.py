@@ -18,21 +18,11 @@ import logging
 import torch
 from omegaconf import OmegaConf
 
-from kd_cli.config import _integer, _number
 from kd_cli.deploy.quantize import calibration_batches, convert, prepare_qat, quantize, save_int8
 from kd_cli.engine import evaluate, fit
 from kd_cli.errors import KdError
 
 log = logging.getLogger(__name__)
-
-
-def _settings(cfg) -> tuple[int, int, float]:
-    epochs = _integer(cfg, "qat.epochs", 1)
-    images = _integer(cfg, "qat.calibration_images", 1)
-    lr = cfg.train.lr / 10 if cfg.qat.lr is None else _number(cfg, "qat.lr")
-    if lr <= 0:
-        raise KdError(f"qat.lr must be > 0 (or null for train.lr / 10), got {cfg.qat.lr}")
-    return epochs, images, lr
 
 
 def qat_rows(run, teacher, student, loss_fn, **columns) -> list[dict]:
@@ -41,7 +31,9 @@ def qat_rows(run, teacher, student, loss_fn, **columns) -> list[dict]:
     `columns` adds to (or replaces) the scheme, loss, alpha and T columns, e.g. taught_by=...
     """
     cfg = run.cfg
-    epochs, images, lr = _settings(cfg)
+    # config.validate has checked these before any training.
+    epochs, images = int(cfg.qat.epochs), int(cfg.qat.calibration_images)
+    lr = cfg.train.lr / 10 if cfg.qat.lr is None else float(cfg.qat.lr)
     cpu_data = run.data.to(torch.device("cpu"))
     calibration = calibration_batches(cpu_data, images, cfg.seed)
     columns = {"scheme": cfg.scheme.name, "loss": cfg.loss.name, "alpha": cfg.alpha, "T": cfg.T, **columns}

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from kd_cli.data import ImageData, load_data
 from kd_cli.errors import KdError
 from kd_cli.models import ImageSpec, build_model
-from kd_cli.store import load_checkpoint, load_into
+from kd_cli.store import load_checkpoint, load_into, model_spec
 
 CPU = torch.device("cpu")
 SOURCE_KEYS = {
@@ -90,8 +90,8 @@ class Source:
         """The role this model had in its run's results table."""
         if "teacher" in self.meta:  # only `kd distill` records the teacher it learnt from
             return "student_kd"
-        student = OmegaConf.to_container(self.cfg.get("student") or {})
-        return "student_scratch" if {k: v for k, v in student.items() if k != "checkpoint"} == self.meta["model_cfg"] else "teacher"
+        student = self.cfg.get("student")
+        return "student_scratch" if student is not None and model_spec(student) == self.meta["model_cfg"] else "teacher"
 
     @cached_property
     def data(self) -> ImageData:
@@ -108,8 +108,7 @@ def _from_checkpoint(path: Path, data_root: str | None) -> Source:
     if data_root:
         cfg.data.root = data_root
     model_cfg = OmegaConf.create(meta["model_cfg"])
-    spec = ImageSpec(cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.num_classes)
-    model = build_model(model_cfg, spec)
+    model = build_model(model_cfg, ImageSpec.of(cfg.dataset))
     load_into(model, payload, path, model_cfg, cfg)
     return Source(model.eval(), cfg, meta, path)
 

@@ -4,8 +4,8 @@ Every loss is called as `loss(student, teacher, targets, indices=...)`: `student
 dicts of outputs, "logits" plus the features hooked at the loss's layer paths (keyed by path);
 `teacher` is None when the loss needs none; `indices` are the batch's positions in the training
 set (for methods with a per-sample memory); `inputs` is the normalised batch (for schemes whose
-helper modules see the images themselves: mutual-learning peers). Adding a method is one module with one class, one yaml
-in conf/loss/, one test.
+helper modules see the images themselves: mutual-learning peers). Adding a method is one module
+with one class, one yaml in conf/loss/, one test.
 """
 
 import torch

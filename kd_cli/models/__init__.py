@@ -17,6 +17,11 @@ class ImageSpec:
     size: int
     num_classes: int
 
+    @classmethod
+    def of(cls, dataset_cfg) -> "ImageSpec":
+        """The images a `dataset=` config describes."""
+        return cls(dataset_cfg.channels, dataset_cfg.image_size, dataset_cfg.num_classes)
+
 
 CATALOGUE: dict[str, Callable[..., nn.Module]] = {}
 

@@ -88,5 +88,5 @@ def distill_chain(run, first, first_cfg, links: list, role: str):
     if cfg.get("quant") == "qat":  # the same student in int8: post-training quantized, and quantization-aware KD
         from kd_cli.deploy.qat import qat_rows
 
-        rows += qat_rows(run, teacher, student, loss_fn)
+        rows += qat_rows(run, teacher, student, loss_fn, taught_by=model_label(teacher_cfg))
     return rows, histories, result.val_accuracy
