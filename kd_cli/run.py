@@ -212,6 +212,27 @@ class Run:
         save_checkpoint(checkpoint, student, meta, helpers=loss_fn.state_dict())
         return student, meta, result
 
+    @property
+    def student_path(self) -> Path:
+        """The distilled student: the run's deliverable, which `kd deploy run=` reads."""
+        return self.run_dir / "student.pt"
+
+    def distill_student(self, teacher_model: torch.nn.Module | None, loss_fn: DistillationLoss, histories: dict,
+                        **meta_extra):
+        """Distil the configured student into `student_path` and add its history to `histories`."""
+        meta_extra = {"loss": self.cfg.loss.name, "alpha": self.cfg.alpha, "T": self.cfg.T} | meta_extra
+        student, meta, result = self.distill(self.cfg.student, teacher_model, loss_fn, "student_kd", self.student_path,
+                                             **meta_extra)
+        histories["student_kd"] = result.history
+        return student, meta, result
+
+    def student_kd_row(self, student, meta: dict, loss_fn: DistillationLoss, **columns) -> dict:
+        """The distilled student's row; `helper_params` counts what its loss trained beside it (regressors, peers, exits)."""
+        cfg = self.cfg
+        return self.row("student_kd", student, cfg.student, meta, self.student_path, scheme=cfg.scheme.name,
+                        loss=cfg.loss.name, alpha=cfg.alpha, T=cfg.T,
+                        helper_params=sum(p.numel() for p in loss_fn.parameters()), **columns)
+
     def finish(self, rows: list[dict], histories: dict) -> None:
         add_comparisons(rows)
         frame = results_frame(rows)

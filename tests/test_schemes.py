@@ -164,6 +164,7 @@ def test_multi_teacher_reports_each_teacher_the_ensemble_and_the_student(kd, kd_
     assert ensemble["model"] == "ensemble(mnist_teacher+conv2)"
     assert ensemble["params"] == rows["teacher_1"]["params"] + rows["teacher_2"]["params"]
     assert rows["student_kd"]["taught_by"] == ensemble["model"]
+    assert rows["student_kd"]["helper_params"] == 0  # the members are teachers, not trained beside the student
     assert rows["student_kd"]["teacher_retained"] == pytest.approx(
         100 * rows["student_kd"]["accuracy"] / ensemble["accuracy"], abs=0.011)
 

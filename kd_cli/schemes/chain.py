@@ -79,12 +79,8 @@ def distill_chain(run, first, first_cfg, links: list, role: str):
         histories[name] = meta["history"]
         teacher, teacher_cfg, teacher_path = model, link_cfg, path
     loss_fn = build_loss(cfg)
-    student, meta, result = run.distill(cfg.student, teacher, loss_fn, "student_kd", run.run_dir / "student.pt",
-                                        loss=cfg.loss.name, alpha=cfg.alpha, T=cfg.T, teacher=str(teacher_path))
-    histories["student_kd"] = result.history
-    rows.append(run.row("student_kd", student, cfg.student, meta, run.run_dir / "student.pt", scheme=cfg.scheme.name,
-                        loss=cfg.loss.name, alpha=cfg.alpha, T=cfg.T, taught_by=model_label(teacher_cfg),
-                        helper_params=sum(p.numel() for p in loss_fn.parameters())))
+    student, meta, result = run.distill_student(teacher, loss_fn, histories, teacher=str(teacher_path))
+    rows.append(run.student_kd_row(student, meta, loss_fn, taught_by=model_label(teacher_cfg)))
     if cfg.get("quant") == "qat":  # the same student in int8: post-training quantized, and quantization-aware KD
         from kd_cli.deploy.qat import qat_rows
 

@@ -53,9 +53,6 @@ def multi_teacher(run):
     # The ensemble is the student's teacher: its row is the one kd compares the student against.
     rows.append(run.row("teacher", ensemble, label, {"metrics": accuracy}, "+".join(r["checkpoint"] for r in rows)))
     run.scratch_row(rows, histories)
-    student, meta, result = run.distill(cfg.student, ensemble, loss_fn, "student_kd", run.run_dir / "student.pt",
-                                        loss=cfg.loss.name, alpha=cfg.alpha, T=cfg.T, teacher=label)
-    histories["student_kd"] = result.history
-    rows.append(run.row("student_kd", student, cfg.student, meta, run.run_dir / "student.pt", scheme=cfg.scheme.name,
-                        loss=cfg.loss.name, alpha=cfg.alpha, T=cfg.T, taught_by=label))
+    student, meta, result = run.distill_student(ensemble, loss_fn, histories, teacher=label)
+    rows.append(run.student_kd_row(student, meta, loss_fn, taught_by=label))
     return rows, histories, result.val_accuracy

@@ -45,9 +45,7 @@ def online(run):
     loss_fn = MutualLearning(base, peers)
     rows, histories = [], {}
     run.scratch_row(rows, histories)
-    student, meta, result = run.distill(cfg.student, None, loss_fn, "student_kd", run.run_dir / "student.pt",
-                                        loss=cfg.loss.name, alpha=cfg.alpha, T=cfg.T)
-    histories["student_kd"] = result.history
+    student, meta, result = run.distill_student(None, loss_fn, histories)
     names = [model_label(c) for c in peer_cfgs]
     for number, (peer, peer_cfg) in enumerate(zip(loss_fn.peers, peer_cfgs), 1):
         metrics = {"accuracy": evaluate(peer, run.data)}
@@ -55,7 +53,5 @@ def online(run):
             metrics["val_accuracy"] = evaluate(peer, run.data, split="val")
         rows.append(run.row(f"peer_{number}", peer, peer_cfg, {"metrics": metrics}, None, scheme="online",
                             loss=cfg.loss.name, alpha=cfg.alpha, T=cfg.T, taught_by="peers"))
-    rows.append(run.row("student_kd", student, cfg.student, meta, run.run_dir / "student.pt", scheme="online",
-                        loss=cfg.loss.name, alpha=cfg.alpha, T=cfg.T, taught_by="+".join(names),
-                        helper_params=sum(p.numel() for p in loss_fn.parameters())))
+    rows.append(run.student_kd_row(student, meta, loss_fn, taught_by="+".join(names)))
     return rows, histories, result.val_accuracy

@@ -17,6 +17,7 @@ from kd_cli.errors import KdError
 from kd_cli.features import default_layers
 from kd_cli.losses import DistillationLoss
 from kd_cli.losses.hinton import soft_target_kl
+from kd_cli.measure import count_params, size_mb
 from kd_cli.models import model_label
 from kd_cli.schemes import scheme
 
@@ -104,9 +105,8 @@ class EarlyExit(nn.Module):
             for hook in hooks:
                 hook.remove()
             self.train(was_training)
-        tensors = [t for m in [*ran.values(), self.head] for t in m.state_dict(keep_vars=True).values()]
-        params = sum(p.numel() for m in [*ran.values(), self.head] for p in m.parameters())
-        return params, sum(t.numel() * (4 if t.is_floating_point() else t.element_size()) for t in tensors) / 2**20
+        used = nn.ModuleList([*ran.values(), self.head])
+        return count_params(used), size_mb(used)
 
 
 @scheme("self")
@@ -122,9 +122,7 @@ def self_distillation(run):
     loss_fn = SelfDistillation(cfg.alpha, cfg.T, cfg.scheme.feature_weight, stages, run.data.spec.num_classes)
     rows, histories = [], {}
     run.scratch_row(rows, histories)
-    student, meta, result = run.distill(cfg.student, None, loss_fn, "student_kd", run.run_dir / "student.pt",
-                                        loss="self", alpha=cfg.alpha, T=cfg.T, exits=stages)
-    histories["student_kd"] = result.history
+    student, meta, result = run.distill_student(None, loss_fn, histories, loss="self", exits=stages)
     label = model_label(cfg.student)
     student.eval()
     for number, (path, head) in enumerate(zip(stages, loss_fn.heads), 1):
@@ -134,7 +132,5 @@ def self_distillation(run):
         row = run.row(f"exit_{number}", early, f"{label}@{path}", {"metrics": metrics}, None, scheme="self",
                       alpha=cfg.alpha, T=cfg.T, taught_by="final exit")
         rows.append(row | {"params": params, "size_mb": round(size, 4)})
-    rows.append(run.row("student_kd", student, cfg.student, meta, run.run_dir / "student.pt", scheme="self",
-                        loss="kd", alpha=cfg.alpha, T=cfg.T,
-                        helper_params=sum(p.numel() for p in loss_fn.parameters())))
+    rows.append(run.student_kd_row(student, meta, loss_fn))
     return rows, histories, result.val_accuracy
