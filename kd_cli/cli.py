@@ -135,11 +135,11 @@ def main() -> None:
 
     register_model_groups()
     try:
-        preflight(command, args[1:], config_dir())
+        cfg = preflight(command, args[1:], config_dir())
         if command == "distill":  # a seed experiment is several sweeps: kd_cli/experiments.py runs them
             from kd_cli.experiments import preset_of, run_experiment
 
-            preset = preset_of(args[1:], config_dir())
+            preset = preset_of(args[1:], cfg)
             if preset is not None:
                 sys.exit(run_experiment(args[1:], preset, config_dir()))
     except KdError as e:

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from kd_cli.atomic import atomic_write_text
@@ -27,16 +26,13 @@ from kd_cli.report import build_records, build_report, find_runs, lookup, same, 
 from kd_cli.results import print_table
 
 ROOT = Path("outputs") / "experiments"
-_NOT_RUNNING = ("-m", "--multirun", "--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion",
-                "-sc", "--package", "-p", "--resolve")
 
 
-def preset_of(args: list[str], conf_dir: str):
-    """The `preset` block of the experiment on this command line, or None (no preset, or Hydra's own -m/--cfg)."""
-    if not any(a.startswith("experiment=") for a in args) or any(a.split("=")[0] in _NOT_RUNNING for a in args):
+def preset_of(args: list[str], cfg):
+    """The `preset` block of the experiment `cfg` was composed with (by preflight), or None: no
+    experiment, no preset, Hydra's -m (a preset's parts are sweeps of their own) or a flag that runs nothing."""
+    if cfg is None or not any(a.startswith("experiment=") for a in args) or any(a in ("-m", "--multirun") for a in args):
         return None
-    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-        cfg = compose("distill", [a for a in args if not a.startswith("-")])
     preset = cfg.get("preset")
     return preset if preset is not None and preset.get("runs") else None
 

@@ -80,10 +80,11 @@ def _check_writable(folder: str, what: str) -> None:
         raise KdError(f"cannot write {what} {folder}: {path} is not writable; choose another location")
 
 
-def preflight(command: str, args: list[str], conf_dir: str) -> None:
-    """Raise KdError (one line) if the command line cannot run."""
+def preflight(command: str, args: list[str], conf_dir: str):
+    """Raise KdError (one line) if the command line cannot run; return its config (a sweep's last
+    combination), or None for Hydra's flags that run nothing."""
     if any(a.split("=")[0] in _PASSIVE_FLAGS for a in args):
-        return
+        return None
     overrides = [a for a in args if not a.startswith("-")]
     for combination in _combinations(overrides):
         try:
@@ -98,3 +99,4 @@ def preflight(command: str, args: list[str], conf_dir: str) -> None:
     if isinstance(run_root, str):
         _check_writable(run_root, "the run folder")
     _check_writable(cfg.store_dir, "the model store")
+    return cfg
