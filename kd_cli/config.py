@@ -10,6 +10,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from kd_cli.errors import KdError
+from kd_cli.losses import build_loss
 from kd_cli.models import CATALOGUE
 
 
@@ -85,6 +86,8 @@ def validate(cfg) -> None:
         raise KdError(f"alpha must be in [0, 1] (the weight of the distillation term), got {cfg.alpha}")
     if "T" in cfg and _number(cfg, "T") <= 0:
         raise KdError(f"T must be > 0 (the softmax temperature), got {cfg.T}")
+    if "loss" in cfg:
+        build_loss(cfg)  # every loss.* option checked now, not after the teacher has trained
     if "scheme" in cfg:
         _validate_scheme(cfg)
     if cfg.get("teacher_recipe"):

@@ -112,6 +112,7 @@ def test_train_command_keeps_the_recipe_and_drops_what_only_distill_takes(monkey
 @pytest.mark.parametrize("override, message", [
     ("alpha=1.5", "kd: error: alpha must be in [0, 1] (the weight of the distillation term), got 1.5"),
     ("T=0", "kd: error: T must be > 0 (the softmax temperature), got 0"),
+    ("+loss.gamma=1", "kd: error: loss=kd has no option 'gamma'; it takes no loss.* options"),
 ])
 def test_bad_values_exit_with_one_line(kd, override, message):
     assert one_line_error(kd("distill", *TINY, override, check=False)) == message

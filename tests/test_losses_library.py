@@ -5,6 +5,7 @@ where the student's outputs equal the teacher's, one-line errors for pairings th
 import inspect
 import logging
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -742,6 +743,18 @@ def test_unequal_stage_counts_need_explicit_layers():
 def test_a_misspelt_option_is_an_error_not_ignored():
     with pytest.raises(KdError, match="loss=rkd has no option 'angel_weight'; its options are: angle_weight, distance_weight"):
         build_loss(OmegaConf.create({"loss": {"name": "rkd", "angel_weight": 3}, "alpha": 0.5, "T": 4}))
+
+
+@pytest.mark.parametrize("loss, message", [
+    ({"name": "kd", "gamma": 1}, "loss=kd has no option 'gamma'; it takes no loss.* options"),
+    ({"name": "ce", "weight": 2}, "loss=ce has no option 'weight'; it takes no loss.* options"),
+    ({"name": "dkd", "student_layers": ["features.0"]},
+     "loss=dkd has no option 'student_layers'; its options are: nckd_weight, tckd_weight, warmup_epochs, weight"),
+    ({"name": "combo", "terms": {"kd": 1}, "student_layers": ["features.0"]}, "loss=combo takes layers per term"),
+])
+def test_every_loss_rejects_options_it_does_not_take(loss, message):
+    with pytest.raises(KdError, match=re.escape(message)):
+        build_loss(OmegaConf.create({"loss": loss, "alpha": 0.5, "T": 4}))
 
 
 def test_tf_kd_rejects_an_impossible_probability():

@@ -8,6 +8,8 @@ helper modules see the images themselves: mutual-learning peers). Adding a metho
 with one class, one yaml in conf/loss/, one test.
 """
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -39,10 +41,36 @@ class DistillationLoss(nn.Module):
         if name:
             LOSSES[name] = cls
 
-    def __init__(self, student_layers=None, teacher_layers=None, **_):
+    def __init__(self, student_layers=None, teacher_layers=None, **options):
+        # What reaches here no subclass took: build_loss hands every loss the top-level alpha and T,
+        # and anything else is an option this method lacks (a misspelt `loss.wieght=`), never ignored.
+        self.check_options(options)
         super().__init__()
         self.student_layers: list[str] = list(student_layers or [])
         self.teacher_layers: list[str] = list(teacher_layers or [])
+
+    @classmethod
+    def loss_name(cls) -> str:
+        return next((name for name, klass in LOSSES.items() if klass is cls), cls.__name__)
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The `loss.*` keys this method takes: its constructors' keywords (the layer paths only where it hooks layers)."""
+        names = set()
+        for klass in cls.__mro__:
+            if "__init__" in vars(klass) and issubclass(klass, DistillationLoss):
+                names.update(p.name for p in inspect.signature(klass.__init__).parameters.values()
+                             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+        if not cls.layer_kind:
+            names -= {"student_layers", "teacher_layers"}
+        return sorted(names - {"self", "alpha", "T"})
+
+    @classmethod
+    def check_options(cls, options) -> None:
+        unknown = sorted(set(options) - set(cls.option_names()) - {"alpha", "T"})
+        if unknown:
+            known = f"its options are: {', '.join(cls.option_names())}" if cls.option_names() else "it takes no loss.* options"
+            raise KdError(f"loss={cls.loss_name()} has no option '{unknown[0]}'; {known}")
 
     def attach(self, student: nn.Module, teacher: nn.Module | None, example: torch.Tensor, num_train: int) -> None:
         """Resolve the layer paths, check they exist, and build helper modules for their shapes."""
@@ -81,11 +109,16 @@ class DistillationLoss(nn.Module):
 
 
 def build_loss(cfg, alpha: float | None = None, T: float | None = None) -> DistillationLoss:
-    """The loss of `cfg.loss`, given the top-level `alpha` and `T` (or these) where it takes them."""
+    """The loss of `cfg.loss`, given the top-level `alpha` and `T` (or these) where it takes them.
+
+    Cheap (helper modules are built later, in attach), so config.validate builds it once to have
+    every option checked before anything trains.
+    """
     options = {k: v for k, v in cfg.loss.items() if k != "name"}
     name = cfg.loss.name
     if name not in LOSSES:
         raise KdError(f"unknown loss '{name}'; choose one of: {', '.join(sorted(LOSSES))}")
+    LOSSES[name].check_options(options)
     return LOSSES[name](alpha=cfg.get("alpha") if alpha is None else alpha, T=cfg.get("T") if T is None else T, **options)
 
 

@@ -26,8 +26,6 @@ class Combo(WeightedTerm, name="combo"):
     """(1 - alpha) * CE + alpha * sum of weighted terms of other methods."""
 
     def __init__(self, alpha, T, terms=None, **options):
-        if any(k in options for k in ("student_layers", "teacher_layers")):
-            raise KdError("loss=combo takes layers per term, e.g. 'loss.terms={at:{weight:1000,student_layers:[...]}}'")
         super().__init__(alpha, T, 1.0, **options)
         if isinstance(terms, DictConfig):
             terms = OmegaConf.to_container(terms, resolve=True)
@@ -47,6 +45,13 @@ class Combo(WeightedTerm, name="combo"):
     @classmethod
     def option_names(cls) -> list[str]:
         return ["terms"]
+
+    @classmethod
+    def check_options(cls, options) -> None:
+        options = set(options)
+        if options & {"student_layers", "teacher_layers"}:
+            raise KdError("loss=combo takes layers per term, e.g. 'loss.terms={at:{weight:1000,student_layers:[...]}}'")
+        super().check_options(options)
 
     def _build(self, name: str, options: dict) -> nn.Module:
         if "weight" in options:
