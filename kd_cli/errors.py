@@ -10,5 +10,10 @@ from hydra.errors import CompactHydraException
 class KdError(CompactHydraException):
     """A problem the user can fix; the message says how."""
 
+    @property
+    def reason(self) -> str:
+        """The message alone, for another message that gives it context."""
+        return super().__str__()
+
     def __str__(self) -> str:
-        return f"kd: error: {super().__str__()}"
+        return f"kd: error: {self.reason}"

@@ -31,8 +31,12 @@ ROOT = Path("outputs") / "experiments"
 def preset_of(args: list[str], cfg):
     """The `preset` block of the experiment `cfg` was composed with (by preflight), or None: no
     experiment, no preset, Hydra's -m (a preset's parts are sweeps of their own) or a flag that runs nothing."""
-    if cfg is None or not any(a.startswith("experiment=") for a in args) or any(a in ("-m", "--multirun") for a in args):
+    chosen = [a.split("=", 1)[1] for a in args if a.startswith("experiment=")]
+    if cfg is None or not chosen or any(a in ("-m", "--multirun") for a in args):
         return None
+    if "," in chosen[-1]:
+        raise KdError(f"experiment= takes one experiment (each is several sweeps already), got {chosen[-1]}; "
+                      f"run them one after another")
     preset = cfg.get("preset")
     return preset if preset is not None and preset.get("runs") else None
 

@@ -134,7 +134,7 @@ def int8_costs(model: nn.Module, shape, runs: int, warmup: int) -> dict:
     try:
         int8 = model if is_quantized(model) else quantize(model, [_example(model, shape, CPU, 8)])
     except KdError as e:
-        log.warning("%s; its int8 columns stay empty", e)
+        log.warning("%s; its int8 columns stay empty", e.reason)
         return {}
     return {"int8_size_mb": round(size_mb(int8), 4), "int8_latency_ms": round(latency_ms(int8, shape, CPU, runs, warmup), 4)}
 

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from kd_cli.config import validate
 from kd_cli.engine import resolve_device
 from kd_cli.errors import KdError
+from kd_cli.losses import build_loss
 
 # Hydra flags that do not run anything (or run with Hydra's own handling).
 _PASSIVE_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc",
@@ -55,15 +56,26 @@ def _all_keys(cfg, prefix: str = "") -> list[str]:
     return keys
 
 
-def _explain(error: HydraException, command: str, conf_dir: str) -> str:
+def _explain(error: HydraException, command: str, conf_dir: str, overrides: list[str]) -> str:
     if isinstance(error, MissingConfigException) and error.missing_cfg_file and error.options:
         group, _, name = error.missing_cfg_file.partition("/")
         return f"unknown {group} '{name}'; choose one of: {', '.join(error.options)}"
     message = str(error)
     if message.startswith("Could not override '"):
         key = message.split("'")[1]
+        # The keys of the config the user chose (loss=at has loss.weight, the default loss=kd has not).
+        others = [o for o in overrides if o.lstrip("+~").split("=")[0] != key]
         with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-            known = _all_keys(compose(command))
+            try:
+                cfg = compose(command, others)
+            except HydraException:
+                cfg = compose(command)
+        if key.startswith("loss.") and "loss" in cfg:
+            try:  # a loss takes exactly its yaml's keys, so `+loss.KEY=` would not help: list what it takes
+                build_loss(cfg).check_options([key.split(".")[1]])
+            except KdError as e:
+                return e.reason
+        known = _all_keys(cfg)
         close = difflib.get_close_matches(key, known, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         return f"unknown key '{key}'{hint} (`kd {command} --cfg job` lists every key; +{key}=... adds a new one)"
@@ -81,8 +93,8 @@ def _check_writable(folder: str, what: str) -> None:
 
 
 def preflight(command: str, args: list[str], conf_dir: str):
-    """Raise KdError (one line) if the command line cannot run; return its config (a sweep's last
-    combination), or None for Hydra's flags that run nothing."""
+    """Raise KdError (one line) if the command line cannot run; return its config (that of the last
+    combination checked, for a sweep), or None for Hydra's flags that run nothing."""
     if any(a.split("=")[0] in _PASSIVE_FLAGS for a in args):
         return None
     overrides = [a for a in args if not a.startswith("-")]
@@ -91,7 +103,7 @@ def preflight(command: str, args: list[str], conf_dir: str):
             with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
                 cfg = compose(command, combination, return_hydra_config=True)
         except (ConfigCompositionException, MissingConfigException, OverrideParseException) as e:
-            raise KdError(_explain(e, command, conf_dir)) from None
+            raise KdError(_explain(e, command, conf_dir, combination)) from None
         validate(cfg)
     resolve_device(cfg.device)
     multirun = "-m" in args or "--multirun" in args

@@ -27,7 +27,7 @@ from kd_cli.measure import model_costs
 from kd_cli.models import build_model, model_label
 from kd_cli.provenance import record_run
 from kd_cli.results import add_comparisons, print_table, results_frame, write_results
-from kd_cli.store import load_checkpoint, load_into, model_spec, recipe, save_checkpoint, store_path
+from kd_cli.store import STUDENT_FILE, load_checkpoint, load_into, model_spec, recipe, save_checkpoint, store_path
 
 log = logging.getLogger(__name__)
 
@@ -214,8 +214,7 @@ class Run:
 
     @property
     def student_path(self) -> Path:
-        """The distilled student: the run's deliverable, which `kd deploy run=` reads."""
-        return self.run_dir / "student.pt"
+        return self.run_dir / STUDENT_FILE
 
     def distill_student(self, teacher_model: torch.nn.Module | None, loss_fn: DistillationLoss, histories: dict,
                         **meta_extra):

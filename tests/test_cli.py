@@ -113,9 +113,18 @@ def test_train_command_keeps_the_recipe_and_drops_what_only_distill_takes(monkey
     ("alpha=1.5", "kd: error: alpha must be in [0, 1] (the weight of the distillation term), got 1.5"),
     ("T=0", "kd: error: T must be > 0 (the softmax temperature), got 0"),
     ("+loss.gamma=1", "kd: error: loss=kd has no option 'gamma'; it takes no loss.* options"),
+    ("loss.weight=2", "kd: error: loss=kd has no option 'weight'; it takes no loss.* options"),
+    ("experiment=quick_mnist,quick_tutorial", "kd: error: experiment= takes one experiment (each is several sweeps "
+                                              "already), got quick_mnist,quick_tutorial; run them one after another"),
 ])
 def test_bad_values_exit_with_one_line(kd, override, message):
     assert one_line_error(kd("distill", *TINY, override, check=False)) == message
+
+
+def test_a_misspelt_loss_option_is_matched_against_the_chosen_loss(kd):
+    line = one_line_error(kd("distill", *TINY, "loss=at", "loss.wieght=1", check=False))
+    assert line == ("kd: error: loss=at has no option 'wieght' (did you mean 'weight'?); "
+                    "its options are: p, student_layers, teacher_layers, weight")
 
 
 def test_unknown_model_lists_the_catalogue(kd):

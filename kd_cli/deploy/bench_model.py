@@ -102,7 +102,7 @@ def main(argv: list[str]) -> None:
         int8 = quantize(model, [torch.randn(8, *shape)])
         rows.append(bench_row(int8, "int8", CPU, shape, batch, runs, warmup))
     except KdError as e:
-        print(f"no int8 row: {e}")
+        print(f"no int8 row: {e.reason}")
     frame = pd.DataFrame([{"model": label, "dataset": dataset.name, **row} for row in rows]).reindex(columns=COLUMNS)
     write_results(out, frame, {"command": "bench-model", "model": label, "torch": torch.__version__,
                                "threads": torch.get_num_threads()})

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from kd_cli.data import ImageData, load_data
 from kd_cli.errors import KdError
 from kd_cli.models import ImageSpec, build_model
-from kd_cli.store import load_checkpoint, load_into, model_spec
+from kd_cli.store import STUDENT_FILE, load_checkpoint, load_into, model_spec
 
 CPU = torch.device("cpu")
 SOURCE_KEYS = {
@@ -123,9 +123,9 @@ def load_source(options: dict, command: str) -> Source:
         if not folder.is_dir():
             raise KdError(f"run folder {folder} does not exist; pass run= a finished `kd distill` run folder "
                           f"(outputs/distill/<date_time>)")
-        path = folder / "student.pt"
+        path = folder / STUDENT_FILE
         if not path.is_file():
-            raise KdError(f"{folder} holds no student.pt; pass run= a finished `kd distill` run folder, "
+            raise KdError(f"{folder} holds no {STUDENT_FILE}; pass run= a finished `kd distill` run folder, "
                           f"or student.checkpoint=PATH for another checkpoint")
     else:
         path = Path(checkpoint)

@@ -8,6 +8,7 @@ helper modules see the images themselves: mutual-learning peers). Adding a metho
 with one class, one yaml in conf/loss/, one test.
 """
 
+import difflib
 import inspect
 
 import torch
@@ -43,8 +44,10 @@ class DistillationLoss(nn.Module):
 
     def __init__(self, student_layers=None, teacher_layers=None, **options):
         # What reaches here no subclass took: build_loss hands every loss the top-level alpha and T,
-        # and anything else is an option this method lacks (a misspelt `loss.wieght=`), never ignored.
-        self.check_options(options)
+        # and anything else is an option this method lacks (a misspelt `loss.wieght=`), never ignored;
+        # nor are layer paths given to a method that hooks no layers.
+        given_layers = [k for k, v in (("student_layers", student_layers), ("teacher_layers", teacher_layers)) if v]
+        self.check_options([*options, *given_layers])
         super().__init__()
         self.student_layers: list[str] = list(student_layers or [])
         self.teacher_layers: list[str] = list(teacher_layers or [])
@@ -67,10 +70,13 @@ class DistillationLoss(nn.Module):
 
     @classmethod
     def check_options(cls, options) -> None:
-        unknown = sorted(set(options) - set(cls.option_names()) - {"alpha", "T"})
+        known = cls.option_names()
+        unknown = sorted(set(options) - set(known) - {"alpha", "T"})
         if unknown:
-            known = f"its options are: {', '.join(cls.option_names())}" if cls.option_names() else "it takes no loss.* options"
-            raise KdError(f"loss={cls.loss_name()} has no option '{unknown[0]}'; {known}")
+            close = difflib.get_close_matches(unknown[0], known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            listed = f"its options are: {', '.join(known)}" if known else "it takes no loss.* options"
+            raise KdError(f"loss={cls.loss_name()} has no option '{unknown[0]}'{hint}; {listed}")
 
     def attach(self, student: nn.Module, teacher: nn.Module | None, example: torch.Tensor, num_train: int) -> None:
         """Resolve the layer paths, check they exist, and build helper modules for their shapes."""
@@ -118,8 +124,10 @@ def build_loss(cfg, alpha: float | None = None, T: float | None = None) -> Disti
     name = cfg.loss.name
     if name not in LOSSES:
         raise KdError(f"unknown loss '{name}'; choose one of: {', '.join(sorted(LOSSES))}")
-    LOSSES[name].check_options(options)
-    return LOSSES[name](alpha=cfg.get("alpha") if alpha is None else alpha, T=cfg.get("T") if T is None else T, **options)
+    try:
+        return LOSSES[name](alpha=cfg.get("alpha") if alpha is None else alpha, T=cfg.get("T") if T is None else T, **options)
+    except (TypeError, ValueError) as e:  # a value of the wrong type, e.g. loss.weight=abc
+        raise KdError(f"loss={name}: {e}; check the loss.* values (`kd distill loss={name} --cfg job` lists them)") from None
 
 
 from kd_cli.losses import combo, contrastive, feature, hinton, relation, response  # noqa: E402,F401  (registers the losses)

@@ -67,7 +67,10 @@ class Combo(WeightedTerm, name="combo"):
             return term
         if int(options.get("stage1_epochs", 0)) > 0:
             raise KdError(f"loss.terms.{name}: stage1_epochs applies to loss={name} on its own, not inside a combo")
-        return LOSSES[name](alpha=self.alpha, T=self.T, **options)
+        try:
+            return LOSSES[name](alpha=self.alpha, T=self.T, **options)
+        except KdError as e:
+            raise KdError(f"loss.terms.{name}: {e.reason}") from None
 
     def attach(self, student, teacher, example, num_train) -> None:
         for term in self.terms.values():

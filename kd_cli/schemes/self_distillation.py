@@ -42,7 +42,8 @@ class SelfDistillation(DistillationLoss):
     needs_teacher = False
 
     def __init__(self, alpha: float, T: float, feature_weight: float, stages: list[str], num_classes: int):
-        super().__init__(student_layers=stages)
+        super().__init__()
+        self.student_layers = list(stages)  # the exits' inputs: set here, as no config names them
         self.alpha, self.T, self.feature_weight, self.num_classes = float(alpha), float(T), float(feature_weight), num_classes
 
     def setup(self, student_shapes, teacher_shapes, num_train):
