@@ -1,5 +1,6 @@
 """Files that are either the old version or the complete new one, never half written."""
 
+import functools
 import io
 import os
 import tempfile
@@ -9,6 +10,13 @@ from typing import Callable, IO
 import torch
 
 from kd_cli.errors import KdError
+
+
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; once, before any worker thread starts
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -22,6 +30,9 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
+            # mkstemp makes the file owner-only; give it the mode any new file gets (0644 under umask 022),
+            # so that colleagues on a shared machine can read results and reuse the model store.
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             write(f)
             f.flush()
             os.fsync(f.fileno())

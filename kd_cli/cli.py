@@ -151,6 +151,11 @@ def main() -> None:
     app = hydra.main(config_path=config_dir(), config_name=command, version_base="1.3")(_task(command))
     try:
         app()
+    except KeyboardInterrupt:
+        # Each finished epoch is saved (state/), so an interrupted run loses at most the epoch in progress.
+        print("kd: interrupted; rerun the same command with resume=true to continue from the last finished epoch",
+              file=sys.stderr)
+        sys.exit(130)
     finally:
         for sweep_dir in started_sweeps:
             summarize(sweep_dir)

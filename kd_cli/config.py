@@ -70,9 +70,14 @@ def validate(cfg) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and not isinstance(value, bool):
             raise KdError(f"{key} must be true or false, got {value!r}")
+    if cfg.get("command") == "train" and "teacher" not in cfg and "student" not in cfg:
+        raise KdError("nothing to train: `~teacher` and `~student` remove both models; keep at least one")
     _integer(cfg, "seed", 0)
     _integer(cfg, "train.epochs", 1)
     _integer(cfg, "train.batch_size", 1)
+    if "measure" in cfg:
+        _integer(cfg, "measure.latency_runs", 1)
+        _integer(cfg, "measure.latency_warmup", 0)
     if OmegaConf.select(cfg, "train.threads") is not None:
         _integer(cfg, "train.threads", 1)
     if _number(cfg, "train.lr") <= 0:

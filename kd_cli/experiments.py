@@ -23,7 +23,7 @@ from kd_cli.atomic import atomic_write_text
 from kd_cli.errors import KdError
 from kd_cli.preflight import preflight
 from kd_cli.report import build_records, build_report, find_runs, lookup, same, varying_keys, write_report
-from kd_cli.results import print_table
+from kd_cli.results import csv_text, markdown_table, print_table
 
 ROOT = Path("outputs") / "experiments"
 
@@ -117,11 +117,10 @@ def write_experiment(folder: Path, preset) -> pd.DataFrame:
         raise KdError(f"{folder} holds no kd runs; nothing to tabulate")
     table = published_table(build_records(runs), OmegaConf.to_container(preset.published, resolve=True))
     title = f"{preset.name}: published ({preset.source}) vs measured here"
-    atomic_write_text(folder / "experiment.csv", table.to_csv(index=False))
+    atomic_write_text(folder / "experiment.csv", csv_text(table))
     note = f"\n{preset.note}\n" if preset.get("note") else ""
-    shown = table.dropna(axis=1, how="all").astype(object)
-    shown = shown.where(shown.notna(), None)
-    atomic_write_text(folder / "experiment.md", f"# {title}\n{note}\n{shown.to_markdown(index=False, missingval='-')}\n")
+    shown = table.dropna(axis=1, how="all")
+    atomic_write_text(folder / "experiment.md", f"# {title}\n{note}\n{markdown_table(shown)}\n")
     atomic_write_text(folder / "experiment.json", json.dumps(
         {**json.loads((folder / "experiment.json").read_text()), "source": preset.source, "note": preset.get("note"),
          "table": json.loads(table.to_json(orient="records"))}, indent=2) + "\n")

@@ -7,7 +7,7 @@ every combination of a grid sweep included, and checked by `config.validate`.
 
 import difflib
 import itertools
-import os
+import tempfile
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -88,8 +88,11 @@ def _check_writable(folder: str, what: str) -> None:
         path = path.parent
     if not path.is_dir():
         raise KdError(f"cannot write {what} {folder}: {path} is a file, not a folder; choose another location")
-    if not os.access(path, os.W_OK):
-        raise KdError(f"cannot write {what} {folder}: {path} is not writable; choose another location")
+    try:  # a real write, not os.access: root passes access() even where nothing can be created (/proc, read-only mounts)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError:
+        raise KdError(f"cannot write {what} {folder}: {path} is not writable; choose another location") from None
 
 
 def preflight(command: str, args: list[str], conf_dir: str):

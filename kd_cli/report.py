@@ -23,6 +23,7 @@ import pandas as pd
 import yaml
 
 from kd_cli.atomic import atomic_write_text
+from kd_cli.results import csv_text
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,9 @@ def load_run(path: Path) -> Run:
     return Run(path, "unfinished", config.get("command"), config, error=note)
 
 
+TRAINING_COMMANDS = ("train", "distill", None)  # None: a run that failed before Hydra saved its config
+
+
 def _is_run_dir(path: Path) -> bool:
     return (path / "results.json").is_file() or (path / "error.txt").is_file() or (path / ".hydra").is_dir()
 
@@ -166,7 +170,8 @@ def find_runs(paths: list[Path]) -> list[Run]:
                 candidates.add(folder)
         for folder in sorted(candidates, key=_natural_key):
             found[folder.resolve()] = None
-    return [load_run(p) for p in found]
+    # `kd quantize` / `kd bench-model` folders hold measurements of models, not training runs.
+    return [run for run in map(load_run, found) if run.command in TRAINING_COMMANDS]
 
 
 def _natural_key(path: Path):
@@ -703,7 +708,7 @@ def write_report(report: Report, out: Path, sources: list[Path], plots: bool = T
         from kd_cli import plots as figures
 
         report.plots = figures.make_plots(report, out)
-    atomic_write_text(out / "report.csv", report.frame.to_csv(index=False))
+    atomic_write_text(out / "report.csv", csv_text(report.frame))
     atomic_write_text(out / "report.md", to_markdown(report, sources))
     atomic_write_text(out / "report.json", to_json(report))
     return [out / "report.csv", out / "report.md", out / "report.json", *report.plots]
@@ -727,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="kd report",
         description="One table (and plots) over kd run and sweep folders: seeds pooled as mean ± std (n), "
-                    "last- and best-epoch accuracy, costs, and the KD gain over scratch with a 95%% CI.",
+                    "last- and best-epoch accuracy, costs, and the KD gain over scratch with a 95% CI.",
         epilog="examples:\n  kd report outputs/distill-multirun/2026-11-22_10-00-00\n"
                "  kd report outputs --filter role=student_kd --sort=-accuracy\n"
                "  kd report outputs/distill outputs/train --format md --out reports/",
@@ -749,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = find_runs(args.paths)
         if not runs:
-            raise ReportError(f"no kd runs under {', '.join(map(str, args.paths))} "
+            raise ReportError(f"no kd train or distill runs under {', '.join(map(str, args.paths))} "
                               f"(a run folder has results.json, error.txt or .hydra/)")
         report = build_report(runs, args.filter, args.sort)
         first = args.paths[0]
@@ -762,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
         print_report(report, title=f"kd report: {len(runs)} runs")
         print(f"report: {out / 'report.md'} (.csv, .json), {len(written) - 3} plots", file=sys.stderr)
     elif args.format == "csv":
-        sys.stdout.write(report.frame.to_csv(index=False))
+        sys.stdout.write(csv_text(report.frame))
     elif args.format == "md":
         sys.stdout.write(to_markdown(report, args.paths))
     else:

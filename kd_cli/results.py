@@ -38,10 +38,22 @@ def results_frame(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(rows).reindex(columns=COLUMNS)
 
 
+def csv_text(frame: pd.DataFrame) -> str:
+    """`frame` as CSV with floats at 10 significant digits: 585130 rather than 585130.0 (a column with
+    gaps is float in pandas), -7.53 rather than -7.530000000000001."""
+    return frame.to_csv(index=False, float_format="%.10g")
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """`frame` as a markdown table, empty cells shown as '-' (to_markdown alone prints nan)."""
+    shown = frame.astype(object)
+    return shown.where(shown.notna(), None).to_markdown(index=False, missingval="-")
+
+
 def write_results(run_dir: Path, frame: pd.DataFrame, details: dict) -> None:
     run_dir = Path(run_dir)
-    atomic_write_text(run_dir / "results.csv", frame.to_csv(index=False))
-    atomic_write_text(run_dir / "results.md", frame.to_markdown(index=False) + "\n")
+    atomic_write_text(run_dir / "results.csv", csv_text(frame))
+    atomic_write_text(run_dir / "results.md", markdown_table(frame) + "\n")
     records = json.loads(frame.to_json(orient="records"))
     atomic_write_text(run_dir / "results.json", json.dumps({**details, "rows": records}, indent=2) + "\n")
 

@@ -10,7 +10,6 @@ import hashlib
 import json
 import pickle
 import warnings
-import zipfile
 from pathlib import Path
 
 import torch
@@ -75,13 +74,15 @@ def safe_load(path: Path):
 
 def load_checkpoint(path: Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise KdError(f"checkpoint {path} is a folder; point at a checkpoint file (.pt) in it")
     if not path.is_file():
         raise KdError(f"checkpoint {path} does not exist")
     try:
         payload = safe_load(path)
     except pickle.UnpicklingError as e:
         raise KdError(f"{path} is not a kd checkpoint (it holds objects kd will not unpickle); point at a file kd wrote") from e
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+    except Exception as e:  # torch's legacy reader fails on arbitrary bytes with any error (KeyError on text)
         raise KdError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); retrain it or restore it from a backup") from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise KdError(f"{path} is not a kd checkpoint; point at a file written by kd train / kd distill")

@@ -15,7 +15,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from kd_cli.atomic import atomic_write_text
-from kd_cli.results import print_table
+from kd_cli.results import csv_text, print_table
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def summarize(sweep_dir: Path) -> pd.DataFrame | None:
     override_keys = {k for job_overrides in overrides.values() for k in job_overrides}
     swept = [k for k in frame.columns if k in override_keys and frame[k].astype(str).nunique() > 1]
     frame = frame[["job", *swept, *[c for c in frame.columns if c not in swept and c != "job"]]]
-    atomic_write_text(sweep_dir / "summary.csv", frame.to_csv(index=False))
+    atomic_write_text(sweep_dir / "summary.csv", csv_text(frame))
     shown = ["job", *swept, "status", *[c for c in ("role", "accuracy", "best_accuracy", "gain_vs_scratch",
                                                      "teacher_retained", "train_time_s", "error") if c in frame]]
     print_table(frame[shown], title=f"sweep {sweep_dir}: {len(jobs)} jobs")

@@ -35,6 +35,7 @@ def test_train_distill_and_sweep(kd):
         assert (kd.cwd / checkpoint).is_file() and checkpoint.startswith("outputs/store/fashion_mnist/")
     for name in ("results.md", "results.json", "train.log"):
         assert (train_dir / name).is_file()
+    assert "nan" not in (train_dir / "results.md").read_text()  # empty cells are '-'
 
     # Training again reuses the store instead of silently replacing it.
     again = kd("train", *TINY)
@@ -114,6 +115,7 @@ def test_train_command_keeps_the_recipe_and_drops_what_only_distill_takes(monkey
     ("T=0", "kd: error: T must be > 0 (the softmax temperature), got 0"),
     ("+loss.gamma=1", "kd: error: loss=kd has no option 'gamma'; it takes no loss.* options"),
     ("loss.weight=2", "kd: error: loss=kd has no option 'weight'; it takes no loss.* options"),
+    ("measure.latency_runs=0", "kd: error: measure.latency_runs must be a whole number >= 1, got 0"),
     ("experiment=quick_mnist,quick_tutorial", "kd: error: experiment= takes one experiment (each is several sweeps "
                                               "already), got quick_mnist,quick_tutorial; run them one after another"),
 ])

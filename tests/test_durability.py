@@ -80,6 +80,20 @@ def test_sigkill_then_resume_ends_exactly_like_an_uninterrupted_run(kd):
     assert not state.exists()  # a finished run drops its resumable state
 
 
+def test_ctrl_c_is_one_line_that_says_how_to_resume(kd):
+    env = {**os.environ, "CI": "1"}
+    proc = subprocess.Popen([kd_executable(), "train", *TINY, "train.epochs=50", "~student"], cwd=kd.cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not list(kd.cwd.glob("outputs/train/*/state/*.pt")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert stderr.strip().splitlines() == [
+        "kd: interrupted; rerun the same command with resume=true to continue from the last finished epoch"]
+
+
 def test_rerun_sweep_skips_complete_jobs_and_reruns_failed_ones(kd):
     kd("train", *TINY, "~student")
     teacher = next((kd.cwd / "outputs/store").rglob("*.pt"))
@@ -173,6 +187,10 @@ def _bad_checkpoint(kind: str, folder: Path, good: Path) -> Path:
         torch.save({"state_dict": spec_model.state_dict()}, path)
     elif kind == "pickle":
         path.write_bytes(b"\x80\x04\x95not a zip at all")
+    elif kind == "text":
+        path.write_text("hello\n")
+    elif kind == "folder":
+        path.mkdir()
     return path
 
 
@@ -238,6 +256,8 @@ CHECKPOINTS = [
     ("truncated", "is truncated or corrupt"),
     ("foreign", "is not a kd checkpoint"),
     ("pickle", "is not a kd checkpoint"),
+    ("text", "is truncated or corrupt"),
+    ("folder", "is a folder; point at a checkpoint file (.pt) in it"),
 ]
 
 
@@ -278,3 +298,19 @@ def test_resume_finds_the_sweep_whatever_launcher_ran_it(tmp_path, monkeypatch):
     assert resume_target("distill", same_sweep) == [f"hydra.sweep.dir={sweep.relative_to(tmp_path)}"]
     assert resume_target("distill", ["-m", "alpha=0.1,0.9", "T=2", "resume=true"]) == []
     assert resume_target("distill", ["-m", "alpha=0.1,0.5", "T=2"]) == []  # only with resume=true
+
+
+def test_written_files_get_the_mode_new_files_get_not_owner_only(tmp_path):
+    """Results and checkpoints are readable by colleagues on a shared machine (mkstemp alone gives 0600)."""
+    from kd_cli import atomic
+
+    previous = os.umask(0o022)
+    atomic._umask.cache_clear()
+    try:
+        atomic.atomic_write_text(tmp_path / "results.csv", "a\n")
+        atomic.atomic_torch_save(tmp_path / "student.pt", {"x": 1})
+    finally:
+        os.umask(previous)
+        atomic._umask.cache_clear()
+    for name in ("results.csv", "student.pt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644

@@ -733,11 +733,13 @@ def test_default_layers_come_from_the_models():
     assert (crd.student_layers, crd.teacher_layers) == (["classifier.4:in"], ["classifier.4:in"])
 
 
-def test_unequal_stage_counts_need_explicit_layers():
-    with pytest.raises(KdError, match="loss.student_layers has 2 layers and loss.teacher_layers 3"):
-        attached("at", teacher_arch="light6")
+def test_unequal_stage_counts_pair_the_deepest_stages_unless_layers_are_given():
+    at, _, _ = attached("at", teacher_arch="light6")  # lightnn has 2 stages, light6 3
+    assert (at.student_layers, at.teacher_layers) == (["features.2", "features.5"], ["features.13", "features.20"])
     at, _, _ = attached("at", teacher_arch="light6", teacher_layers=["features.6", "features.13"])
     assert at.teacher_layers == ["features.6", "features.13"]
+    with pytest.raises(KdError, match="loss.student_layers has 2 layers and loss.teacher_layers 3"):
+        attached("at", teacher_arch="light6", teacher_layers=["features.6", "features.13", "features.20"])
 
 
 def test_a_misspelt_option_is_an_error_not_ignored():

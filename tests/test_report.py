@@ -278,3 +278,25 @@ def test_t_quantiles():
 def test_pareto_front():
     # (cost, accuracy): the 2-cost 79% point and the 3-cost 84% point are beaten by the 2-cost 85% one
     assert pareto_front([(1, 80), (2, 85), (3, 84), (2, 79), (4, 90)]) == [0, 1, 4]
+
+
+def test_measurement_folders_of_deploy_commands_are_not_runs(tmp_path, capsys):
+    """`kd report outputs` after `kd bench-model` / `kd quantize`: their results.json rows are models, not runs."""
+    distill_run(tmp_path / "distill" / "a", 0, 0.5, 80.0, 78.0, 85.0)
+    bench = tmp_path / "bench-model" / "light6"
+    bench.mkdir(parents=True)
+    (bench / "results.json").write_text(json.dumps(
+        {"command": "bench-model", "model": "light6", "rows": [{"model": "light6", "precision": "fp32", "latency_ms": 1.0}]}))
+    assert report.main([str(tmp_path), "--no-plots", "--format", "csv"]) == 0
+    frame = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert "light6" not in set(frame["model"]) and "mnist_student" in set(frame["model"])
+    assert report.main([str(bench), "--no-plots"]) == 1
+    assert "no kd train or distill runs under" in capsys.readouterr().err
+
+
+def test_csv_floats_are_written_without_binary_noise():
+    from kd_cli.results import csv_text, markdown_table
+
+    frame = pd.DataFrame({"gain": [-7.530000000000001, None], "params": [585130.0, None]})  # gaps make ints floats
+    assert csv_text(frame) == "gain,params\n-7.53,585130\n,\n"
+    assert "nan" not in markdown_table(frame)

@@ -81,6 +81,13 @@ class DistillationLoss(nn.Module):
     def attach(self, student: nn.Module, teacher: nn.Module | None, example: torch.Tensor, num_train: int) -> None:
         """Resolve the layer paths, check they exist, and build helper modules for their shapes."""
         if self.layer_kind:
+            if not self.student_layers and not self.teacher_layers:
+                # Models with different stage counts (ResNet-18's 4, light6's 3): pair the deepest stages
+                # of each, which on CIFAR also have equal map sizes (16, 8, 4).
+                student_default = default_layers(student, self.layer_kind)
+                teacher_default = default_layers(teacher, self.layer_kind)
+                count = min(len(student_default), len(teacher_default), self.max_layers or len(student_default))
+                self.student_layers, self.teacher_layers = student_default[-count:], teacher_default[-count:]
             self.student_layers = self.student_layers or self._deepest(default_layers(student, self.layer_kind))
             self.teacher_layers = self.teacher_layers or self._deepest(default_layers(teacher, self.layer_kind))
             if len(self.student_layers) != len(self.teacher_layers):
