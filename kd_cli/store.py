@@ -93,6 +93,12 @@ def load_checkpoint(path: Path) -> dict:
     return payload
 
 
+def trained_with(meta: dict) -> str:
+    """The loss a checkpoint's model was trained with, for its results row: `kd distill` records it
+    (a teacher-assistant link inside its lineage); a model trained from labels records none: ce."""
+    return meta.get("loss") or (meta.get("lineage") or {}).get("loss", {}).get("name") or "ce"
+
+
 def load_into(model: torch.nn.Module, payload: dict, path: Path, model_cfg, cfg) -> dict:
     """Load weights after checking the checkpoint is for this architecture and dataset."""
     meta = payload["meta"]

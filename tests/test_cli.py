@@ -47,6 +47,7 @@ def test_train_distill_and_sweep(kd):
     assert list(table.index) == ["teacher", "student_scratch", "student_kd"]
     kd_row, scratch, teacher = table.loc["student_kd"], table.loc["student_scratch"], table.loc["teacher"]
     assert (kd_row["alpha"], kd_row["T"], kd_row["loss"], kd_row["scheme"]) == (0.6, 4, "kd", "offline")
+    assert teacher["loss"] == scratch["loss"] == "ce"  # as `kd train` reported them
     assert kd_row["gain_vs_scratch"] == pytest.approx(kd_row["accuracy"] - scratch["accuracy"], abs=0.011)
     assert kd_row["teacher_retained"] == pytest.approx(100 * kd_row["accuracy"] / teacher["accuracy"], abs=0.011)
     assert kd_row["compression"] == pytest.approx(teacher["size_mb"] / kd_row["size_mb"], rel=0.01)

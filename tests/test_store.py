@@ -102,3 +102,11 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_write(path, fail)
     assert path.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]  # no temporary file left behind
+
+
+def test_trained_with_reads_the_loss_a_checkpoint_records():
+    from kd_cli.store import trained_with
+
+    assert trained_with({"history": []}) == "ce"  # `kd train`: from labels
+    assert trained_with({"loss": "dkd", "alpha": 0.5}) == "dkd"  # a `kd distill` student used as a teacher
+    assert trained_with({"lineage": {"loss": {"name": "kd"}, "alpha": 0.9}}) == "kd"  # a teacher-assistant link

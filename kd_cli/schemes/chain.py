@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from kd_cli.losses import build_loss
 from kd_cli.models import model_label
 from kd_cli.schemes import model_config, scheme
-from kd_cli.store import checksum, store_path
+from kd_cli.store import checksum, store_path, trained_with
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def _link_settings(cfg) -> tuple[float, float]:
 def distill_chain(run, first, first_cfg, links: list, role: str):
     cfg = run.cfg
     teacher, teacher_meta, teacher_path = first
-    rows = [run.row("teacher", teacher, first_cfg, teacher_meta, teacher_path)]
+    rows = [run.row("teacher", teacher, first_cfg, teacher_meta, teacher_path, loss=trained_with(teacher_meta))]
     histories = {"teacher": teacher_meta["history"]}
     run.scratch_row(rows, histories)
     teacher_cfg = first_cfg

@@ -7,6 +7,7 @@ from torch import nn
 from kd_cli.engine import evaluate
 from kd_cli.losses import build_loss
 from kd_cli.schemes import logit_loss_only, model_config, scheme
+from kd_cli.store import trained_with
 
 class SoftTargetEnsemble(nn.Module):
     """Teachers whose class probabilities at temperature T are averaged, per sample.
@@ -44,7 +45,7 @@ def multi_teacher(run):
         model_cfg = model_config(name)
         model, meta, path = run.stored(model_cfg, "teacher")
         members.append(model)
-        rows.append(run.row(f"teacher_{number}", model, model_cfg, meta, path))
+        rows.append(run.row(f"teacher_{number}", model, model_cfg, meta, path, loss=trained_with(meta)))
         histories[f"teacher_{number}"] = meta["history"]
     weights = list(cfg.scheme.weights) if cfg.scheme.weights else None
     ensemble = SoftTargetEnsemble(members, cfg.T, weights, cfg.scheme.confidence).to(run.device).eval()
