@@ -143,14 +143,28 @@ def _torchvision_download(cfg_dataset, root: Path) -> None:
 
     cls = getattr(torchvision.datasets, cfg_dataset.torchvision_class)
     log.info("downloading %s into %s", cfg_dataset.name, root)
+    created = [folder for folder in (root, *root.parents) if not folder.exists()]
     try:
         for train in (True, False):
             cls(str(root), train=train, download=True)
     except Exception as e:  # network errors come in many types (URLError, HTTPError, socket errors)
+        _remove_empty(created)
         raise KdError(
             f"could not download {cfg_dataset.name} into {root} ({type(e).__name__}: {e}); "
             f"check the internet connection or put the files there and set data.download=false"
         ) from e
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the folders a failed download created (`created`: the deepest first) where it left nothing."""
+    for folder in created:
+        if not folder.is_dir():
+            continue
+        for inner in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+            if not any(inner.iterdir()):
+                inner.rmdir()
+        if not any(folder.iterdir()):
+            folder.rmdir()
 
 
 _LOADERS = {"idx": _load_idx_dataset, "cifar": _load_cifar}

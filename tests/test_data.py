@@ -150,3 +150,18 @@ def test_validation_split_is_held_out_of_training_and_fixed(fashion_mnist):
     val_images = {bytes(x.numpy()) for x in with_val.val_x}
     assert not any(bytes(x.numpy()) in val_images for x in with_val.train_x[:3000])
     assert load_data(cfg_for("fashion_mnist", "/nonexistent")).val_y is None
+
+
+def test_a_failed_download_leaves_no_empty_folders_behind(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(root, train, download):  # what torchvision does without a network: folders first, then fail
+        (Path(root) / "cifar-10-batches-py").mkdir(parents=True, exist_ok=True)
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    (tmp_path / "kept").mkdir()
+    cfg = cfg_for("cifar10", tmp_path / "new" / "data", "data.download=true")
+    with pytest.raises(KdError, match="could not download cifar10"):
+        load_data(cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
