@@ -160,8 +160,8 @@ def _remove_empty(created: list[Path]) -> None:
     for folder in created:
         if not folder.is_dir():
             continue
-        for inner in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-            if not any(inner.iterdir()):
+        for inner in sorted(folder.rglob("*"), reverse=True):  # a folder's contents sort after it
+            if inner.is_dir() and not any(inner.iterdir()):
                 inner.rmdir()
         if not any(folder.iterdir()):
             folder.rmdir()

@@ -165,7 +165,7 @@ class Teacher:
             raise KdError("train.teacher_cache=on needs fixed inputs; set data.augment=false or train.teacher_cache=auto")
         if mode != "off" and not augment:
             # On a CPU a training batch at a time, whatever the C library: with glibc's default
-            # allocator DeepNN's pass over 2,048 images took 0.51 s so and 0.82 s in chunks of 1000
+            # allocator DeepNN's pass over 2,048 images took 0.51 s this way and 0.82 s in chunks of 1000
             # (each chunk's 256 MB of first-layer activations mmapped and faulted in anew); after
             # keep_freed_memory(), 0.50 s either way.
             chunk = 1000 if device.type == "cuda" else cfg.train.batch_size

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from kd_cli.config import validate
 from kd_cli.engine import resolve_device
 from kd_cli.errors import KdError
-from kd_cli.losses import build_loss
+from kd_cli.losses import LOSSES
 
 # Hydra flags that do not run anything (or run with Hydra's own handling).
 _PASSIVE_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc",
@@ -72,7 +72,7 @@ def _explain(error: HydraException, command: str, conf_dir: str, overrides: list
                 cfg = compose(command)
         if key.startswith("loss.") and "loss" in cfg:
             try:  # a loss takes exactly its yaml's keys, so `+loss.KEY=` would not help: list what it takes
-                build_loss(cfg).check_options([key.split(".")[1]])
+                LOSSES[cfg.loss.name].check_options([key.split(".")[1]])
             except KdError as e:
                 return e.reason
         known = _all_keys(cfg)

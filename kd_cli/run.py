@@ -225,11 +225,13 @@ class Run:
         histories["student_kd"] = result.history
         return student, meta, result
 
+    def distill_columns(self) -> dict:
+        """The scheme, loss, alpha and T columns of the rows this run's own distillation produced."""
+        return {"scheme": self.cfg.scheme.name, "loss": self.cfg.loss.name, "alpha": self.cfg.alpha, "T": self.cfg.T}
+
     def student_kd_row(self, student, meta: dict, loss_fn: DistillationLoss, **columns) -> dict:
         """The distilled student's row; `helper_params` counts what its loss trained beside it (regressors, peers, exits)."""
-        cfg = self.cfg
-        return self.row("student_kd", student, cfg.student, meta, self.student_path, scheme=cfg.scheme.name,
-                        loss=cfg.loss.name, alpha=cfg.alpha, T=cfg.T,
+        return self.row("student_kd", student, self.cfg.student, meta, self.student_path, **self.distill_columns(),
                         helper_params=sum(p.numel() for p in loss_fn.parameters()), **columns)
 
     def finish(self, rows: list[dict], histories: dict) -> None:

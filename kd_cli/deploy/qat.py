@@ -36,7 +36,7 @@ def qat_rows(run, teacher, student, loss_fn, **columns) -> list[dict]:
     lr = cfg.train.lr / 10 if cfg.qat.lr is None else float(cfg.qat.lr)
     cpu_data = run.data.to(torch.device("cpu"))
     calibration = calibration_batches(cpu_data, images, cfg.seed)
-    columns = {"scheme": cfg.scheme.name, "loss": cfg.loss.name, "alpha": cfg.alpha, "T": cfg.T, **columns}
+    columns = run.distill_columns() | columns
 
     def row(role: str, int8, metrics: dict) -> dict:
         path = run.run_dir / f"{role}.torchscript.pt"

@@ -88,8 +88,9 @@ class DistillationLoss(nn.Module):
                 teacher_default = default_layers(teacher, self.layer_kind)
                 count = min(len(student_default), len(teacher_default), self.max_layers or len(student_default))
                 self.student_layers, self.teacher_layers = student_default[-count:], teacher_default[-count:]
-            self.student_layers = self.student_layers or self._deepest(default_layers(student, self.layer_kind))
-            self.teacher_layers = self.teacher_layers or self._deepest(default_layers(teacher, self.layer_kind))
+            else:  # one side given: the other side's defaults
+                self.student_layers = self.student_layers or self._deepest(default_layers(student, self.layer_kind))
+                self.teacher_layers = self.teacher_layers or self._deepest(default_layers(teacher, self.layer_kind))
             if len(self.student_layers) != len(self.teacher_layers):
                 raise KdError(f"loss.student_layers has {len(self.student_layers)} layers and loss.teacher_layers "
                               f"{len(self.teacher_layers)}; give the same number (they are matched in order)")

@@ -9,6 +9,7 @@ from kd_cli.losses import build_loss
 from kd_cli.schemes import logit_loss_only, model_config, scheme
 from kd_cli.store import trained_with
 
+
 class SoftTargetEnsemble(nn.Module):
     """Teachers whose class probabilities at temperature T are averaged, per sample.
 
