@@ -35,6 +35,35 @@ def test_conv_family_grows_with_depth():
     assert sizes == sorted(sizes) and len(set(sizes)) == 5
 
 
+
+def _relu_before_pool(features: torch.nn.Sequential) -> torch.nn.Sequential:
+    """The same layers in the sources' order: each max-pool after the ReLU the catalogue puts behind it."""
+    layers = list(features)
+    pools = [i for i, layer in enumerate(layers[:-1]) if isinstance(layer, torch.nn.MaxPool2d) and isinstance(layers[i + 1], torch.nn.ReLU)]
+    for i in pools:
+        layers[i], layers[i + 1] = layers[i + 1], layers[i]
+    return torch.nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch, spec", [("lightnn", CIFAR10), ("deepnn", CIFAR10), ("light6", CIFAR10), ("mnist_student", MNIST)])
+def test_pooling_before_relu_equals_the_sources_order_bit_for_bit(arch, spec, dtype):
+    torch.manual_seed(0)
+    model = make(arch, spec).to(dtype).train()
+    x = torch.randn(8, spec.channels, spec.size, spec.size, dtype=dtype)
+    sources_order = _relu_before_pool(model.features)
+    assert [type(m) for m in sources_order] != [type(m) for m in model.features]
+    results = []
+    for features in (model.features, sources_order):
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks
+        out = model.classifier(features(x))
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.equal(out_a, out_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+
 @pytest.mark.parametrize("spec", [CIFAR10, CIFAR100, MNIST], ids=["cifar10", "cifar100", "mnist"])
 @pytest.mark.parametrize("arch", sorted(CATALOGUE))
 def test_every_model_runs_on_every_shape(arch, spec):
