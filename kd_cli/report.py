@@ -33,8 +33,8 @@ METRICS = ("accuracy", "best_accuracy", "val_accuracy")
 # Properties of the model or of the machine, not of the seed: averaged, shown without spread.
 COSTS = ("params", "size_mb", "flops", "latency_ms", "train_time_s", "compression", "teacher_retained")
 # Config keys that never make two runs different experiments (bookkeeping, or where files live).
-IGNORED = {"seed", "device", "resume", "store_dir", "overwrite", "command", "data.root", "data.download",
-           "teacher.checkpoint", "student.checkpoint"}
+# A model's `checkpoint` does count: two teacher files are two teachers, not two seeds of one.
+IGNORED = {"seed", "device", "resume", "store_dir", "overwrite", "command", "data.root", "data.download"}
 IGNORED_PREFIXES = ("measure.", "hydra.", "preset.")
 # Which config keys can change a row of each role: the stored models do not depend on alpha, T, loss.
 _RECIPE = ("dataset.", "data.", "train.")
@@ -81,6 +81,14 @@ class Run:
     @cached_property
     def flat(self) -> dict:
         return flatten(self.config)
+
+    @cached_property
+    def finished(self) -> float:
+        """When the run wrote its results (0 for a run without them)."""
+        try:
+            return (self.path / "results.json").stat().st_mtime
+        except OSError:
+            return 0.0
 
     @property
     def sweep(self) -> Path | None:
@@ -422,6 +430,7 @@ class Report:
     gains: list[dict]
     runs: list[Run]
     optuna: list[dict]
+    repeats: list[dict] = field(default_factory=list)  # rows left out for a newer run of the same configuration and seed
     plots: list[Path] = field(default_factory=list)
 
 
@@ -452,6 +461,10 @@ def build_report(runs: list[Run], filters: list[str] = (), sort: str | None = No
         if record["status"] == "ok":
             key = (record["role"], record.get("model"), *(_hashable(record.get(k)) for k in keys))
             groups.setdefault(key, []).append(record)
+    repeats = []
+    for key, group in groups.items():
+        groups[key], repeated = newest_per_seed(group)
+        repeats += repeated
 
     rows = []
     for (role, model, *values), group in groups.items():
@@ -490,7 +503,23 @@ def build_report(runs: list[Run], filters: list[str] = (), sort: str | None = No
             gains.append({**{k: row.get(k) for k in ("role", "model", *keys)}, "gain": row["gain"],
                           "low": row["gain_ci_low"], "high": row["gain_ci_high"], "n": int(row["gain_n"]),
                           "method": row["gain_method"], "verdict": row["gain_verdict"]})
-    return Report(frame, keys, gains, runs, optuna_results(runs))
+    return Report(frame, keys, gains, runs, optuna_results(runs), repeats)
+
+
+def newest_per_seed(group: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(kept, repeats): reruns of one configuration with one seed are one experiment, not more seeds.
+
+    Pooling them would count one seed twice and shrink the gain's interval (two equal CPU reruns give
+    a zero-width one); the newest run counts. Each repeat is described for the report's notes.
+    """
+    newest: dict = {}
+    for record in group:
+        held = newest.get(record.get("seed"))
+        if held is None or record["_run"].finished > held["_run"].finished:
+            newest[record.get("seed")] = record
+    repeats = [{"run": str(r["_run"].path), "newer": str(newest[r.get("seed")]["_run"].path), "role": r["role"],
+                "seed": r.get("seed")} for r in group if r is not newest[r.get("seed")]]
+    return [r for r in group if r is newest[r.get("seed")]], repeats
 
 
 def _sorted(frame: pd.DataFrame, keys: list[str], sort: str | None) -> pd.DataFrame:
@@ -642,6 +671,11 @@ def problem_lines(report: Report) -> list[str]:
     return lines
 
 
+def repeat_lines(report: Report) -> list[str]:
+    return [f"{r['run']} ({r['role']}, seed {r['seed']}) repeats the configuration and seed of {r['newer']}, "
+            f"which the table uses" for r in report.repeats]
+
+
 def optuna_lines(report: Report) -> list[str]:
     lines = []
     for o in report.optuna:
@@ -665,7 +699,8 @@ def to_markdown(report: Report, sources: list[Path]) -> str:
     parts += [table.to_markdown(index=False, disable_numparse=True) if not table.empty else "(no runs)", ""]
     for title, lines in (("KD gain over the scratch student", gain_sentences(report)),
                          ("Hyperparameter search", optuna_lines(report)),
-                         ("Failed or unfinished runs", problem_lines(report))):
+                         ("Failed or unfinished runs", problem_lines(report)),
+                         ("Repeated runs, left out", repeat_lines(report))):
         if lines:
             parts += [f"## {title}", "", *[f"- {line}" for line in lines], ""]
     if report.plots:
@@ -685,7 +720,7 @@ def to_markdown(report: Report, sources: list[Path]) -> str:
 
 def to_json(report: Report) -> str:
     records = json.loads(report.frame.to_json(orient="records"))
-    payload = {"rows": records, "keys": report.keys, "gains": report.gains, "optuna": report.optuna,
+    payload = {"rows": records, "keys": report.keys, "gains": report.gains, "optuna": report.optuna, "repeats": report.repeats,
                "runs": [{"path": str(r.path), "status": r.status, "command": r.command, "error": r.error}
                         for r in report.runs],
                "plots": [str(p) for p in report.plots]}
@@ -723,7 +758,7 @@ def print_report(report: Report, title: str) -> None:
         return
     print_table(shown, title=title)
     for heading, lines in (("KD gain", gain_sentences(report)), ("search", optuna_lines(report)),
-                           ("not finished", problem_lines(report))):
+                           ("not finished", problem_lines(report)), ("left out", repeat_lines(report))):
         for line in lines:
             print(f"{heading}: {line}")
 

@@ -294,6 +294,38 @@ def test_measurement_folders_of_deploy_commands_are_not_runs(tmp_path, capsys):
     assert "no kd train or distill runs under" in capsys.readouterr().err
 
 
+
+def test_teachers_from_different_files_are_not_pooled_as_seeds(tmp_path):
+    """`kd distill -m teacher.checkpoint=a.pt,b.pt`: two teachers, one seed each, not one teacher with n=2."""
+    for name, teacher_acc, kd_acc in (("short.pt", 80.0, 78.0), ("long.pt", 90.0, 82.0)):
+        cfg = config("distill", 0)
+        cfg["teacher"]["checkpoint"] = f"/teachers/{name}"
+        rows = [row("teacher", "mnist_teacher", 0, teacher_acc, checkpoint=f"/teachers/{name}"),
+                row("student_kd", "mnist_student", 0, kd_acc, loss="kd", scheme="offline", alpha=0.5, T=4.0,
+                    checkpoint=str(tmp_path / name / "student.pt"))]
+        write_run(tmp_path / name, cfg, rows, overrides=[f"teacher.checkpoint=/teachers/{name}"])
+    frame = report.build_report(report.find_runs([tmp_path])).frame
+    assert "teacher.checkpoint" in frame.columns
+    assert len(frame) == 4 and set(frame["n"]) == {1}
+    kd = rows_of(frame, role="student_kd", **{"teacher.checkpoint": "/teachers/long.pt"})
+    assert kd["accuracy"].tolist() == [82.0]
+
+
+def test_a_rerun_of_one_seed_counts_once_the_newest(tmp_path, capsys):
+    """The same distillation run twice (seed 0): one experiment, not two seeds with a zero-width interval."""
+    import os
+
+    for name, kd_acc in (("first", 81.0), ("again", 82.0)):
+        distill_run(tmp_path / name, 0, 0.5, kd_acc, 80.0, 85.0)
+    os.utime(tmp_path / "first" / "results.json", (1_000_000, 1_000_000))  # the older run
+    built = report.build_report(report.find_runs([tmp_path]))
+    kd = rows_of(built.frame, role="student_kd")
+    assert kd["n"].tolist() == [1] and kd["accuracy"].tolist() == [82.0]
+    assert kd["gain_method"].tolist() == ["one seed"] and kd["gain"].tolist() == [2.0]
+    assert [(r["run"], r["newer"], r["seed"]) for r in built.repeats] == [(str(tmp_path / "first"), str(tmp_path / "again"), 0)]
+    report.print_report(built, "t")
+    assert f"left out: {tmp_path / 'first'} (student_kd, seed 0) repeats the configuration and seed of {tmp_path / 'again'}" in capsys.readouterr().out
+
 def test_csv_floats_are_written_without_binary_noise():
     from kd_cli.results import csv_text, markdown_table
 
