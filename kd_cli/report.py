@@ -756,7 +756,7 @@ def print_report(report: Report, title: str) -> None:
     if shown.empty:
         print(f"{title}: no runs")
         return
-    print_table(shown, title=title)
+    print_table(shown, title=title, hide=())  # display_frame chose the columns: a swept dataset among them
     for heading, lines in (("KD gain", gain_sentences(report)), ("search", optuna_lines(report)),
                            ("not finished", problem_lines(report)), ("left out", repeat_lines(report))):
         for line in lines:

@@ -113,7 +113,7 @@ def summarize(sweep_dir: Path) -> pd.DataFrame | None:
     atomic_write_text(sweep_dir / "summary.csv", csv_text(frame))
     shown = ["job", *swept, "status", *[c for c in ("role", "accuracy", "best_accuracy", "gain_vs_scratch",
                                                      "teacher_retained", "train_time_s", "error") if c in frame]]
-    print_table(frame[shown], title=f"sweep {sweep_dir}: {len(jobs)} jobs")
+    print_table(frame[shown], title=f"sweep {sweep_dir}: {len(jobs)} jobs", hide=())  # a swept dataset is a column
     log.info("summary: %s", sweep_dir / "summary.csv")
     numeric = [k for k in swept if pd.api.types.is_numeric_dtype(frame[k])]
     # A grid only: the scattered trials of an Optuna search would leave most cells empty; and never

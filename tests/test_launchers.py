@@ -106,6 +106,20 @@ def test_gpus_are_dealt_round_robin(monkeypatch):
     assert sweep.assign_gpu(3) is None
 
 
+
+def test_a_swept_dataset_is_a_column_of_the_printed_summary(tmp_path, capsys):
+    """`kd distill -m dataset=fashion_mnist,cifar10`: the printed table must say which job is which."""
+    for job, dataset in enumerate(("fashion_mnist", "cifar10")):
+        (tmp_path / str(job) / ".hydra").mkdir(parents=True)
+        (tmp_path / str(job) / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"dataset={dataset}"]))
+    (tmp_path / "0" / "results.json").write_text(json.dumps({"command": "distill", "rows": [
+        {"role": "student_kd", "dataset": "fashion_mnist", "accuracy": 80.0}]}))
+    (tmp_path / "1" / "error.txt").write_text("kd: error: could not download cifar10 into data\n")
+    sweep.summarize(tmp_path)
+    table = capsys.readouterr().out
+    header = next(line for line in table.splitlines() if "job" in line)
+    assert "dataset" in header and "cifar10" in table and "fashion_mnist" in table
+
 def _search_override() -> str:
     # `hparams_search=optuna` once conf/distill.yaml lists the group in its defaults (the lead's patch)
     defaults = yaml.safe_load((REPO / "conf" / "distill.yaml").read_text())["defaults"]

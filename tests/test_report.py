@@ -326,6 +326,18 @@ def test_a_rerun_of_one_seed_counts_once_the_newest(tmp_path, capsys):
     report.print_report(built, "t")
     assert f"left out: {tmp_path / 'first'} (student_kd, seed 0) repeats the configuration and seed of {tmp_path / 'again'}" in capsys.readouterr().out
 
+
+def test_a_swept_dataset_is_a_column_of_the_printed_table(tmp_path, capsys):
+    for dataset, accuracy in (("fashion_mnist", 80.0), ("cifar10", 60.0)):
+        cfg = config("distill", 0)
+        cfg["dataset"]["name"] = dataset
+        rows = [row("student_kd", "mnist_student", 0, accuracy, dataset=dataset, loss="kd", alpha=0.5, T=4.0)]
+        write_run(tmp_path / dataset, cfg, rows, overrides=[f"dataset={dataset}"])
+    report.print_report(report.build_report(report.find_runs([tmp_path])), "t")
+    table = capsys.readouterr().out
+    header = next(line for line in table.splitlines() if "role" in line)
+    assert "dataset" in header and "cifar10" in table and "fashion_mnist" in table
+
 def test_csv_floats_are_written_without_binary_noise():
     from kd_cli.results import csv_text, markdown_table
 
