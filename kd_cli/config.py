@@ -4,7 +4,9 @@
 available in both roles and a new model needs no yaml.
 """
 
+import difflib
 from numbers import Real
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -91,10 +93,10 @@ def validate(cfg) -> None:
         raise KdError(f"alpha must be in [0, 1] (the weight of the distillation term), got {cfg.alpha}")
     if "T" in cfg and _number(cfg, "T") <= 0:
         raise KdError(f"T must be > 0 (the softmax temperature), got {cfg.T}")
-    if "loss" in cfg:
-        build_loss(cfg)  # every loss.* option checked now, not after the teacher has trained
+    # Every loss.* option checked now, not after the teacher has trained.
+    loss_fn = build_loss(cfg) if "loss" in cfg else None
     if "scheme" in cfg:
-        _validate_scheme(cfg)
+        _validate_scheme(cfg, loss_fn)
     if cfg.get("teacher_recipe"):
         validate(teacher_config(cfg))
     if cfg.get("quant") == "qat":  # checked now, not after the fp32 student has trained
@@ -132,8 +134,39 @@ def _model_names(cfg, key: str, required: bool) -> list:
     return list(names)
 
 
-def _validate_scheme(cfg) -> None:
+def scheme_options(name: str) -> list[str] | None:
+    """The options scheme `name` takes: the keys of its yaml, which is all a scheme reads (None: no such yaml)."""
+    from kd_cli.cli import config_dir
+
+    path = Path(config_dir(), "scheme", f"{name}.yaml")
+    return [k for k in OmegaConf.load(path) if k != "name"] if path.is_file() else None
+
+
+def scheme_option_error(option: str, name: str) -> str:
+    """One line for `scheme.OPTION` that scheme `name` does not take: a close match, or the scheme it belongs to."""
+    from kd_cli.cli import config_dir
+
+    takes = scheme_options(name) or []
+    message = f"scheme={name} has no option '{option}'"
+    close = difflib.get_close_matches(option, takes, n=1)
+    owners = sorted(p.stem for p in Path(config_dir(), "scheme").glob("*.yaml") if option in (scheme_options(p.stem) or []))
+    if close:
+        message += f" (did you mean '{close[0]}'?)"
+    elif owners:
+        message += f"; it is an option of scheme={', scheme='.join(owners)}"
+    return message + (f"; its options are: {', '.join(takes)}" if takes else "; it takes no scheme.* options")
+
+
+def _validate_scheme(cfg, loss_fn) -> None:
     scheme = cfg.scheme
+    options = scheme_options(scheme.name)
+    extra = [k for k in scheme if k != "name" and k not in options] if options is not None else []
+    if extra:  # `+scheme.KEY=` adds any key, and a scheme would silently ignore it
+        raise KdError(scheme_option_error(extra[0], scheme.name))
+    if scheme.name in ("multi_teacher", "online") and loss_fn is not None:
+        from kd_cli.schemes import logit_loss_only
+
+        logit_loss_only(loss_fn, cfg)
     if cfg.get("quant") == "qat" and scheme.name not in ("offline", "ta", "born_again"):
         raise KdError(f"quant=qat fine-tunes a student from its teacher: use it with scheme=offline, ta or born_again "
                       f"(not scheme={scheme.name}), or run `kd quantize run=PATH` on this run's student")
@@ -160,5 +193,11 @@ def _validate_scheme(cfg) -> None:
     elif scheme.name == "online":
         _model_names(cfg, "scheme.peers", required=False)
     elif scheme.name == "self":
+        if cfg.loss.name != "kd":
+            raise KdError(f"scheme=self distils between the student's own exits with KD; leave loss=kd (got loss={cfg.loss.name})")
         if _number(cfg, "scheme.feature_weight") < 0:
             raise KdError(f"scheme.feature_weight must be >= 0, got {scheme.feature_weight}")
+        from kd_cli.models import ImageSpec, build_model
+        from kd_cli.schemes.self_distillation import exits_of
+
+        exits_of(cfg, build_model(cfg.student, ImageSpec.of(cfg.dataset)))

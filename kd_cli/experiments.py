@@ -61,6 +61,11 @@ def run_experiment(args: list[str], preset, conf_dir: str) -> int:
     """Run every part of the preset, then write its tables and plots. Returns the exit status."""
     name = preset.name
     parts = [shlex.split(line) for line in preset.runs]
+    swept = {item.split("=", 1)[0].lstrip("+~"): item for part in parts for item in part}
+    for arg in args:  # the part's value would silently win over the user's
+        if (key := arg.split("=", 1)[0].lstrip("+~")) in swept:
+            raise KdError(f"experiment={name} sets {key} itself ({swept[key]}); drop {arg} from the command line, "
+                          f"or run the sweep you want with `kd distill -m ...`")
     for part in parts:  # every part checked before anything runs
         preflight("distill", [*args, *part, "-m"], conf_dir)
     folder = _folder(name, args)

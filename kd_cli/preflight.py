@@ -15,7 +15,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
 from omegaconf import OmegaConf
 
-from kd_cli.config import validate
+from kd_cli.config import scheme_option_error, validate
 from kd_cli.engine import resolve_device
 from kd_cli.errors import KdError
 from kd_cli.losses import LOSSES
@@ -75,6 +75,8 @@ def _explain(error: HydraException, command: str, conf_dir: str, overrides: list
                 LOSSES[cfg.loss.name].check_options([key.split(".")[1]])
             except KdError as e:
                 return e.reason
+        if key.startswith("scheme.") and "scheme" in cfg:  # the same for a scheme's options (its yaml's keys)
+            return scheme_option_error(key.split(".", 1)[1], cfg.scheme.name)
         known = _all_keys(cfg)
         close = difflib.get_close_matches(key, known, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""

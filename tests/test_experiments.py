@@ -44,6 +44,14 @@ def test_full_preset_prints_its_plan(kd):
     assert not (kd.cwd / "outputs").exists()  # --cfg runs nothing
 
 
+def test_an_override_of_what_the_preset_sweeps_is_refused(kd):
+    proc = kd("distill", "experiment=quick_data_fraction", "data.fraction=0.05", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("kd: error: experiment=quick_data_fraction sets data.fraction itself (data.fraction=0.01,0.03,0.1); "
+                                   "drop data.fraction=0.05 from the command line, or run the sweep you want with `kd distill -m ...`")
+    assert not (kd.cwd / "outputs").exists()
+
+
 def record(role, accuracy, **config):
     return {"role": role, "accuracy": accuracy, "status": "ok", "_config": config, **{k: v for k, v in config.items() if "." not in k}}
 

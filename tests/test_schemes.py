@@ -216,9 +216,19 @@ def test_teacher_recipe_trains_the_teacher_on_other_data(kd, kd_tiny):
     (["scheme=self", "student=mnist_student"], "scheme=self needs at least two stages"),
     (["scheme=online", "quant=qat"], "quant=qat fine-tunes a student from its teacher: use it with scheme=offline, ta or born_again"),
     (["teacher_recipe={data:{fractoin:1.0}}"], "teacher_recipe: Key 'fractoin' is not in struct"),
+    # Options are a scheme's yaml keys: another scheme's option is named as such, also when added with +.
+    (["scheme=ta", "scheme.generations=3"],
+     "scheme=ta has no option 'generations'; it is an option of scheme=born_again; its options are: assistants, link_alpha, link_T"),
+    (["scheme=ta", "scheme.assistants=[conv8]", "+scheme.generations=3"], "scheme=ta has no option 'generations'"),
+    (["scheme=ta", "scheme.asistants=[conv8]"], "scheme=ta has no option 'asistants' (did you mean 'assistants'?)"),
+    # Checked in preflight, before any data is loaded or a run folder made.
+    (["scheme=self", "loss=dkd"], "scheme=self distils between the student's own exits with KD; leave loss=kd"),
+    (["scheme=self", "scheme.exits=[foo.bar]"], "the student has no layer 'foo.bar'; valid paths"),
+    (["scheme=online", "loss=tf_kd"], "scheme=online combines logits"),
 ])
-def test_bad_scheme_settings_exit_with_one_line(kd_tiny, overrides, message):
+def test_bad_scheme_settings_exit_with_one_line(kd, kd_tiny, overrides, message):
     proc = kd_tiny(*overrides, check=False)
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr
     assert message in lines[0]
+    assert not (kd.cwd / "outputs" / "distill").exists()  # refused before a run folder was made

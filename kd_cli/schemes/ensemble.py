@@ -6,7 +6,7 @@ from torch import nn
 
 from kd_cli.engine import evaluate
 from kd_cli.losses import build_loss
-from kd_cli.schemes import logit_loss_only, model_config, scheme
+from kd_cli.schemes import model_config, scheme
 from kd_cli.store import trained_with
 
 
@@ -39,8 +39,7 @@ class SoftTargetEnsemble(nn.Module):
 @scheme("multi_teacher")
 def multi_teacher(run):
     cfg = run.cfg
-    loss_fn = build_loss(cfg)
-    logit_loss_only(loss_fn, cfg)
+    loss_fn = build_loss(cfg)  # config.validate has checked it is a loss on logits
     members, rows, histories = [], [], {}
     for number, name in enumerate(cfg.scheme.teachers, 1):
         model_cfg = model_config(name)

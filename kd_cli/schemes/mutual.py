@@ -12,7 +12,7 @@ from torch import nn
 from kd_cli.engine import evaluate
 from kd_cli.losses import DistillationLoss, build_loss
 from kd_cli.models import model_label
-from kd_cli.schemes import logit_loss_only, model_config, scheme
+from kd_cli.schemes import model_config, scheme
 
 
 class MutualLearning(DistillationLoss):
@@ -37,8 +37,7 @@ class MutualLearning(DistillationLoss):
 @scheme("online")
 def online(run):
     cfg = run.cfg
-    base = build_loss(cfg)
-    logit_loss_only(base, cfg)
+    base = build_loss(cfg)  # config.validate has checked it is a loss on logits
     peer_cfgs = [model_config(name) for name in cfg.scheme.peers] if cfg.scheme.peers else [cfg.teacher]
     # Distinct seeds: two peers of one architecture starting equal would stay equal.
     peers = [run.new_model(peer_cfg, seed_offset=1000 * number) for number, peer_cfg in enumerate(peer_cfgs, 1)]

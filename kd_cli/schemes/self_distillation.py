@@ -14,7 +14,7 @@ from torch import nn
 
 from kd_cli.engine import evaluate
 from kd_cli.errors import KdError
-from kd_cli.features import default_layers
+from kd_cli.features import FeatureTaps, default_layers
 from kd_cli.losses import DistillationLoss
 from kd_cli.losses.hinton import soft_target_kl
 from kd_cli.measure import count_params, size_mb
@@ -110,16 +110,20 @@ class EarlyExit(nn.Module):
         return count_params(used), size_mb(used)
 
 
-@scheme("self")
-def self_distillation(run):
-    cfg = run.cfg
-    if cfg.loss.name != "kd":
-        raise KdError(f"scheme=self distils between the student's own exits with KD; leave loss=kd (got loss={cfg.loss.name})")
-    probe = run.new_model(cfg.student)
-    stages = list(cfg.scheme.exits) if cfg.scheme.exits else default_layers(probe, "stages")
+def exits_of(cfg, student: nn.Module) -> list[str]:
+    """The layers of `student` that scheme=self puts exits after: `scheme.exits`, or its own stages."""
+    stages = list(cfg.scheme.exits) if cfg.scheme.exits else default_layers(student, "stages")
+    FeatureTaps(student, stages, "student").remove()  # every path names a layer, or one line lists them
     if len(stages) < 2:
         raise KdError(f"scheme=self needs at least two stages to put exits after; {model_label(cfg.student)} has "
                       f"{stages}; choose a deeper student or set scheme.exits=[PATH,...] (the last is the deepest)")
+    return stages
+
+
+@scheme("self")
+def self_distillation(run):
+    cfg = run.cfg  # config.validate has checked the loss and the exits
+    stages = exits_of(cfg, run.new_model(cfg.student))
     loss_fn = SelfDistillation(cfg.alpha, cfg.T, cfg.scheme.feature_weight, stages, run.data.spec.num_classes)
     rows, histories = [], {}
     run.scratch_row(rows, histories)
