@@ -95,6 +95,10 @@ def validate(cfg) -> None:
         raise KdError(f"T must be > 0 (the softmax temperature), got {cfg.T}")
     # Every loss.* option checked now, not after the teacher has trained.
     loss_fn = build_loss(cfg) if "loss" in cfg else None
+    hint_epochs = OmegaConf.select(cfg, "loss.stage1_epochs")
+    if hint_epochs and hint_epochs >= cfg.train.epochs:
+        raise KdError(f"loss.stage1_epochs={hint_epochs} covers every epoch of train.epochs={cfg.train.epochs}, so the "
+                      f"student would never learn from the labels; use fewer hint epochs or more train.epochs")
     if "scheme" in cfg:
         _validate_scheme(cfg, loss_fn)
     if cfg.get("teacher_recipe"):

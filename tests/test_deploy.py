@@ -228,3 +228,15 @@ def test_bad_inputs_give_one_line(tmp_path, distilled, capsys, monkeypatch):
     assert "neither an existing run folder" in error_line("bench-model", "no_such_model")
     assert "needs run=PATH" in error_line("export")
     assert not (tmp_path / "outputs").exists()
+
+
+
+def test_qat_refuses_hooks_whose_feature_fusion_changes():
+    from kd_cli.deploy.qat import _same_after_fusion
+    from kd_cli.deploy.quantize import prepare_qat
+
+    light6 = build_model(OmegaConf.create({"arch": "light6", "checkpoint": None}), ImageSpec(1, 28, 10))
+    layers = dict(prepare_qat(light6, torch.randn(2, 1, 28, 28)).named_modules())
+    # features.0-2 are Conv, BN, ReLU: fused into one ConvBnReLU2d at features.0
+    verdicts = {path: _same_after_fusion(path, layers) for path in ("features.0", "features.0:in", "features.2", "features.5", "features.6")}
+    assert verdicts == {"features.0": False, "features.0:in": True, "features.2": False, "features.5": True, "features.6": True}

@@ -757,10 +757,25 @@ def test_a_misspelt_option_is_an_error_not_ignored():
     ({"name": "combo", "terms": {"dkd": {"weight": 1, "student_layers": ["features.0"]}}},
      "loss.terms.dkd: loss=dkd has no option 'student_layers'"),
     ({"name": "at", "weight": "abc"}, "loss=at: could not convert string to float: 'abc'; check the loss.* values"),
+    # Values that would run and quietly give a meaningless student.
+    ({"name": "at", "weight": -5}, "loss=at: loss.weight must be >= 0 (a negative weight maximises the distillation term)"),
+    ({"name": "at", "p": 0}, "loss=at: loss.p must be > 0"),
+    ({"name": "dkd", "warmup_epochs": -1}, "loss=dkd: loss.warmup_epochs must be a whole number of epochs >= 0, got -1"),
+    ({"name": "fsp", "stage1_epochs": 1.5}, "loss=fsp: loss.stage1_epochs must be a whole number of epochs >= 0, got 1.5"),
+    ({"name": "combo", "terms": {"kd": -1}}, "loss.terms.kd: the weight must be >= 0, got -1"),
+    ({"name": "combo", "terms": {"at": {"weight": 1, "p": 0}}}, "loss.terms.at: loss.p must be > 0"),
 ])
 def test_every_loss_rejects_options_it_does_not_take(loss, message):
     with pytest.raises(KdError, match=re.escape(message)):
         build_loss(OmegaConf.create({"loss": loss, "alpha": 0.5, "T": 4}))
+
+
+def test_hint_epochs_must_leave_epochs_for_the_labels():
+    from kd_cli.bench.sides import compose_config
+
+    compose_config("distill", ["loss=fitnets", "loss.stage1_epochs=1", "train.epochs=2"])
+    with pytest.raises(KdError, match=re.escape("loss.stage1_epochs=2 covers every epoch of train.epochs=2")):
+        compose_config("distill", ["loss=fitnets", "loss.stage1_epochs=2", "train.epochs=2"])
 
 
 def test_tf_kd_rejects_an_impossible_probability():

@@ -25,6 +25,18 @@ from kd_cli.errors import KdError
 log = logging.getLogger(__name__)
 
 
+def _same_after_fusion(path: str, layers: dict) -> bool:
+    """Whether a hooked path still gives the fp32 run's feature in the fake-quantized model.
+
+    Fusion removes the ReLU (or BatchNorm) after a convolution and makes the convolution's output
+    that of the fused block: Conv -> BN -> ReLU hooked at the Conv would become ReLU(BN(conv)).
+    """
+    name, _, side = path.partition(":")
+    module = layers.get(name)
+    fused = module is not None and type(module).__module__.startswith("torch.ao.nn.intrinsic")
+    return module is not None and (side == "in" or not fused)
+
+
 def qat_rows(run, teacher, student, loss_fn, **columns) -> list[dict]:
     """The `student_kd_ptq` and `student_kd_qat` rows of the finished fp32 KD `student`.
 
@@ -49,10 +61,11 @@ def qat_rows(run, teacher, student, loss_fn, **columns) -> list[dict]:
 
     fake_quantized = prepare_qat(student, calibration[0][:2]).to(run.device)
     layers = dict(fake_quantized.named_modules())
-    fused_away = [path for path in loss_fn.student_layers if path.partition(":")[0] not in layers]
+    fused_away = [path for path in loss_fn.student_layers if not _same_after_fusion(path, layers)]
     if fused_away:
         raise KdError(f"quant=qat: loss={cfg.loss.name} hooks student layer(s) {', '.join(fused_away)}, which quantization "
-                      f"fuses into the layer before; set loss.student_layers to convolution or pooling layers, or quant=null")
+                      f"fuses with its neighbours, so the feature would change; hook the stage ends (the default) or "
+                      f"pooling layers, or set quant=null")
     # Fake quantization has fp32 kernels only: no bf16 autocast for this fine-tuning.
     qat_cfg = OmegaConf.merge(cfg, {"train": {"epochs": epochs, "lr": lr, "amp": False}})
     log.info("student_kd_qat: %d epoch(s) of quantization-aware training from the KD student, lr %g", epochs, lr)

@@ -59,6 +59,8 @@ class Combo(WeightedTerm, name="combo"):
                 options["weight"] = float(options["weight"])
             except (TypeError, ValueError):
                 raise KdError(f"loss.terms.{name}: the weight must be a number, got {options['weight']!r}") from None
+            if options["weight"] < 0:
+                raise KdError(f"loss.terms.{name}: the weight must be >= 0, got {options['weight']:g}")
         if LOSSES[name] is HintonKD:
             if set(options) - {"weight"}:
                 raise KdError("loss.terms.kd takes only a weight; its temperature is the top-level T")
@@ -71,6 +73,8 @@ class Combo(WeightedTerm, name="combo"):
             return LOSSES[name](alpha=self.alpha, T=self.T, **options)
         except KdError as e:
             raise KdError(f"loss.terms.{name}: {e.reason}") from None
+        except ValueError as e:  # an out-of-range option, e.g. loss.terms.at.p=0
+            raise KdError(f"loss.terms.{name}: {e}") from None
 
     def attach(self, student, teacher, example, num_train) -> None:
         for term in self.terms.values():

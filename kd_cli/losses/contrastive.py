@@ -60,7 +60,8 @@ class ContrastiveRD(WeightedTerm, name="crd"):
         self._normalized = False
         mb = 2 * num_train * self.feat_dim * 4 / 2**20
         log.info("crd: memory banks of 2 x %d x %d floats (%.1f MB); they grow with the training set, and each "
-                 "step scores against all of them", num_train, self.feat_dim, mb)
+                 "step scores every image against %d of them drawn at random (loss.nce_k)", num_train, self.feat_dim, mb,
+                 self.nce_k)
 
     def negatives(self, indices: torch.Tensor) -> torch.Tensor:
         """nce_k random indices per sample, uniform over the other training images."""

@@ -29,7 +29,7 @@ class FitNets(WeightedTerm, name="fitnets"):
 
     def __init__(self, alpha, T, weight=100.0, stage1_epochs=0, **options):
         super().__init__(alpha, T, weight, **options)
-        self.stage1_epochs = int(stage1_epochs)
+        self.stage1_epochs = self.epochs_option("stage1_epochs", stage1_epochs)
         self.set_epoch(1)
 
     def setup(self, student_shapes, teacher_shapes, num_train):
@@ -123,6 +123,8 @@ class AttentionTransfer(WeightedTerm, name="at"):
     def __init__(self, alpha, T, weight=1000.0, p=2.0, **options):
         super().__init__(alpha, T, weight, **options)
         self.p = float(p)
+        if self.p <= 0:
+            raise ValueError(f"loss.p must be > 0 (the power of the attention maps; at 0 they are constant), got {p}")
 
     def setup(self, student_shapes, teacher_shapes, num_train):
         self.require_maps(student_shapes, teacher_shapes)

@@ -37,7 +37,7 @@ class FSP(WeightedTerm, name="fsp"):
 
     def __init__(self, alpha, T, weight=50.0, stage1_epochs=0, **options):
         super().__init__(alpha, T, weight, **options)
-        self.stage1_epochs = int(stage1_epochs)
+        self.stage1_epochs = self.epochs_option("stage1_epochs", stage1_epochs)
         self.set_epoch(1)
 
     def set_epoch(self, epoch: int) -> None:

@@ -70,7 +70,7 @@ class DecoupledKD(WeightedTerm, name="dkd"):
     def __init__(self, alpha, T, weight=1.0, tckd_weight=1.0, nckd_weight=8.0, warmup_epochs=20, **options):
         super().__init__(alpha, T, weight, **options)
         self.tckd_weight, self.nckd_weight = float(tckd_weight), float(nckd_weight)
-        self.warmup_epochs = int(warmup_epochs)
+        self.warmup_epochs = self.epochs_option("warmup_epochs", warmup_epochs)
         self.ramp = 1.0
 
     def set_epoch(self, epoch: int) -> None:

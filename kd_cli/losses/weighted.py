@@ -23,6 +23,15 @@ class WeightedTerm(DistillationLoss):
     def __init__(self, alpha: float, T: float, weight: float = 1.0, **options):
         super().__init__(**options)
         self.alpha, self.T, self.weight = float(alpha), float(T), float(weight)
+        if self.weight < 0:
+            raise ValueError(f"loss.weight must be >= 0 (a negative weight maximises the distillation term), got {weight}")
+
+    @staticmethod
+    def epochs_option(name: str, value) -> int:
+        """A count of epochs from a loss.* option (stage1_epochs, warmup_epochs): a whole number >= 0."""
+        if int(value) != value or value < 0:
+            raise ValueError(f"loss.{name} must be a whole number of epochs >= 0, got {value}")
+        return int(value)
 
     def term(self, student: dict, teacher: dict | None, targets: torch.Tensor, indices=None) -> torch.Tensor:
         raise NotImplementedError
