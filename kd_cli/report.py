@@ -209,11 +209,20 @@ def _model_label(cfg: dict) -> str | None:
     return cfg.get("arch")
 
 
+def uses_configured_teacher(flat: dict) -> bool:
+    """Whether a run's `teacher` config is the model that taught it: not in schemes that take their
+    teachers elsewhere (scheme.teachers), have none (self) or start from the student (born_again)."""
+    scheme = flat.get("scheme.name")
+    return not (scheme in ("self", "multi_teacher") or (scheme == "born_again" and flat.get("scheme.start") == "scratch"))
+
+
 def build_records(runs: list[Run]) -> list[dict]:
     """One record per model a run reports (stored models once), plus one per failed or unfinished run."""
     records, seen_stored = [], set()
     for run in runs:
         flat = run.flat
+        if not uses_configured_teacher(flat):  # its default teacher= would label rows with a model never used
+            flat = {k: v for k, v in flat.items() if not k.startswith("teacher.")}
         if run.status == "ok":
             by_role = {row["role"]: row for row in run.rows}
             teacher = by_role.get("teacher")

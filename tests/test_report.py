@@ -338,6 +338,18 @@ def test_a_swept_dataset_is_a_column_of_the_printed_table(tmp_path, capsys):
     header = next(line for line in table.splitlines() if "role" in line)
     assert "dataset" in header and "cifar10" in table and "fashion_mnist" in table
 
+
+def test_schemes_without_the_configured_teacher_do_not_show_it(tmp_path):
+    """scheme=self has no teacher: its row must not name the config's default teacher=."""
+    for scheme, accuracy in (("offline", 80.0), ("self", 79.0)):
+        cfg = config("distill", 0)
+        cfg["scheme"] = {"name": scheme}
+        rows = [row("student_kd", "mnist_student", 0, accuracy, loss="kd", scheme=scheme, alpha=0.5, T=4.0)]
+        write_run(tmp_path / scheme, cfg, rows)
+    frame = report.build_report(report.find_runs([tmp_path])).frame
+    assert rows_of(frame, scheme="offline")["teacher"].tolist() == ["mnist_teacher"]
+    assert rows_of(frame, scheme="self")["teacher"].isna().all()
+
 def test_csv_floats_are_written_without_binary_noise():
     from kd_cli.results import csv_text, markdown_table
 
