@@ -67,7 +67,8 @@ def validate(cfg) -> None:
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:
-            raise KdError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+            spelled = ("null" if c is None else str(c).lower() if isinstance(c, bool) else str(c) for c in choices)  # as typed
+            raise KdError(f"{key} must be one of {', '.join(spelled)}, got {value!r}")
     for key in FLAGS:
         value = OmegaConf.select(cfg, key)
         if value is not None and not isinstance(value, bool):
