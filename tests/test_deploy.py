@@ -88,6 +88,7 @@ def test_export_round_trip(distilled):
         program = torch.export.load(out / "mnist_student.pt2").module()
         torch.testing.assert_close(program(x), want, rtol=1e-4, atol=1e-4)
     session = onnxruntime.InferenceSession(str(out / "mnist_student.onnx"), providers=["CPUExecutionProvider"])
+    assert [session.get_inputs()[0].shape, session.get_outputs()[0].shape] == [["batch", 1, 28, 28], ["batch", 10]]
     got = session.run(None, {"input": x.numpy()})[0]
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
 

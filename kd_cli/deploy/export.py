@@ -53,7 +53,20 @@ def _onnx_bytes(program) -> bytes:
                                          verbose=False)
     except ModuleNotFoundError as e:
         raise KdError(f"ONNX export needs {e.name}; run `pip install onnx onnxscript onnxruntime` (or make install)") from e
-    return onnx_program.model_proto.SerializeToString()
+    proto = onnx_program.model_proto
+    _name_batch_dimension(proto)
+    return proto.SerializeToString()
+
+
+def _name_batch_dimension(proto) -> None:
+    """Call the free batch dimension `batch`, as the JSON does; torch.export names it after an internal symbol (s77)."""
+    symbol = proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+    if not symbol:
+        return
+    for value in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == symbol:
+                dim.dim_param = "batch"
 
 
 def _compare(name: str, got: torch.Tensor, want: torch.Tensor) -> float:
