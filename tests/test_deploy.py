@@ -220,6 +220,11 @@ def test_bad_inputs_give_one_line(tmp_path, distilled, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()
     assert "holds no student.pt" in error_line("quantize", "run=empty")
+    for job in ("0", "1"):  # a sweep folder, whose jobs hold the students
+        (tmp_path / "sweep" / job).mkdir(parents=True)
+        (tmp_path / "sweep" / job / "student.pt").write_bytes(b"")
+    assert (f"sweep is a sweep; pass run= one of its job folders, e.g. run={Path('sweep') / '0'} "
+            f"(jobs with a student.pt: 0, 1)") in error_line("export", "run=sweep")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes((distilled / "student.pt").read_bytes()[:2000])
     for command in (["export", f"student.checkpoint={corrupt}"], ["quantize", f"student.checkpoint={corrupt}"],

@@ -125,6 +125,10 @@ def load_source(options: dict, command: str) -> Source:
                           f"(outputs/distill/<date_time>)")
         path = folder / STUDENT_FILE
         if not path.is_file():
+            jobs = sorted((p.parent.name for p in folder.glob(f"*/{STUDENT_FILE}")), key=lambda n: (len(n), n))
+            if jobs:  # a sweep folder: its jobs are the runs
+                raise KdError(f"{folder} is a sweep; pass run= one of its job folders, e.g. run={folder / jobs[0]} "
+                              f"(jobs with a {STUDENT_FILE}: {', '.join(jobs)})")
             raise KdError(f"{folder} holds no {STUDENT_FILE}; pass run= a finished `kd distill` run folder, "
                           f"or student.checkpoint=PATH for another checkpoint")
     else:
