@@ -5,6 +5,7 @@ available in both roles and a new model needs no yaml.
 """
 
 import difflib
+import functools
 from numbers import Real
 from pathlib import Path
 
@@ -139,22 +140,21 @@ def _model_names(cfg, key: str, required: bool) -> list:
     return list(names)
 
 
-def scheme_options(name: str) -> list[str] | None:
-    """The options scheme `name` takes: the keys of its yaml, which is all a scheme reads (None: no such yaml)."""
+@functools.cache
+def scheme_options() -> dict[str, list[str]]:
+    """Each scheme's options: the keys of its yaml in conf/scheme/, which is all a scheme reads."""
     from kd_cli.cli import config_dir
 
-    path = Path(config_dir(), "scheme", f"{name}.yaml")
-    return [k for k in OmegaConf.load(path) if k != "name"] if path.is_file() else None
+    return {path.stem: [k for k in OmegaConf.load(path) if k != "name"]
+            for path in sorted(Path(config_dir(), "scheme").glob("*.yaml"))}
 
 
 def scheme_option_error(option: str, name: str) -> str:
     """One line for `scheme.OPTION` that scheme `name` does not take: a close match, or the scheme it belongs to."""
-    from kd_cli.cli import config_dir
-
-    takes = scheme_options(name) or []
+    takes = scheme_options().get(name, [])
     message = f"scheme={name} has no option '{option}'"
     close = difflib.get_close_matches(option, takes, n=1)
-    owners = sorted(p.stem for p in Path(config_dir(), "scheme").glob("*.yaml") if option in (scheme_options(p.stem) or []))
+    owners = [other for other, options in scheme_options().items() if option in options]
     if close:
         message += f" (did you mean '{close[0]}'?)"
     elif owners:
@@ -164,7 +164,7 @@ def scheme_option_error(option: str, name: str) -> str:
 
 def _validate_scheme(cfg, loss_fn) -> None:
     scheme = cfg.scheme
-    options = scheme_options(scheme.name)
+    options = scheme_options().get(scheme.name)  # None: a scheme without a yaml, refused by run_scheme
     extra = [k for k in scheme if k != "name" and k not in options] if options is not None else []
     if extra:  # `+scheme.KEY=` adds any key, and a scheme would silently ignore it
         raise KdError(scheme_option_error(extra[0], scheme.name))
