@@ -223,8 +223,8 @@ def test_bad_inputs_give_one_line(tmp_path, distilled, capsys, monkeypatch):
     for job in ("0", "1"):  # a sweep folder, whose jobs hold the students
         (tmp_path / "sweep" / job).mkdir(parents=True)
         (tmp_path / "sweep" / job / "student.pt").write_bytes(b"")
-    assert (f"sweep is a sweep; pass run= one of its job folders, e.g. run={Path('sweep') / '0'} "
-            f"(jobs with a student.pt: 0, 1)") in error_line("export", "run=sweep")
+    assert (f"sweep holds runs, not one run; pass run= one of them, e.g. run={Path('sweep') / '0'} "
+            f"(those with a student.pt: 0, 1)") in error_line("export", "run=sweep")
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes((distilled / "student.pt").read_bytes()[:2000])
     for command in (["export", f"student.checkpoint={corrupt}"], ["quantize", f"student.checkpoint={corrupt}"],

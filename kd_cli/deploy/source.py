@@ -126,9 +126,9 @@ def load_source(options: dict, command: str) -> Source:
         path = folder / STUDENT_FILE
         if not path.is_file():
             jobs = sorted((p.parent.name for p in folder.glob(f"*/{STUDENT_FILE}")), key=lambda n: (len(n), n))
-            if jobs:  # a sweep folder: its jobs are the runs
-                raise KdError(f"{folder} is a sweep; pass run= one of its job folders, e.g. run={folder / jobs[0]} "
-                              f"(jobs with a {STUDENT_FILE}: {', '.join(jobs)})")
+            if jobs:  # a sweep folder, or outputs/distill: the runs are inside
+                raise KdError(f"{folder} holds runs, not one run; pass run= one of them, e.g. run={folder / jobs[0]} "
+                              f"(those with a {STUDENT_FILE}: {', '.join(jobs)})")
             raise KdError(f"{folder} holds no {STUDENT_FILE}; pass run= a finished `kd distill` run folder, "
                           f"or student.checkpoint=PATH for another checkpoint")
     else:
