@@ -15,7 +15,7 @@ from kd_cli.bench.cifar10_files import write_fake_cifar10
 from kd_cli.bench.sides import compose_config, tutorial_overrides
 from kd_cli.bench.tutorial import ALPHA, LR, T, plain_ce_step, plain_dataset, plain_kd_step
 from kd_cli.data import load_data, normalize
-from kd_cli.engine import Teacher, fit, seed_everything
+from kd_cli.engine import Teacher, fit, forget_teacher_outputs, seed_everything
 from kd_cli.losses import build_loss
 from kd_cli.losses.hinton import CrossEntropy
 from kd_cli.models import build_model
@@ -33,10 +33,10 @@ def cifar(tmp_path_factory):
 
 
 def config(root, student, teacher=None, epochs=1, extra=()):
-    overrides = [*tutorial_overrides(root, "cpu", epochs, augment=False, batch_size=BATCH), f"student={student}", *extra]
+    overrides = [*tutorial_overrides(root, "cpu", epochs, augment=False, batch_size=BATCH), f"student={student}"]
     if teacher:
-        return compose_config("distill", [*overrides, f"teacher={teacher}", "loss=kd", f"alpha={ALPHA}", f"T={T}"])
-    return compose_config("train", overrides)
+        return compose_config("distill", [*overrides, f"teacher={teacher}", "loss=kd", f"alpha={ALPHA}", f"T={T}", *extra])
+    return compose_config("train", [*overrides, *extra])
 
 
 def recorded(loss_fn) -> list[float]:
@@ -132,3 +132,52 @@ def test_teacher_cache_changes_no_training_step(cifar):
         fit(student, loss_fn, data, cfg, CPU, teacher=teacher)
     assert len(losses["on"]) == 2 * STEPS
     np.testing.assert_allclose(losses["on"], losses["off"], rtol=1e-5, atol=1e-6)
+
+
+def fitted(cfg, change=lambda data, teacher: None) -> tuple[dict, int]:
+    """The student's weights after a seeded fit, and how often the teacher ran during the fit.
+
+    `change(data, teacher)` may alter the training images or the teacher's weights in place first.
+    """
+    data, student, teacher, loss_fn = seeded_kd_setup(cfg)
+    change(data, teacher)
+    loss_fn.attach(student, teacher, normalize(data.train_x[:2], data), len(data.train_y))
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    torch.manual_seed(123)
+    fit(student, loss_fn, data, cfg, CPU, teacher=teacher)
+    return student.state_dict(), len(calls)
+
+
+def test_the_next_fit_with_the_same_teacher_and_images_takes_the_kept_teacher_outputs(cifar, caplog):
+    """The jobs of a sweep run in one process: the second one reuses the first one's cache and trains the same."""
+    cfg = config(cifar, "lightnn", "deepnn", epochs=2, extra=["train.teacher_cache=on"])
+    forget_teacher_outputs()
+    first, computing_calls = fitted(cfg)
+    with caplog.at_level("INFO", logger="kd_cli.engine"):
+        again, calls = fitted(cfg)
+    assert computing_calls > STEPS and calls == 0
+    assert "taken from this process's previous fit" in caplog.text
+    for name, value in first.items():
+        torch.testing.assert_close(again[name], value, rtol=0, atol=0)
+    forget_teacher_outputs()
+    assert fitted(cfg)[1] == computing_calls
+
+
+def _nudge_a_teacher_weight(data, teacher):
+    with torch.no_grad():
+        next(teacher.parameters()).view(-1)[0] += 1e-3
+
+
+def _change_one_pixel(data, teacher):
+    data.train_x[7, 0, 3, 3] ^= 1
+
+
+@pytest.mark.parametrize("change", [_nudge_a_teacher_weight, _change_one_pixel, "loss=at"],
+                         ids=["teacher-weights", "training-images", "tapped-layers"])
+def test_another_teacher_other_images_or_other_layers_get_their_own_teacher_outputs(cifar, change):
+    cfg = config(cifar, "lightnn", "deepnn", extra=["train.teacher_cache=on"])
+    fitted(cfg)
+    if isinstance(change, str):
+        cfg, change = config(cifar, "lightnn", "deepnn", extra=["train.teacher_cache=on", change]), lambda *_: None
+    assert fitted(cfg, change)[1] > STEPS
