@@ -164,11 +164,11 @@ def forget_teacher_outputs() -> None:
 
 
 def _teacher_outputs_key(model: nn.Module, data: ImageData, *settings) -> str:
-    """A digest of the teacher (structure and weights), the training images and their normalisation,
-    and the `settings` the outputs are computed with; hashing them costs about 0.5 ms per MB."""
-    state = model.state_dict()
-    digest = hashlib.sha256(repr((repr(model), [(k, v.shape, v.dtype) for k, v in state.items()], settings)).encode())
-    for tensor in (*state.values(), data.train_x, data.mean, data.std):
+    """A digest of the teacher (structure, parameters and buffers), the training images and their
+    normalisation, and the `settings` the outputs are computed with; about 0.5 ms per MB hashed."""
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())  # buffers kept out of state_dict too
+    digest = hashlib.sha256(repr((repr(model), [(k, v.shape, v.dtype) for k, v in tensors.items()], settings)).encode())
+    for tensor in (*tensors.values(), data.train_x, data.mean, data.std):
         digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy())
     return digest.hexdigest()
 
@@ -229,14 +229,15 @@ class Teacher:
         out in fp32, the values a teacher run on every step would give.
         """
         n = len(data.train_y)
+        # The first chunk, as the pass computes it: it sizes the cache, and it checks kept outputs, since
+        # a model's forward may read attributes the digest cannot see (the ensemble's temperature).
+        first = self._forward(normalize(data.train_x[:chunk], data))
         key = _teacher_outputs_key(self.model, data, self.layers, self.precision, self.channels_last, chunk,
                                    str(data.train_x.device))
         kept = _kept_teacher_outputs.get(key)
-        if kept is not None:
-            mb = sum(t.numel() * t.element_size() for t in kept.values()) / 2**20
-        else:
-            first = self._forward(normalize(data.train_x[:2], data))
-            mb = sum(t[0].numel() * t.element_size() for t in first.values()) * n / 2**20
+        if kept is not None and not all(torch.equal(kept[k][:len(v)], v) for k, v in first.items()):
+            kept = None
+        mb = sum(t[0].numel() * t.element_size() for t in first.values()) * n / 2**20
         if mb > max_mb:
             if strict:
                 raise KdError(f"the teacher cache would take {mb:.0f} MB, over train.teacher_cache_max_mb={max_mb}; raise it or use train.teacher_cache=auto")
@@ -244,10 +245,10 @@ class Teacher:
             return None
         if kept is not None:
             log.info("teacher cache: on (teacher outputs for %d images in %s, %.1f MB, taken from this process's "
-                     "previous fit: same teacher weights and training images)", n, self.precision, mb)
+                     "previous fit: same teacher and training images)", n, self.precision, mb)
             return kept
         _kept_teacher_outputs.clear()  # the old entry goes before the new one is computed: one in memory at a time
-        parts = [self._forward(normalize(data.train_x[i: i + chunk], data)) for i in range(0, n, chunk)]
+        parts = [first] + [self._forward(normalize(data.train_x[i: i + chunk], data)) for i in range(chunk, n, chunk)]
         cache = {k: torch.cat([p[k] for p in parts]) for k in first}
         _kept_teacher_outputs[key] = cache
         log.info("teacher cache: on (teacher outputs for %d images, computed and kept in %s, %.1f MB, reused every epoch)",

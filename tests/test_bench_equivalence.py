@@ -19,6 +19,7 @@ from kd_cli.engine import Teacher, fit, forget_teacher_outputs, seed_everything
 from kd_cli.losses import build_loss
 from kd_cli.losses.hinton import CrossEntropy
 from kd_cli.models import build_model
+from kd_cli.schemes.ensemble import SoftTargetEnsemble
 
 STEPS, BATCH = 20, 8
 CPU = torch.device("cpu")
@@ -156,7 +157,7 @@ def test_the_next_fit_with_the_same_teacher_and_images_takes_the_kept_teacher_ou
     first, computing_calls = fitted(cfg)
     with caplog.at_level("INFO", logger="kd_cli.engine"):
         again, calls = fitted(cfg)
-    assert computing_calls > STEPS and calls == 0
+    assert computing_calls == STEPS and calls == 1  # a pass over every batch, then one batch to check the kept outputs
     assert "taken from this process's previous fit" in caplog.text
     for name, value in first.items():
         torch.testing.assert_close(again[name], value, rtol=0, atol=0)
@@ -180,4 +181,17 @@ def test_another_teacher_other_images_or_other_layers_get_their_own_teacher_outp
     fitted(cfg)
     if isinstance(change, str):
         cfg, change = config(cifar, "lightnn", "deepnn", extra=["train.teacher_cache=on", change]), lambda *_: None
-    assert fitted(cfg, change)[1] > STEPS
+    assert fitted(cfg, change)[1] == STEPS
+
+
+def test_an_ensemble_at_another_temperature_gets_its_own_teacher_outputs(cifar):
+    """`scheme=multi_teacher T=1,4` as a sweep: same members, same buffers; the temperature is a plain attribute."""
+    cfg = config(cifar, "lightnn", "deepnn", extra=["train.teacher_cache=on"])
+    data = load_data(cfg)
+    seed_everything(1)
+    member = build_model(cfg.teacher, data.spec)
+    logits = {T: Teacher(SoftTargetEnsemble([copy.deepcopy(member)], T), [], data, cfg, CPU, augment=False).cache["logits"]
+              for T in (1.0, 4.0)}
+    expected = Teacher(SoftTargetEnsemble([copy.deepcopy(member)], 4.0), [], data, cfg, CPU, augment=False).cache["logits"]
+    assert not torch.equal(logits[1.0], logits[4.0])
+    torch.testing.assert_close(logits[4.0], expected, rtol=0, atol=0)
