@@ -738,8 +738,11 @@ def test_unequal_stage_counts_pair_the_deepest_stages_unless_layers_are_given():
     assert (at.student_layers, at.teacher_layers) == (["features.2", "features.5"], ["features.13", "features.20"])
     at, _, _ = attached("at", teacher_arch="light6", teacher_layers=["features.6", "features.13"])
     assert at.teacher_layers == ["features.6", "features.13"]
-    with pytest.raises(KdError, match="loss.student_layers has 2 layers and loss.teacher_layers 3"):
+    with pytest.raises(KdError, match=r"loss.student_layers has 2 layers \(its default: features.2, features.5\) "
+                                      r"and loss.teacher_layers 3 layers;"):
         attached("at", teacher_arch="light6", teacher_layers=["features.6", "features.13", "features.20"])
+    with pytest.raises(KdError, match=r"loss.student_layers has 1 layer and loss.teacher_layers 2 layers \(its default"):
+        attached("at", student_layers=["features.2"])
 
 
 def test_a_misspelt_option_is_an_error_not_ignored():

@@ -81,6 +81,7 @@ class DistillationLoss(nn.Module):
     def attach(self, student: nn.Module, teacher: nn.Module | None, example: torch.Tensor, num_train: int) -> None:
         """Resolve the layer paths, check they exist, and build helper modules for their shapes."""
         if self.layer_kind:
+            defaulted = None  # the side whose layers are its defaults, when only the other was given
             if not self.student_layers and not self.teacher_layers:
                 # Models with different stage counts (ResNet-18's 4, light6's 3): pair the deepest stages
                 # of each, which on CIFAR also have equal map sizes (16, 8, 4).
@@ -89,11 +90,16 @@ class DistillationLoss(nn.Module):
                 count = min(len(student_default), len(teacher_default), self.max_layers or len(student_default))
                 self.student_layers, self.teacher_layers = student_default[-count:], teacher_default[-count:]
             else:  # one side given: the other side's defaults
+                defaulted = "student" if not self.student_layers else "teacher"
                 self.student_layers = self.student_layers or self._deepest(default_layers(student, self.layer_kind))
                 self.teacher_layers = self.teacher_layers or self._deepest(default_layers(teacher, self.layer_kind))
             if len(self.student_layers) != len(self.teacher_layers):
-                raise KdError(f"loss.student_layers has {len(self.student_layers)} layers and loss.teacher_layers "
-                              f"{len(self.teacher_layers)}; give the same number (they are matched in order)")
+                counts = {role: f"{len(layers)} layer{'s' * (len(layers) != 1)}"
+                          for role, layers in (("student", self.student_layers), ("teacher", self.teacher_layers))}
+                if defaulted:
+                    counts[defaulted] += f" (its default: {', '.join(getattr(self, f'{defaulted}_layers'))})"
+                raise KdError(f"loss.student_layers has {counts['student']} and loss.teacher_layers {counts['teacher']}; "
+                              f"give the same number (they are matched in order)")
         shapes = {}
         for role, model, paths in (("student", student, self.student_layers), ("teacher", teacher, self.teacher_layers)):
             if not paths:
