@@ -38,3 +38,17 @@ def test_a_side_that_fails_reports_its_error(tmp_path):
     broken = CASES["1"].__class__(**{**vars(CASES["1"]), "student": "no_such_model"})
     with pytest.raises(RuntimeError, match="KdSide .* failed:(.|\n)*no_such_model"):
         SideProcess(KdSide, broken, root, "cpu")
+
+
+def test_every_round_computes_its_own_teacher_cache(tmp_path, monkeypatch):
+    """A sweep's next fit may take the previous fit's teacher outputs; a bench round, like one tutorial run, may not."""
+    from kd_cli.engine import Teacher
+
+    passes = []
+    forward = Teacher._forward
+    monkeypatch.setattr(Teacher, "_forward", lambda self, x: passes.append(len(x)) or forward(self, x))
+    side = KdSide(CASES["1"], write_fake_cifar10(tmp_path, 300), "cpu")
+    for _ in range(2):
+        passes.clear()
+        side.round()
+        assert passes == [128, 128, 44]
