@@ -153,9 +153,10 @@ def student_precision(train_cfg, device: torch.device) -> str:
 # The outputs of this process's last teacher-cache pass, under a digest of everything they depend on.
 # Hydra's basic launcher runs a sweep's jobs (`kd distill -m alpha=... T=...`) one after another in
 # one process, and they share the teacher and the training images: each job used to compute the same
-# outputs again (10 s of each 13 s job in a Fashion-MNIST sweep of DeepNN -> LightNN, one epoch).
-# One entry, so a sweep over teachers holds one cache at a time.
-_kept_teacher_outputs: dict[str, dict] = {}
+# outputs again (10-11 s of each 14 s job in a Fashion-MNIST sweep of DeepNN -> LightNN, one epoch).
+# One entry, with the seconds its pass took; dropped by any fit that does not use it, so no job's
+# memory holds an earlier job's cache.
+_kept_teacher_outputs: dict[str, tuple[dict, float]] = {}
 
 
 def forget_teacher_outputs() -> None:
@@ -185,6 +186,7 @@ class Teacher:
             self.model.to(memory_format=torch.channels_last)
         self.precision = self._choose_precision(cfg.train, device, cached=not augment)
         self.cache = None
+        self.seconds_reused = 0.0  # what computing a cache taken from the previous fit cost
         mode = str(cfg.train.teacher_cache)
         if mode == "on" and augment:
             raise KdError("train.teacher_cache=on needs fixed inputs; set data.augment=false or train.teacher_cache=auto")
@@ -228,13 +230,13 @@ class Teacher:
         Kept in the precision the teacher computes in (bf16 under bf16 autocast); batches are handed
         out in fp32, the values a teacher run on every step would give.
         """
-        n = len(data.train_y)
+        n, started = len(data.train_y), time.perf_counter()
         # The first chunk, as the pass computes it: it sizes the cache, and it checks kept outputs, since
         # a model's forward may read attributes the digest cannot see (the ensemble's temperature).
         first = self._forward(normalize(data.train_x[:chunk], data))
         key = _teacher_outputs_key(self.model, data, self.layers, self.precision, self.channels_last, chunk,
                                    str(data.train_x.device))
-        kept = _kept_teacher_outputs.get(key)
+        kept, seconds = _kept_teacher_outputs.get(key, (None, 0.0))
         if kept is not None and not all(torch.equal(kept[k][:len(v)], v) for k, v in first.items()):
             kept = None
         mb = sum(t[0].numel() * t.element_size() for t in first.values()) * n / 2**20
@@ -244,13 +246,17 @@ class Teacher:
             log.info("teacher cache: off (it would take %.0f MB, over train.teacher_cache_max_mb=%s)", mb, max_mb)
             return None
         if kept is not None:
+            self.seconds_reused = seconds
             log.info("teacher cache: on (teacher outputs for %d images in %s, %.1f MB, taken from this process's "
-                     "previous fit: same teacher and training images)", n, self.precision, mb)
+                     "previous fit: same teacher and training images; its %.1f s count in this fit's train_time_s)",
+                     n, self.precision, mb, seconds)
             return kept
-        _kept_teacher_outputs.clear()  # the old entry goes before the new one is computed: one in memory at a time
+        forget_teacher_outputs()  # before the new pass: one cache in memory at a time
         parts = [first] + [self._forward(normalize(data.train_x[i: i + chunk], data)) for i in range(chunk, n, chunk)]
         cache = {k: torch.cat([p[k] for p in parts]) for k in first}
-        _kept_teacher_outputs[key] = cache
+        if data.train_x.device.type == "cuda":
+            torch.cuda.synchronize(data.train_x.device)
+        _kept_teacher_outputs[key] = (cache, time.perf_counter() - started)
         log.info("teacher cache: on (teacher outputs for %d images, computed and kept in %s, %.1f MB, reused every epoch)",
                  n, self.precision, mb)
         return cache
@@ -394,6 +400,10 @@ def _fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, de
     teacher_outputs = None
     if loss_fn.needs_teacher:
         teacher_outputs = Teacher(teacher, loss_fn.teacher_layers, data, cfg, device, augment)
+        # A cache taken from the previous fit counts at what it cost: train_time_s compares across a sweep's jobs.
+        started -= teacher_outputs.seconds_reused
+    if teacher_outputs is None or teacher_outputs.cache is None:
+        forget_teacher_outputs()
     loss_fn.to(device)
     optimizer = _optimizer([*student.parameters(), *loss_fn.parameters()], train_cfg, device)
     schedule = _schedule(optimizer, train_cfg)

@@ -15,7 +15,8 @@ from kd_cli.bench.cifar10_files import write_fake_cifar10
 from kd_cli.bench.sides import compose_config, tutorial_overrides
 from kd_cli.bench.tutorial import ALPHA, LR, T, plain_ce_step, plain_dataset, plain_kd_step
 from kd_cli.data import load_data, normalize
-from kd_cli.engine import Teacher, fit, forget_teacher_outputs, seed_everything
+from kd_cli import engine
+from kd_cli.engine import FitResult, Teacher, fit, forget_teacher_outputs, seed_everything
 from kd_cli.losses import build_loss
 from kd_cli.losses.hinton import CrossEntropy
 from kd_cli.models import build_model
@@ -135,8 +136,8 @@ def test_teacher_cache_changes_no_training_step(cifar):
     np.testing.assert_allclose(losses["on"], losses["off"], rtol=1e-5, atol=1e-6)
 
 
-def fitted(cfg, change=lambda data, teacher: None) -> tuple[dict, int]:
-    """The student's weights after a seeded fit, and how often the teacher ran during the fit.
+def fitted(cfg, change=lambda data, teacher: None) -> tuple[dict, int, FitResult]:
+    """The student's weights after a seeded fit, how often the teacher ran during the fit, and its result.
 
     `change(data, teacher)` may alter the training images or the teacher's weights in place first.
     """
@@ -146,23 +147,36 @@ def fitted(cfg, change=lambda data, teacher: None) -> tuple[dict, int]:
     calls = []
     teacher.register_forward_hook(lambda *_: calls.append(1))
     torch.manual_seed(123)
-    fit(student, loss_fn, data, cfg, CPU, teacher=teacher)
-    return student.state_dict(), len(calls)
+    result = fit(student, loss_fn, data, cfg, CPU, teacher=teacher)
+    return student.state_dict(), len(calls), result
 
 
 def test_the_next_fit_with_the_same_teacher_and_images_takes_the_kept_teacher_outputs(cifar, caplog):
     """The jobs of a sweep run in one process: the second one reuses the first one's cache and trains the same."""
     cfg = config(cifar, "lightnn", "deepnn", epochs=2, extra=["train.teacher_cache=on"])
     forget_teacher_outputs()
-    first, computing_calls = fitted(cfg)
+    first, computing_calls, _ = fitted(cfg)
+    (key, (outputs, _)), = engine._kept_teacher_outputs.items()
+    engine._kept_teacher_outputs[key] = (outputs, 1000.0)  # as if the pass had taken 1000 s
     with caplog.at_level("INFO", logger="kd_cli.engine"):
-        again, calls = fitted(cfg)
+        again, calls, result = fitted(cfg)
     assert computing_calls == STEPS and calls == 1  # a pass over every batch, then one batch to check the kept outputs
     assert "taken from this process's previous fit" in caplog.text
+    assert result.train_time_s > 1000  # the pass counts where it is reused: train_time_s compares across jobs
     for name, value in first.items():
         torch.testing.assert_close(again[name], value, rtol=0, atol=0)
     forget_teacher_outputs()
     assert fitted(cfg)[1] == computing_calls
+
+
+@pytest.mark.parametrize("between", ["train.teacher_cache=off", "loss=ce"], ids=["teacher-every-step", "no-teacher"])
+def test_a_fit_that_does_not_use_the_kept_teacher_outputs_drops_them(cifar, between):
+    """No job's memory holds an earlier job's cache."""
+    cfg = config(cifar, "lightnn", "deepnn", extra=["train.teacher_cache=on"])
+    fitted(cfg)
+    fitted(config(cifar, "lightnn", "deepnn", extra=[between]))
+    assert not engine._kept_teacher_outputs
+    assert fitted(cfg)[1] == STEPS
 
 
 def _nudge_a_teacher_weight(data, teacher):
