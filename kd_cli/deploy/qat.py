@@ -68,7 +68,8 @@ def qat_rows(run, teacher, student, loss_fn, **columns) -> list[dict]:
                       f"pooling layers, or set quant=null")
     # Fake quantization has fp32 kernels only: no bf16 autocast for this fine-tuning.
     qat_cfg = OmegaConf.merge(cfg, {"train": {"epochs": epochs, "lr": lr, "amp": False}})
-    log.info("student_kd_qat: %d epoch(s) of quantization-aware training from the KD student, lr %g", epochs, lr)
+    log.info("student_kd_qat: %d epoch(s) of quantization-aware training from the KD student, lr %g, in fp32 "
+             "(fake quantization has no bf16 kernels, so train.amp does not apply)", epochs, lr)
     result = fit(fake_quantized, loss_fn, run.data, qat_cfg, run.device, teacher=teacher, label="student_kd_qat",
                  state_path=run.state_path("student_kd_qat"))
     int8 = convert(fake_quantized, calibration[0][:2])
