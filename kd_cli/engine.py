@@ -160,7 +160,7 @@ _kept_teacher_outputs: dict[str, tuple[dict, float]] = {}
 
 
 def forget_teacher_outputs() -> None:
-    """Make the next fit compute its teacher cache itself (the bench times each fit's own pass)."""
+    """Drop the kept teacher outputs, so the next fit computes its own (the bench times each fit's own pass)."""
     _kept_teacher_outputs.clear()
 
 
