@@ -416,6 +416,8 @@ def _fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, de
         if loss_fn.student_layers:
             raise KdError("train.compile=true does not combine with losses that hook intermediate layers; set train.compile=false")
         forward = torch.compile(student)
+        log.info("%s: the student runs through torch.compile; its first steps compile it, which takes seconds "
+                 "to minutes (train.compile=false runs it eagerly)", label)
 
     history, step_seconds, images_seen, first_epoch = [], 0.0, 0, 1
     state = _load_state(state_path) if state_path else None
