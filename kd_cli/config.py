@@ -84,6 +84,9 @@ def validate(cfg) -> None:
         _integer(cfg, "measure.latency_warmup", 0)
     if OmegaConf.select(cfg, "train.threads") is not None:
         _integer(cfg, "train.threads", 1)
+    for key in ("train.teacher_cache_max_mb", "train.teacher_cache_disk_mb"):
+        if OmegaConf.select(cfg, key) is not None and _number(cfg, key) < 0:
+            raise KdError(f"{key} must be >= 0 (megabytes), got {OmegaConf.select(cfg, key)}")
     if _number(cfg, "train.lr") <= 0:
         raise KdError(f"train.lr must be > 0, got {cfg.train.lr}")
     for key in ("data.fraction", "data.test_fraction"):

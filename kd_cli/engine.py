@@ -8,7 +8,6 @@ state is checkpointed atomically, so a killed run continues exactly where it sto
 
 import ctypes
 import functools
-import hashlib
 import logging
 import math
 import os
@@ -29,6 +28,7 @@ from kd_cli.data import ImageData, epoch_batches, normalize, random_crop_flip
 from kd_cli.errors import KdError
 from kd_cli.features import FeatureTaps
 from kd_cli.losses import DistillationLoss
+from kd_cli import teacher_outputs as kept_outputs
 from kd_cli.store import safe_load
 
 log = logging.getLogger(__name__)
@@ -150,34 +150,11 @@ def student_precision(train_cfg, device: torch.device) -> str:
     return choice
 
 
-# The outputs of this process's last teacher-cache pass, under a digest of everything they depend on.
-# Hydra's basic launcher runs a sweep's jobs (`kd distill -m alpha=... T=...`) one after another in
-# one process, and they share the teacher and the training images: each job used to compute the same
-# outputs again (10-11 s of each 14 s job in a Fashion-MNIST sweep of DeepNN -> LightNN, one epoch).
-# One entry, with the seconds its pass took; dropped by any fit that does not use it, so no job's
-# memory holds an earlier job's cache.
-_kept_teacher_outputs: dict[str, tuple[dict, float]] = {}
-
-
-def forget_teacher_outputs() -> None:
-    """Drop the kept teacher outputs, so the next fit computes its own (the bench times each fit's own pass)."""
-    _kept_teacher_outputs.clear()
-
-
-def _teacher_outputs_key(model: nn.Module, data: ImageData, *settings) -> str:
-    """A digest of the teacher (structure, parameters and buffers), the training images and their
-    normalisation, and the `settings` the outputs are computed with; about 0.5 ms per MB hashed."""
-    tensors = dict(model.named_parameters()) | dict(model.named_buffers())  # buffers kept out of state_dict too
-    digest = hashlib.sha256(repr((repr(model), [(k, v.shape, v.dtype) for k, v in tensors.items()], settings)).encode())
-    for tensor in (*tensors.values(), data.train_x, data.mean, data.std):
-        digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy())
-    return digest.hexdigest()
-
-
 class Teacher:
     """The frozen teacher: its outputs for a batch, computed each step or taken from a cache."""
 
-    def __init__(self, model: nn.Module, layers: list[str], data: ImageData, cfg, device: torch.device, augment: bool):
+    def __init__(self, model: nn.Module, layers: list[str], data: ImageData, cfg, device: torch.device, augment: bool,
+                 outputs_folder: Path | None = None):
         self.model = model.to(device).eval().requires_grad_(False)
         self.layers = list(layers)
         self.taps = FeatureTaps(self.model, layers, "teacher")
@@ -186,7 +163,7 @@ class Teacher:
             self.model.to(memory_format=torch.channels_last)
         self.precision = self._choose_precision(cfg.train, device, cached=not augment)
         self.cache = None
-        self.seconds_reused = 0.0  # what computing a cache taken from the previous fit cost
+        self.seconds_reused = 0.0  # what computing a cache kept by an earlier fit cost
         mode = str(cfg.train.teacher_cache)
         if mode == "on" and augment:
             raise KdError("train.teacher_cache=on needs fixed inputs; set data.augment=false or train.teacher_cache=auto")
@@ -196,7 +173,7 @@ class Teacher:
             # (each chunk's 256 MB of first-layer activations mmapped and faulted in anew); after
             # keep_freed_memory(), 0.50 s either way.
             chunk = 1000 if device.type == "cuda" else cfg.train.batch_size
-            self.cache = self._outputs_for_all(data, cfg.train.teacher_cache_max_mb, strict=(mode == "on"), chunk=chunk)
+            self.cache = self._outputs_for_all(data, cfg.train, strict=(mode == "on"), chunk=chunk, folder=outputs_folder)
         else:
             log.info("teacher cache: off (%s); the teacher runs on every step in %s",
                      "inputs are augmented" if augment else "train.teacher_cache=off", self.precision)
@@ -224,41 +201,43 @@ class Teacher:
         log.info("teacher precision: %s (%s; train.teacher_precision=fp32|bf16 to choose)", choice, why)
         return choice
 
-    def _outputs_for_all(self, data: ImageData, max_mb: float, strict: bool, chunk: int) -> dict | None:
+    def _outputs_for_all(self, data: ImageData, train_cfg, strict: bool, chunk: int, folder: Path | None) -> dict | None:
         """Every output the loss needs, for the whole (unaugmented) training set, computed once.
 
         Kept in the precision the teacher computes in (bf16 under bf16 autocast); batches are handed
-        out in fp32, the values a teacher run on every step would give.
+        out in fp32, the values a teacher run on every step would give. Outputs an earlier fit kept
+        (teacher_outputs.py) are taken instead of a new pass when they match.
         """
         n, started = len(data.train_y), time.perf_counter()
-        # The first chunk, as the pass computes it: it sizes the cache, and it checks kept outputs, since
-        # a model's forward may read attributes the digest cannot see (the ensemble's temperature).
+        # The first chunk, as the pass computes it: it sizes the cache and checks kept outputs.
         first = self._forward(normalize(data.train_x[:chunk], data))
-        key = _teacher_outputs_key(self.model, data, self.layers, self.precision, self.channels_last, chunk,
-                                   str(data.train_x.device))
-        kept, seconds = _kept_teacher_outputs.get(key, (None, 0.0))
-        if kept is not None and not all(torch.equal(kept[k][:len(v)], v) for k, v in first.items()):
-            kept = None
         mb = sum(t[0].numel() * t.element_size() for t in first.values()) * n / 2**20
-        if mb > max_mb:
+        if mb > train_cfg.teacher_cache_max_mb:
             if strict:
-                raise KdError(f"the teacher cache would take {mb:.0f} MB, over train.teacher_cache_max_mb={max_mb}; raise it or use train.teacher_cache=auto")
-            log.info("teacher cache: off (it would take %.0f MB, over train.teacher_cache_max_mb=%s)", mb, max_mb)
+                raise KdError(f"the teacher cache would take {mb:.0f} MB, over train.teacher_cache_max_mb="
+                              f"{train_cfg.teacher_cache_max_mb}; raise it or use train.teacher_cache=auto")
+            log.info("teacher cache: off (it would take %.0f MB, over train.teacher_cache_max_mb=%s)",
+                     mb, train_cfg.teacher_cache_max_mb)
             return None
-        if kept is not None:
-            self.seconds_reused = seconds
-            log.info("teacher cache: on (teacher outputs for %d images in %s, %.1f MB, taken from this process's "
-                     "previous fit: same teacher and training images; its %.1f s count in this fit's train_time_s)",
-                     n, self.precision, mb, seconds)
-            return kept
-        forget_teacher_outputs()  # before the new pass: one cache in memory at a time
+        key = kept_outputs.key(self.model, data, self.layers, self.precision, self.channels_last, chunk,
+                               str(data.train_x.device))
+        found = kept_outputs.find(key, folder, first, n)
+        if found:
+            cache, self.seconds_reused, where = found
+            log.info("teacher cache: on (teacher outputs for %d images in %s, %.1f MB, taken from %s: same teacher "
+                     "and training images; its %.1f s count in this fit's train_time_s)",
+                     n, self.precision, mb, where, self.seconds_reused)
+            cache = {k: t.to(data.train_x.device) for k, t in cache.items()}
+            kept_outputs.keep(key, cache, self.seconds_reused)  # the next fit of this process finds them in memory
+            return cache
+        kept_outputs.forget()  # before the new pass: one cache in memory at a time
         parts = [first] + [self._forward(normalize(data.train_x[i: i + chunk], data)) for i in range(chunk, n, chunk)]
         cache = {k: torch.cat([p[k] for p in parts]) for k in first}
         if data.train_x.device.type == "cuda":
             torch.cuda.synchronize(data.train_x.device)
-        _kept_teacher_outputs[key] = (cache, time.perf_counter() - started)
         log.info("teacher cache: on (teacher outputs for %d images, computed and kept in %s, %.1f MB, reused every epoch)",
                  n, self.precision, mb)
+        kept_outputs.keep(key, cache, time.perf_counter() - started, folder, train_cfg.get("teacher_cache_disk_mb", 0))
         return cache
 
     def _forward(self, x: torch.Tensor) -> dict:
@@ -376,18 +355,20 @@ def _num_threads(threads: int | None):
 
 
 def fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, device: torch.device,
-        teacher: nn.Module | None = None, label: str = "student", state_path: Path | None = None) -> FitResult:
+        teacher: nn.Module | None = None, label: str = "student", state_path: Path | None = None,
+        teacher_outputs_folder: Path | None = None) -> FitResult:
     """Train `student` with `loss_fn` (and `teacher`, when the loss needs one) on data already on `device`.
 
     With `state_path`, the training state is saved there after every epoch, and a run that finds
-    one continues from it: on the CPU the result equals an uninterrupted run's exactly.
+    one continues from it: on the CPU the result equals an uninterrupted run's exactly. With
+    `teacher_outputs_folder`, a teacher cache is also saved there for later runs, and taken from there.
     """
     with _num_threads(cfg.train.get("threads")):
-        return _fit(student, loss_fn, data, cfg, device, teacher, label, state_path)
+        return _fit(student, loss_fn, data, cfg, device, teacher, label, state_path, teacher_outputs_folder)
 
 
 def _fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, device: torch.device,
-         teacher: nn.Module | None, label: str, state_path: Path | None) -> FitResult:
+         teacher: nn.Module | None, label: str, state_path: Path | None, teacher_outputs_folder: Path | None) -> FitResult:
     train_cfg, augment = cfg.train, bool(cfg.data.augment)
     started = time.perf_counter()
     if device.type == "cpu":
@@ -399,11 +380,11 @@ def _fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, de
     student_taps = FeatureTaps(student, loss_fn.student_layers, "student")
     teacher_outputs = None
     if loss_fn.needs_teacher:
-        teacher_outputs = Teacher(teacher, loss_fn.teacher_layers, data, cfg, device, augment)
-        # A cache taken from the previous fit counts at what it cost: train_time_s compares across a sweep's jobs.
+        teacher_outputs = Teacher(teacher, loss_fn.teacher_layers, data, cfg, device, augment, teacher_outputs_folder)
+        # A cache kept by an earlier fit counts at what it cost: train_time_s compares across runs.
         started -= teacher_outputs.seconds_reused
     if teacher_outputs is None or teacher_outputs.cache is None:
-        forget_teacher_outputs()
+        kept_outputs.forget()
     loss_fn.to(device)
     optimizer = _optimizer([*student.parameters(), *loss_fn.parameters()], train_cfg, device)
     schedule = _schedule(optimizer, train_cfg)

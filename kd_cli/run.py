@@ -207,7 +207,7 @@ class Run:
         student = self.new_model(student_cfg, seed_offset)
         loss_fn.attach(student, teacher_model, self.example(), len(self.data.train_y))
         result = fit(student, loss_fn, self.data, self.cfg, self.device, teacher=teacher_model, label=role,
-                     state_path=self.state_path(role))
+                     state_path=self.state_path(role), teacher_outputs_folder=Path(self.cfg.store_dir) / "teacher_outputs")
         meta = self.meta(student_cfg, result) | meta_extra
         save_checkpoint(checkpoint, student, meta, helpers=loss_fn.state_dict())
         return student, meta, result

@@ -23,8 +23,8 @@ from kd_cli.models import model_label
 FORMAT = "kd-checkpoint/1"
 STUDENT_FILE = "student.pt"  # the distilled student in a `kd distill` run folder, what `kd deploy run=` reads
 # Keys that change how fast a model trains but not which model comes out.
-_RUNTIME_ONLY = {"train": {"amp", "teacher_cache", "teacher_cache_max_mb", "teacher_precision", "channels_last", "compile",
-                           "threads"},
+_RUNTIME_ONLY = {"train": {"amp", "teacher_cache", "teacher_cache_max_mb", "teacher_cache_disk_mb", "teacher_precision",
+                           "channels_last", "compile", "threads"},
                  "data": {"root", "download"}}
 
 

@@ -74,3 +74,15 @@ def seeded_kd_setup(cfg):
     seed_everything(1)
     teacher = build_model(cfg.teacher, data.spec)
     return data, student, teacher, build_loss(cfg)
+
+
+def tutorial_config(root, batch_size: int, student: str, teacher: str | None = None, epochs: int = 1, extra=()):
+    """`kd distill` (with a teacher: the tutorial's CE + KD) or `kd train`, with the bench's tutorial recipe
+    on the CIFAR-10-format files at `root`, extras last."""
+    from kd_cli.bench.sides import compose_config, tutorial_overrides
+    from kd_cli.bench.tutorial import ALPHA, T
+
+    overrides = [*tutorial_overrides(root, "cpu", epochs, augment=False, batch_size=batch_size), f"student={student}"]
+    if teacher:
+        return compose_config("distill", [*overrides, f"teacher={teacher}", "loss=kd", f"alpha={ALPHA}", f"T={T}", *extra])
+    return compose_config("train", [*overrides, *extra])

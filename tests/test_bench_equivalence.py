@@ -8,19 +8,16 @@ import copy
 
 import numpy as np
 import pytest
-from conftest import seeded_kd_setup
+from conftest import seeded_kd_setup, tutorial_config
 import torch
 
 from kd_cli.bench.cifar10_files import write_fake_cifar10
-from kd_cli.bench.sides import compose_config, tutorial_overrides
-from kd_cli.bench.tutorial import ALPHA, LR, T, plain_ce_step, plain_dataset, plain_kd_step
+from kd_cli.bench.tutorial import LR, plain_ce_step, plain_dataset, plain_kd_step
 from kd_cli.data import load_data, normalize
-from kd_cli import engine
-from kd_cli.engine import FitResult, Teacher, fit, forget_teacher_outputs, seed_everything
+from kd_cli.engine import Teacher, fit, seed_everything
 from kd_cli.losses import build_loss
 from kd_cli.losses.hinton import CrossEntropy
 from kd_cli.models import build_model
-from kd_cli.schemes.ensemble import SoftTargetEnsemble
 
 STEPS, BATCH = 20, 8
 CPU = torch.device("cpu")
@@ -34,13 +31,6 @@ def cifar(tmp_path_factory):
     return write_fake_cifar10(tmp_path_factory.mktemp("cifar"), STEPS * BATCH)
 
 
-def config(root, student, teacher=None, epochs=1, extra=()):
-    overrides = [*tutorial_overrides(root, "cpu", epochs, augment=False, batch_size=BATCH), f"student={student}"]
-    if teacher:
-        return compose_config("distill", [*overrides, f"teacher={teacher}", "loss=kd", f"alpha={ALPHA}", f"T={T}", *extra])
-    return compose_config("train", [*overrides, *extra])
-
-
 def recorded(loss_fn) -> list[float]:
     """The value of every call of `loss_fn`, i.e. of every training step, in order."""
     values = []
@@ -49,7 +39,7 @@ def recorded(loss_fn) -> list[float]:
 
 
 def test_both_readers_see_the_same_images(cifar):
-    data = load_data(config(cifar, "lightnn"))
+    data = load_data(tutorial_config(cifar, BATCH, "lightnn"))
     dataset = plain_dataset(cifar, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), augment=False)
     assert len(dataset) == len(data.train_y) == STEPS * BATCH
     torch.testing.assert_close(torch.from_numpy(dataset.data).permute(0, 3, 1, 2), data.train_x)
@@ -60,7 +50,7 @@ def test_both_readers_see_the_same_images(cifar):
 @pytest.mark.parametrize("teacher, student", [("deepnn", "lightnn"), (None, "conv2")],
                          ids=["kd-deepnn-lightnn-dropout", "ce-conv2-batchnorm"])
 def test_kd_steps_equal_the_plain_loop_steps(cifar, teacher, student):
-    cfg = config(cifar, student, teacher, extra=EXACT)
+    cfg = tutorial_config(cifar, BATCH, student, teacher, extra=EXACT)
     data = load_data(cfg)
     seed_everything(0)
     student_model = build_model(cfg.student, data.spec)
@@ -101,8 +91,8 @@ def test_kd_steps_equal_the_plain_loop_steps(cifar, teacher, student):
 
 def test_teacher_cache_gives_the_losses_of_the_teacher_run_every_step(cifar):
     fp32 = ["train.teacher_precision=fp32", "train.amp=false"]
-    cfg_on = config(cifar, "lightnn", "deepnn", extra=["train.teacher_cache=on", *fp32])
-    cfg_off = config(cifar, "lightnn", "deepnn", extra=["train.teacher_cache=off", *fp32])
+    cfg_on = tutorial_config(cifar, BATCH, "lightnn", "deepnn", extra=["train.teacher_cache=on", *fp32])
+    cfg_off = tutorial_config(cifar, BATCH, "lightnn", "deepnn", extra=["train.teacher_cache=off", *fp32])
     data = load_data(cfg_on)
     seed_everything(1)
     teacher_model = build_model(cfg_on.teacher, data.spec)
@@ -126,7 +116,7 @@ def test_teacher_cache_changes_no_training_step(cifar):
     """Over two epochs (the second one reads the cache), every step's loss matches the uncached run."""
     losses = {}
     for mode in ("on", "off"):
-        cfg = config(cifar, "lightnn", "deepnn", epochs=2,
+        cfg = tutorial_config(cifar, BATCH, "lightnn", "deepnn", epochs=2,
                      extra=[f"train.teacher_cache={mode}", "train.teacher_precision=fp32", "train.amp=false"])
         data, student, teacher, loss_fn = seeded_kd_setup(cfg)
         losses[mode] = recorded(loss_fn)
@@ -134,78 +124,3 @@ def test_teacher_cache_changes_no_training_step(cifar):
         fit(student, loss_fn, data, cfg, CPU, teacher=teacher)
     assert len(losses["on"]) == 2 * STEPS
     np.testing.assert_allclose(losses["on"], losses["off"], rtol=1e-5, atol=1e-6)
-
-
-def fitted(cfg, change=lambda data, teacher: None) -> tuple[dict, int, FitResult]:
-    """The student's weights after a seeded fit, how often the teacher ran during the fit, and its result.
-
-    `change(data, teacher)` may alter the training images or the teacher's weights in place first.
-    """
-    data, student, teacher, loss_fn = seeded_kd_setup(cfg)
-    change(data, teacher)
-    loss_fn.attach(student, teacher, normalize(data.train_x[:2], data), len(data.train_y))
-    calls = []
-    teacher.register_forward_hook(lambda *_: calls.append(1))
-    torch.manual_seed(123)
-    result = fit(student, loss_fn, data, cfg, CPU, teacher=teacher)
-    return student.state_dict(), len(calls), result
-
-
-def test_the_next_fit_with_the_same_teacher_and_images_takes_the_kept_teacher_outputs(cifar, caplog):
-    """The jobs of a sweep run in one process: the second one reuses the first one's cache and trains the same."""
-    cfg = config(cifar, "lightnn", "deepnn", epochs=2, extra=["train.teacher_cache=on"])
-    forget_teacher_outputs()
-    first, computing_calls, _ = fitted(cfg)
-    (key, (outputs, _)), = engine._kept_teacher_outputs.items()
-    engine._kept_teacher_outputs[key] = (outputs, 1000.0)  # as if the pass had taken 1000 s
-    with caplog.at_level("INFO", logger="kd_cli.engine"):
-        again, calls, result = fitted(cfg)
-    assert computing_calls == STEPS and calls == 1  # a pass over every batch, then one batch to check the kept outputs
-    assert "taken from this process's previous fit" in caplog.text
-    assert result.train_time_s > 1000  # the pass counts where it is reused: train_time_s compares across jobs
-    for name, value in first.items():
-        torch.testing.assert_close(again[name], value, rtol=0, atol=0)
-    forget_teacher_outputs()
-    assert fitted(cfg)[1] == computing_calls
-
-
-@pytest.mark.parametrize("between", ["train.teacher_cache=off", "loss=ce"], ids=["teacher-every-step", "no-teacher"])
-def test_a_fit_that_does_not_use_the_kept_teacher_outputs_drops_them(cifar, between):
-    """No job's memory holds an earlier job's cache."""
-    cfg = config(cifar, "lightnn", "deepnn", extra=["train.teacher_cache=on"])
-    fitted(cfg)
-    fitted(config(cifar, "lightnn", "deepnn", extra=[between]))
-    assert not engine._kept_teacher_outputs
-    assert fitted(cfg)[1] == STEPS
-
-
-def _nudge_a_teacher_weight(data, teacher):
-    with torch.no_grad():
-        next(teacher.parameters()).view(-1)[0] += 1e-3
-
-
-def _change_one_pixel(data, teacher):
-    data.train_x[7, 0, 3, 3] ^= 1
-
-
-@pytest.mark.parametrize("change", [_nudge_a_teacher_weight, _change_one_pixel, "loss=at"],
-                         ids=["teacher-weights", "training-images", "tapped-layers"])
-def test_another_teacher_other_images_or_other_layers_get_their_own_teacher_outputs(cifar, change):
-    cfg = config(cifar, "lightnn", "deepnn", extra=["train.teacher_cache=on"])
-    fitted(cfg)
-    if isinstance(change, str):
-        cfg, change = config(cifar, "lightnn", "deepnn", extra=["train.teacher_cache=on", change]), lambda *_: None
-    assert fitted(cfg, change)[1] == STEPS
-
-
-def test_an_ensemble_at_another_temperature_gets_its_own_teacher_outputs(cifar):
-    """`scheme=multi_teacher T=1,4` as a sweep: same members, same buffers; the temperature is a plain attribute."""
-    cfg = config(cifar, "lightnn", "deepnn", extra=["train.teacher_cache=on"])
-    data = load_data(cfg)
-    seed_everything(1)
-    member = build_model(cfg.teacher, data.spec)
-    logits = {T: Teacher(SoftTargetEnsemble([copy.deepcopy(member)], T), [], data, cfg, CPU, augment=False).cache["logits"]
-              for T in (1.0, 4.0)}
-    expected = Teacher(SoftTargetEnsemble([copy.deepcopy(member)], 4.0), [], data, cfg, CPU, augment=False).cache["logits"]
-    assert not torch.equal(logits[1.0], logits[4.0])
-    torch.testing.assert_close(logits[4.0], expected, rtol=0, atol=0)

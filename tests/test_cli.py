@@ -43,6 +43,7 @@ def test_train_distill_and_sweep(kd):
 
     kd("distill", *TINY, "alpha=0.6", "T=4")
     distill_dir = only_run_dir(kd.cwd / "outputs" / "distill")
+    saved_teacher_outputs, = (kd.cwd / "outputs" / "store" / "teacher_outputs").glob("*.pt")
     table = results(distill_dir).set_index("role")
     assert list(table.index) == ["teacher", "student_scratch", "student_kd"]
     kd_row, scratch, teacher = table.loc["student_kd"], table.loc["student_scratch"], table.loc["teacher"]
@@ -68,6 +69,10 @@ def test_train_distill_and_sweep(kd):
         assert job_row["accuracy"] == row["accuracy"]
     assert (sweep_dir / "heatmap_accuracy.png").stat().st_size > 1000
     assert "sweep" in sweep.stdout and "summary.csv" in sweep.stdout + sweep.stderr
+    # The first job takes the teacher outputs the single run saved; the others, the first job's.
+    log = sweep.stdout + sweep.stderr
+    assert log.count(f"taken from {saved_teacher_outputs.relative_to(kd.cwd)}") == 1
+    assert log.count("taken from this process's previous fit") == 3
 
 
 def test_loss_ce_trains_with_labels_only_and_matches_scratch(kd):

@@ -81,6 +81,8 @@ def test_alpha_and_T_are_top_level():
     ("data.fraction=1.5", "data.fraction must be in (0, 1]"),
     ("data.test_fraction=0", "data.test_fraction must be in (0, 1]"),
     ("train.lr=0", "train.lr must be > 0"),
+    ("train.teacher_cache_disk_mb=-1", "train.teacher_cache_disk_mb must be >= 0 (megabytes), got -1"),
+    ("train.teacher_cache_max_mb=lots", "train.teacher_cache_max_mb must be a number, got 'lots'"),
 ])
 def test_validation_refuses(override, message):
     with pytest.raises(KdError, match=message.replace("[", r"\[").replace("(", r"\(").replace("]", r"\]").replace(")", r"\)")):

@@ -115,7 +115,8 @@ class KdSide(_Side):
 
     def _fit(self, data: ImageData, epochs: int) -> tuple[float, float]:
         from kd_cli.data import normalize
-        from kd_cli.engine import fit, forget_teacher_outputs
+        from kd_cli import teacher_outputs
+        from kd_cli.engine import fit
         from kd_cli.losses import build_loss
         from kd_cli.losses.hinton import CrossEntropy
 
@@ -129,8 +130,8 @@ class KdSide(_Side):
         else:
             teacher, loss_fn = None, CrossEntropy()
         # Every round pays for its own teacher cache, as the tutorial's one run would: the fits of a
-        # sweep share one (engine._kept_teacher_outputs), and these rounds would too.
-        forget_teacher_outputs()
+        # sweep share one (teacher_outputs.py), and these rounds would too. (Only `kd distill` keeps them on disk.)
+        teacher_outputs.forget()
         with redirect_stdout(io.StringIO()):  # the progress bar would redraw on every step of every round
             result = fit(student, loss_fn, data, self.cfg, self.device, teacher=teacher, label=f"bench{self.case.key}")
         # Wall time of the whole fit: the cache, evaluation of the (10-image) test split and setup included.

@@ -25,6 +25,10 @@ class SoftTargetEnsemble(nn.Module):
         weights = torch.tensor(weights if weights else [1.0] * len(members), dtype=torch.float32)
         self.register_buffer("weights", weights / weights.sum(), persistent=False)
 
+    def extra_repr(self) -> str:
+        # In the repr, so the digest of the teacher cache (teacher_outputs.key) tells temperatures apart.
+        return f"T={self.T}, confidence={self.confidence}"
+
     def forward(self, x):
         logits = torch.stack([member(x) for member in self.members]).float()  # teachers x batch x classes
         soft = F.softmax(logits / self.T, dim=2)
