@@ -61,6 +61,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def cifar(request, tmp_path_factory):
+    """Exactly the test module's STEPS batches of BATCH training images, in CIFAR-10's on-disk format."""
+    from kd_cli.bench.cifar10_files import write_fake_cifar10
+
+    return write_fake_cifar10(tmp_path_factory.mktemp("cifar"), request.module.STEPS * request.module.BATCH)
+
+
 def seeded_kd_setup(cfg):
     """(data, student, teacher, loss) of a config, each model built from its own fixed seed."""
     from kd_cli.data import load_data

@@ -11,7 +11,6 @@ import pytest
 from conftest import seeded_kd_setup, tutorial_config
 import torch
 
-from kd_cli.bench.cifar10_files import write_fake_cifar10
 from kd_cli.bench.tutorial import LR, plain_ce_step, plain_dataset, plain_kd_step
 from kd_cli.data import load_data, normalize
 from kd_cli.engine import Teacher, fit, seed_everything
@@ -23,12 +22,6 @@ STEPS, BATCH = 20, 8
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")
 EXACT = ["train.teacher_cache=off", "train.teacher_precision=fp32", "train.channels_last=false", "train.amp=false"]
-
-
-@pytest.fixture(scope="module")
-def cifar(tmp_path_factory):
-    """Exactly STEPS batches of training images, in CIFAR-10's on-disk format."""
-    return write_fake_cifar10(tmp_path_factory.mktemp("cifar"), STEPS * BATCH)
 
 
 def recorded(loss_fn) -> list[float]:

@@ -12,7 +12,6 @@ from conftest import seeded_kd_setup
 import torch
 import torch._inductor.config
 
-from kd_cli.bench.cifar10_files import write_fake_cifar10
 from kd_cli.bench.sides import compose_config, tutorial_overrides
 from kd_cli.data import normalize
 from kd_cli.engine import fit
@@ -20,11 +19,6 @@ from kd_cli.errors import KdError
 
 STEPS, BATCH = 3, 8  # every batch full: a smaller last batch would make torch.compile compile again
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def cifar(tmp_path_factory):
-    return write_fake_cifar10(tmp_path_factory.mktemp("cifar"), STEPS * BATCH)
 
 
 def config(root, *extra):

@@ -17,7 +17,6 @@ import torch
 from omegaconf import OmegaConf
 
 from kd_cli import engine
-from kd_cli.bench.cifar10_files import write_fake_cifar10
 from kd_cli.bench.sides import compose_config, tutorial_overrides
 from kd_cli.bench.tutorial import ALPHA, T
 from kd_cli.config import validate
@@ -31,11 +30,6 @@ from kd_cli.store import recipe
 STEPS, BATCH = 4, 8
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def cifar(tmp_path_factory):
-    return write_fake_cifar10(tmp_path_factory.mktemp("cifar"), STEPS * BATCH)
 
 
 def native_bf16(monkeypatch, has: bool) -> None:

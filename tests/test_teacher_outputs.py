@@ -12,7 +12,6 @@ from conftest import seeded_kd_setup, tutorial_config
 import torch
 
 from kd_cli import teacher_outputs
-from kd_cli.bench.cifar10_files import write_fake_cifar10
 from kd_cli.data import load_data, normalize
 from kd_cli.engine import FitResult, Teacher, fit, seed_everything
 from kd_cli.models import build_model
@@ -21,11 +20,6 @@ from kd_cli.schemes.ensemble import SoftTargetEnsemble
 STEPS, BATCH = 6, 8
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def cifar(tmp_path_factory):
-    return write_fake_cifar10(tmp_path_factory.mktemp("cifar"), STEPS * BATCH)
 
 
 @pytest.fixture(autouse=True)
