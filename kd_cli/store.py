@@ -49,11 +49,16 @@ def store_path(cfg, model_cfg, lineage: dict | None = None) -> Path:
     return Path(cfg.store_dir) / cfg.dataset.name / model_label(model_cfg) / f"seed{cfg.seed}-{digest}.pt"
 
 
+def tensor_bytes(tensor: torch.Tensor):
+    """A tensor's values as raw bytes (any dtype, device or layout), to hash."""
+    return tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+
+
 def checksum(state_dict: dict) -> str:
     digest = hashlib.sha256()
     for name, tensor in state_dict.items():
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor_bytes(tensor))
     return digest.hexdigest()
 
 

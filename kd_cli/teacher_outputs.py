@@ -30,7 +30,7 @@ from torch import nn
 from kd_cli.atomic import atomic_torch_save
 from kd_cli.data import ImageData
 from kd_cli.errors import KdError
-from kd_cli.store import safe_load
+from kd_cli.store import checksum, safe_load, tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def key(model: nn.Module, data: ImageData, *settings) -> str:
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())  # buffers kept out of state_dict too
     digest = hashlib.sha256(repr((repr(model), [(k, v.shape, v.dtype) for k, v in tensors.items()], settings)).encode())
     for tensor in (*tensors.values(), data.train_x, data.mean, data.std):
-        digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy())
+        digest.update(tensor_bytes(tensor))
     return digest.hexdigest()
 
 
@@ -89,7 +89,7 @@ def _read(path: Path, digest: str) -> tuple[dict, float, str] | None:
         outputs, seconds = payload["outputs"], float(payload["seconds"])
         if payload.get("format") != FORMAT or payload.get("key") != digest:
             raise ValueError("not the outputs of this teacher and these images")
-        if payload.get("checksum") != _checksum(outputs):  # torch.load does not check the zip's CRCs
+        if payload.get("checksum") != checksum(outputs):  # torch.load does not check the zip's CRCs
             raise ValueError("its content does not match its checksum")
     except FileNotFoundError:  # removed by another run since we looked
         return None
@@ -114,21 +114,12 @@ def keep(digest: str, outputs: dict, seconds: float, folder: Path | None = None,
     on_host = {k: t.cpu() for k, t in outputs.items()}
     try:
         _make_room(path, max_disk_mb * 2**20 - size)
-        atomic_torch_save(path, {"format": FORMAT, "key": digest, "seconds": seconds, "checksum": _checksum(on_host),
+        atomic_torch_save(path, {"format": FORMAT, "key": digest, "seconds": seconds, "checksum": checksum(on_host),
                                  "outputs": on_host})
     except (KdError, OSError) as e:  # a full disk or a read-only store costs later runs the pass, not this run its result
         log.warning("teacher cache: not saved for later runs (%s)", e)
         return
     log.info("teacher cache: saved for later runs with this teacher and these images: %s (%.1f MB)", path, size / 2**20)
-
-
-def _checksum(outputs: dict) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(outputs):
-        tensor = outputs[name]
-        digest.update(repr((name, tensor.dtype, tuple(tensor.shape))).encode())
-        digest.update(tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy())
-    return digest.hexdigest()
 
 
 def _file(folder: Path | None, digest: str) -> Path | None:

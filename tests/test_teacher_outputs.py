@@ -16,6 +16,7 @@ from kd_cli.data import load_data, normalize
 from kd_cli.engine import FitResult, Teacher, fit, seed_everything
 from kd_cli.models import build_model
 from kd_cli.schemes.ensemble import SoftTargetEnsemble
+from kd_cli.store import checksum
 
 STEPS, BATCH = 6, 8
 CPU = torch.device("cpu")
@@ -168,7 +169,7 @@ def test_outputs_that_differ_on_the_first_batch_are_not_used(cifar, tmp_path, ca
 
     def change_the_first_image(payload):
         payload["outputs"]["logits"][0, 0] += 1
-        payload["checksum"] = teacher_outputs._checksum(payload["outputs"])
+        payload["checksum"] = checksum(payload["outputs"])
 
     rewrite(saved, change_the_first_image)
     teacher_outputs.forget()
