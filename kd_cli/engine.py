@@ -370,6 +370,8 @@ def fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, dev
 def _fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, device: torch.device,
          teacher: nn.Module | None, label: str, state_path: Path | None, teacher_outputs_folder: Path | None) -> FitResult:
     train_cfg, augment = cfg.train, bool(cfg.data.augment)
+    if train_cfg.get("compile") and loss_fn.student_layers:  # before the teacher's pass, not after it
+        raise KdError("train.compile=true does not combine with losses that hook intermediate layers; set train.compile=false")
     started = time.perf_counter()
     if device.type == "cpu":
         keep_freed_memory()
@@ -394,8 +396,6 @@ def _fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, de
                 if student_precision(train_cfg, device) == "bf16" else nullcontext())
     forward = student
     if train_cfg.get("compile"):
-        if loss_fn.student_layers:
-            raise KdError("train.compile=true does not combine with losses that hook intermediate layers; set train.compile=false")
         forward = torch.compile(student)
         log.info("%s: the student runs through torch.compile; its first steps compile it, which takes seconds "
                  "to minutes (train.compile=false runs it eagerly)", label)
