@@ -147,7 +147,11 @@ def main() -> None:
             raise
         print(e, file=sys.stderr)
         sys.exit(1)
-    sys.argv = [f"kd {command}", *args[1:], *resume_target(command, args[1:])]
+    # Hydra's argparse reads no override after a flag, so `kd distill loss=at -m T=1,2` would stop
+    # at "unrecognized arguments: T=1,2": the multirun flag goes first.
+    multirun = [a for a in args[1:] if a in ("-m", "--multirun")]
+    overrides = [a for a in args[1:] if a not in multirun]
+    sys.argv = [f"kd {command}", *multirun, *overrides, *resume_target(command, args[1:])]
     app = hydra.main(config_path=config_dir(), config_name=command, version_base="1.3")(_task(command))
     try:
         app()

@@ -115,6 +115,16 @@ def validate(cfg) -> None:
             raise KdError(f"qat.lr must be > 0 (or null for train.lr / 10), got {cfg.qat.lr}")
 
 
+def ignored_settings(cfg) -> list[str]:
+    """Those of `alpha` and `T` that neither the run's loss nor its scheme reads (T under loss=at)."""
+    if "loss" not in cfg:
+        return []
+    used = set(build_loss(cfg).uses)
+    if OmegaConf.select(cfg, "scheme.name") == "multi_teacher":
+        used.add("T")  # the teachers' soft targets are averaged at T, whatever the loss
+    return [key for key in ("alpha", "T") if key not in used]
+
+
 def teacher_config(cfg):
     """The run's config with `teacher_recipe` applied: the recipe its teacher is trained with."""
     changes = cfg.teacher_recipe

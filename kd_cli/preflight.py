@@ -7,6 +7,7 @@ every combination of a grid sweep included, and checked by `config.validate`.
 
 import difflib
 import itertools
+import sys
 import tempfile
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
 from omegaconf import OmegaConf
 
-from kd_cli.config import scheme_option_error, validate
+from kd_cli.config import ignored_settings, scheme_option_error, validate
 from kd_cli.engine import resolve_device
 from kd_cli.errors import KdError
 from kd_cli.losses import LOSSES
@@ -97,12 +98,25 @@ def _check_writable(folder: str, what: str) -> None:
         raise KdError(f"cannot write {what} {folder}: {path} is not writable; choose another location") from None
 
 
+def _ignored_warnings(ignored: dict[tuple[str, str], list[str]]) -> list[str]:
+    """Warnings, not errors: `loss=kd,at T=1,4` is a sensible sweep for one of its losses."""
+    lines = []
+    for (loss, key), values in ignored.items():
+        if not values:  # not on the command line: in the search space of hparams_search
+            effect = f"searching it wastes trials; drop it with '~hydra.sweeper.params.{key}'"
+        else:
+            effect = f"{key}={','.join(values)} " + ("train the same student" if len(values) > 1 else "changes nothing")
+        lines.append(f"kd: warning: loss={loss} does not use {key}, so {effect}")
+    return lines
+
+
 def preflight(command: str, args: list[str], conf_dir: str):
     """Raise KdError (one line) if the command line cannot run; return its config (that of the last
     combination checked, for a sweep), or None for Hydra's flags that run nothing."""
     if any(a.split("=")[0] in _PASSIVE_FLAGS for a in args):
         return None
     overrides = [a for a in args if not a.startswith("-")]
+    ignored: dict[tuple[str, str], list[str]] = {}  # (loss, key) -> values given for a key that loss ignores
     for combination in _combinations(overrides):
         try:
             with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
@@ -110,6 +124,14 @@ def preflight(command: str, args: list[str], conf_dir: str):
         except (ConfigCompositionException, MissingConfigException, OverrideParseException) as e:
             raise KdError(_explain(e, command, conf_dir, combination)) from None
         validate(cfg)
+        given = dict(o.lstrip("+").split("=", 1) for o in combination if "=" in o and not o.startswith("~"))
+        searched = OmegaConf.select(cfg, "hydra.sweeper.params") or {}  # hparams_search=optuna's space
+        for key in ignored_settings(cfg):
+            if key in given or key in searched:
+                values = ignored.setdefault((cfg.loss.name, key), [])
+                values += [given[key]] if key in given and given[key] not in values else []
+    for line in _ignored_warnings(ignored):
+        print(line, file=sys.stderr)
     resolve_device(cfg.device)
     multirun = "-m" in args or "--multirun" in args
     run_root = OmegaConf.select(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir", throw_on_resolution_failure=False)

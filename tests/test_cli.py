@@ -58,7 +58,7 @@ def test_train_distill_and_sweep(kd):
     assert teacher["accuracy"] == trained.loc["teacher", "accuracy"]
     assert scratch["accuracy"] == trained.loc["student_scratch", "accuracy"]
 
-    sweep = kd("distill", "-m", *TINY, "alpha=0.1,0.9", "T=1,4")
+    sweep = kd("distill", *TINY, "alpha=0.1,0.9", "-m", "T=1,4")  # -m anywhere, T=1,4 still read
     sweep_dir = only_run_dir(kd.cwd / "outputs" / "distill-multirun")
     summary = pd.read_csv(sweep_dir / "summary.csv")
     assert len(summary) == 4 and (summary["status"] == "ok").all()
@@ -69,6 +69,7 @@ def test_train_distill_and_sweep(kd):
         assert job_row["accuracy"] == row["accuracy"]
     assert (sweep_dir / "heatmap_accuracy.png").stat().st_size > 1000
     assert "sweep" in sweep.stdout and "summary.csv" in sweep.stdout + sweep.stderr
+    assert "kd: warning" not in sweep.stderr  # kd reads both alpha and T
     # The first job takes the teacher outputs the single run saved; the others, the first job's.
     log = sweep.stdout + sweep.stderr
     assert log.count(f"taken from {saved_teacher_outputs.relative_to(kd.cwd)}") == 1

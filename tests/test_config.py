@@ -93,3 +93,30 @@ def test_interpolated_augment_follows_dataset():
     assert composed("train", ["dataset=cifar10"]).data.augment is True
     assert composed("train", ["dataset=mnist"]).data.augment is False
     assert OmegaConf.select(composed("train", ["dataset=mnist", "data.augment=true"]), "data.augment") is True
+
+
+IGNORED = [
+    (["loss=at", "-m", "T=1,2", "alpha=0.1,0.5"], ["kd: warning: loss=at does not use T, so T=1,2 train the same student"]),
+    (["-m", "loss=kd,at", "T=1,4"], ["kd: warning: loss=at does not use T, so T=1,4 train the same student"]),
+    (["loss=ce", "alpha=0.2", "T=3"], ["kd: warning: loss=ce does not use alpha, so alpha=0.2 changes nothing",
+                                       "kd: warning: loss=ce does not use T, so T=3 changes nothing"]),
+    (["loss=kd", "alpha=0.2", "T=3"], []),
+    (["loss=at"], []),  # T not given: nothing to warn about
+    (["loss=fitnets", "loss.stage1_epochs=1", "T=3"], []),  # its second stage is kd's soft targets
+    (["loss=combo", "loss.terms={at:1000,kd:1}", "T=3"], []),
+    (["loss=combo", "loss.terms={at:1000}", "T=3"], ["kd: warning: loss=combo does not use T, so T=3 changes nothing"]),
+    (["scheme=multi_teacher", "scheme.teachers=[deepnn,resnet18]", "loss=logits_mse", "T=3"], []),  # mixed at T
+    (["-m", "hparams_search=optuna", "loss=at"],
+     ["kd: warning: loss=at does not use T, so searching it wastes trials; drop it with '~hydra.sweeper.params.T'"]),
+    (["-m", "hparams_search=optuna", "loss=at", "~hydra.sweeper.params.T"], []),
+    (["-m", "hparams_search=optuna", "loss=kd"], []),
+]
+
+
+@pytest.mark.parametrize("overrides, warnings", IGNORED, ids=[" ".join(o) for o, _ in IGNORED])
+def test_alpha_or_T_that_the_loss_ignores_is_a_warning(tmp_path, monkeypatch, capsys, overrides, warnings):
+    from kd_cli.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)
+    preflight("distill", overrides, config_dir())
+    assert capsys.readouterr().err.splitlines() == warnings

@@ -601,11 +601,11 @@ METHODS = sorted(name for name in LOSSES if name not in ("ce", "kd", "combo"))
 OPTIONS = {"crd": {"nce_k": 7, "feat_dim": 6}}
 
 
-def attached(name, alpha=1.0, student_arch="lightnn", teacher_arch="deepnn", **options):
+def attached(name, alpha=1.0, T=4.0, student_arch="lightnn", teacher_arch="deepnn", **options):
     torch.manual_seed(0)
     student = build_model(OmegaConf.create({"arch": student_arch}), SPEC)
     teacher = build_model(OmegaConf.create({"arch": teacher_arch}), SPEC)
-    loss = build_loss(OmegaConf.create({"loss": {"name": name, **OPTIONS.get(name, {}), **options}, "alpha": alpha, "T": 4.0}))
+    loss = build_loss(OmegaConf.create({"loss": {"name": name, **OPTIONS.get(name, {}), **options}, "alpha": alpha, "T": T}))
     loss.attach(student, teacher, torch.zeros(2, 1, 28, 28), 30)
     return loss, student, teacher
 
@@ -643,6 +643,30 @@ def test_gradients_reach_the_student_and_its_helpers_never_the_teacher(name):
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, f"no gradient at '{key}'"
     for pname, p in loss.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"helper {pname} gets no gradient"
+
+
+USES = [(name, {}) for name in sorted(LOSSES) if name != "combo"] + [
+    ("fitnets", {"stage1_epochs": 1}), ("fsp", {"stage1_epochs": 1}), ("combo", {"terms": {"at": 1000.0}}), ("combo", {"terms": {"at": 1000.0, "kd": 1.0}})]
+
+
+@pytest.mark.parametrize("name, options", USES, ids=[f"{n} {o}" if o else n for n, o in USES])
+def test_uses_names_exactly_the_settings_the_value_depends_on(name, options):
+    """`uses` is what the command line's warning about an ignored alpha or T rests on."""
+    def value_and_uses(alpha, T):
+        loss, student_model, teacher_model = attached(name, alpha=alpha, T=T, **options)
+        student, teacher = random_outputs(loss, student_model, teacher_model)
+        targets = torch.randint(0, 10, (6,), generator=torch.Generator().manual_seed(2))
+        values = []
+        for epoch in (1, 2):  # both stages of the two-stage options
+            loss.set_epoch(epoch)
+            torch.manual_seed(3)  # crd draws its negatives
+            values.append(loss(student, teacher if loss.needs_teacher else None, targets, indices=torch.arange(6)).item())
+        return values, loss.uses
+
+    base, uses = value_and_uses(0.5, 4.0)
+    assert uses <= {"alpha", "T"}
+    assert (value_and_uses(0.8, 4.0)[0] != base) == ("alpha" in uses)
+    assert (value_and_uses(0.5, 2.0)[0] != base) == ("T" in uses)
 
 
 def _same_outputs(loss, shapes, logits=S_LOGITS):

@@ -29,6 +29,8 @@ class DistillationLoss(nn.Module):
                      "stages" (feature maps at the end of each stage) or "embedding" (the vector the
                      classifier head sees). `loss.student_layers` / `loss.teacher_layers` override them.
       max_layers     how many layer pairs the method uses (the deepest ones), None for all.
+      uses           which of the top-level `alpha` and `T` its value depends on; the command line
+                     warns when one it ignores is set (a T sweep of `loss=at` trains one student N times).
     Helper modules a method needs (regressors, embedding heads, memories) are built in `setup()` as
     submodules: they train with the student, are checkpointed with it, and never count as part of it.
     """
@@ -36,6 +38,7 @@ class DistillationLoss(nn.Module):
     needs_teacher = True
     layer_kind: str | None = None
     max_layers: int | None = None
+    uses: frozenset[str] = frozenset()
 
     def __init_subclass__(cls, name: str | None = None, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -40,6 +40,7 @@ class Combo(WeightedTerm, name="combo"):
             options = dict(spec) if isinstance(spec, Mapping) else {"weight": spec}
             built[name] = self._build(name, options)
         self.terms = nn.ModuleDict(built)
+        self.uses = self.uses.union(*(term.uses for term in built.values()))
         self.needs_teacher = any(term.needs_teacher for term in self.terms.values())
 
     @classmethod

@@ -30,6 +30,8 @@ class FitNets(WeightedTerm, name="fitnets"):
     def __init__(self, alpha, T, weight=100.0, stage1_epochs=0, **options):
         super().__init__(alpha, T, weight, **options)
         self.stage1_epochs = self.epochs_option("stage1_epochs", stage1_epochs)
+        if self.stage1_epochs:  # the second stage is kd's soft targets at T
+            self.uses = frozenset({"alpha", "T"})
         self.set_epoch(1)
 
     def setup(self, student_shapes, teacher_shapes, num_train):

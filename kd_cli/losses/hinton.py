@@ -29,6 +29,8 @@ def soft_target_kl(student_logits, teacher_logits, T: float):
 class HintonKD(DistillationLoss, name="kd"):
     """(1 - alpha) * CE(student, y) + alpha * T^2 * KL(p_teacher^T || p_student^T)."""
 
+    uses = frozenset({"alpha", "T"})
+
     def __init__(self, alpha: float, T: float, **options):
         super().__init__(**options)
         self.alpha, self.T = float(alpha), float(T)

@@ -38,6 +38,8 @@ class FSP(WeightedTerm, name="fsp"):
     def __init__(self, alpha, T, weight=50.0, stage1_epochs=0, **options):
         super().__init__(alpha, T, weight, **options)
         self.stage1_epochs = self.epochs_option("stage1_epochs", stage1_epochs)
+        if self.stage1_epochs:  # FSP alone, then CE alone: alpha weights nothing
+            self.uses = frozenset()
         self.set_epoch(1)
 
     def set_epoch(self, epoch: int) -> None:

@@ -33,6 +33,8 @@ class SoftCrossEntropy(WeightedTerm, name="soft_ce"):
     student: the gradients are kd's, only the reported loss is higher.
     """
 
+    uses = frozenset({"alpha", "T"})
+
     def term(self, student, teacher, targets, indices=None):
         p_teacher = F.softmax(teacher["logits"].detach() / self.T, dim=1)
         log_p_student = F.log_softmax(student["logits"] / self.T, dim=1)
@@ -67,6 +69,8 @@ class DecoupledKD(WeightedTerm, name="dkd"):
     The ramp min(epoch / warmup_epochs, 1) is the reference implementation's warm-up.
     """
 
+    uses = frozenset({"alpha", "T"})
+
     def __init__(self, alpha, T, weight=1.0, tckd_weight=1.0, nckd_weight=8.0, warmup_epochs=20, **options):
         super().__init__(alpha, T, weight, **options)
         self.tckd_weight, self.nckd_weight = float(tckd_weight), float(nckd_weight)
@@ -96,6 +100,8 @@ class DIST(WeightedTerm, name="dist"):
     intra = the same for each class's probabilities across the batch.
     """
 
+    uses = frozenset({"alpha", "T"})
+
     def __init__(self, alpha, T, weight=1.0, inter_weight=1.0, intra_weight=1.0, **options):
         super().__init__(alpha, T, weight, **options)
         self.inter_weight, self.intra_weight = float(inter_weight), float(intra_weight)
@@ -116,6 +122,8 @@ class TeacherFreeKD(WeightedTerm, name="tf_kd"):
     log-probabilities are the logits divided by T. With `virtual: false` the stored teacher is used
     instead, which is Tf-KD's self-training variant when that teacher is a pretrained student.
     """
+
+    uses = frozenset({"alpha", "T"})
 
     needs_teacher = False
 

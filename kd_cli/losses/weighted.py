@@ -20,6 +20,8 @@ from kd_cli.losses import DistillationLoss
 class WeightedTerm(DistillationLoss):
     """(1 - alpha) * CE + alpha * weight * term(); subclasses implement term()."""
 
+    uses = frozenset({"alpha"})  # methods that soften probabilities add T
+
     def __init__(self, alpha: float, T: float, weight: float = 1.0, **options):
         super().__init__(**options)
         self.alpha, self.T, self.weight = float(alpha), float(T), float(weight)
