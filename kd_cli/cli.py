@@ -5,6 +5,7 @@ conf/distill.yaml, run with ARGS; `-m`, `--cfg job`, `--help` and launchers work
 """
 
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -14,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from kd_cli import __version__
-from kd_cli.errors import KdError
+from kd_cli.errors import KdError, Terminated
 
 COMMANDS = {
     "train": "train the teacher and the student from labels alone, into the model store",
@@ -50,6 +51,8 @@ def _task(name: str):
             objective = run(cfg, run_dir)
             (run_dir / "error.txt").unlink(missing_ok=True)  # an earlier failure of this job is history now
             return objective
+        except KeyboardInterrupt:  # stopped, not failed: the sweep's summary lists the job as unfinished
+            raise
         except BaseException as e:
             # Left in the run directory for sweep summaries and for whoever looks at it later.
             (run_dir / "error.txt").write_text("".join(traceback.format_exception(e)) + f"{e}\n")
@@ -108,6 +111,10 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main() -> None:
     args = sys.argv[1:]
     if not args or args[0] in ("-h", "--help", "help"):
@@ -134,32 +141,33 @@ def main() -> None:
     from kd_cli.sweep import started_sweeps, summarize
 
     register_model_groups()
+    signal.signal(signal.SIGTERM, _terminate)
     try:
-        cfg = preflight(command, args[1:], config_dir())
-        if command == "distill":  # a seed experiment is several sweeps: kd_cli/experiments.py runs them
-            from kd_cli.experiments import preset_of, run_experiment
+        try:
+            cfg = preflight(command, args[1:], config_dir())
+            if command == "distill":  # a seed experiment is several sweeps: kd_cli/experiments.py runs them
+                from kd_cli.experiments import preset_of, run_experiment
 
-            preset = preset_of(args[1:], cfg)
-            if preset is not None:
-                sys.exit(run_experiment(args[1:], preset, config_dir()))
-    except KdError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(e, file=sys.stderr)
-        sys.exit(1)
-    # Hydra's argparse reads no override after a flag, so `kd distill loss=at -m T=1,2` would stop
-    # at "unrecognized arguments: T=1,2": the multirun flag goes first.
-    multirun = [a for a in args[1:] if a in ("-m", "--multirun")]
-    overrides = [a for a in args[1:] if a not in multirun]
-    sys.argv = [f"kd {command}", *multirun, *overrides, *resume_target(command, args[1:])]
-    app = hydra.main(config_path=config_dir(), config_name=command, version_base="1.3")(_task(command))
-    try:
-        app()
-    except KeyboardInterrupt:
-        # Each finished epoch is saved (state/), so an interrupted run loses at most the epoch in progress.
-        print("kd: interrupted; rerun the same command with resume=true to continue from the last finished epoch",
+                preset = preset_of(args[1:], cfg)
+                if preset is not None:
+                    sys.exit(run_experiment(args[1:], preset, config_dir()))
+        except KdError as e:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(e, file=sys.stderr)
+            sys.exit(1)
+        # Hydra's argparse reads no override after a flag, so `kd distill loss=at -m T=1,2` would stop
+        # at "unrecognized arguments: T=1,2": the multirun flag goes first.
+        multirun = [a for a in args[1:] if a in ("-m", "--multirun")]
+        overrides = [a for a in args[1:] if a not in multirun]
+        sys.argv = [f"kd {command}", *multirun, *overrides, *resume_target(command, args[1:])]
+        hydra.main(config_path=config_dir(), config_name=command, version_base="1.3")(_task(command))()
+    except KeyboardInterrupt as stop:
+        # Each finished epoch is saved (state/), so a stopped run loses at most the epoch in progress.
+        how, status = ("terminated", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
+        print(f"kd: {how}; rerun the same command with resume=true to continue from the last finished epoch",
               file=sys.stderr)
-        sys.exit(130)
+        sys.exit(status)
     finally:
         for sweep_dir in started_sweeps:
             summarize(sweep_dir)

@@ -17,3 +17,8 @@ class KdError(CompactHydraException):
 
     def __str__(self) -> str:
         return f"kd: error: {self.reason}"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit, `kill`), raised like Ctrl-C: half-written files are removed and
+    a sweep's summary is written, instead of the process vanishing mid-write."""

@@ -20,7 +20,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from kd_cli.atomic import atomic_write_text
-from kd_cli.errors import KdError
+from kd_cli.errors import KdError, Terminated
 from kd_cli.preflight import preflight
 from kd_cli.report import build_records, build_report, find_runs, lookup, same, varying_keys, write_report
 from kd_cli.results import csv_text, markdown_table, print_table
@@ -77,7 +77,7 @@ def run_experiment(args: list[str], preset, conf_dir: str) -> int:
         line = " ".join(["kd distill", *args, *part, "-m"])
         print(f"kd: {name}, part {number}/{len(parts)}: {line}", file=sys.stderr, flush=True)
         command = [sys.executable, "-m", "kd_cli", "distill", *args, *part, f"hydra.sweep.dir={folder / f'part{number}'}", "-m"]
-        if subprocess.call(command) != 0:
+        if _run_part(command) != 0:
             failed.append(number)
     write_experiment(folder, preset)
     if failed:
@@ -85,6 +85,17 @@ def run_experiment(args: list[str], preset, conf_dir: str) -> int:
               f"`kd distill {' '.join(args)} resume=true` re-runs only what is missing", file=sys.stderr)
         return 1
     return 0
+
+
+def _run_part(command: list[str]) -> int:
+    """One part's sweep, in a child process that stops when kd is stopped."""
+    child = subprocess.Popen(command)
+    try:
+        return child.wait()
+    except KeyboardInterrupt as stop:
+        if isinstance(stop, Terminated):  # Ctrl-C reaches the child itself (one process group); a SIGTERM may not
+            child.terminate()
+        sys.exit(child.wait())  # the child has said how to resume
 
 
 def published_table(records: list[dict], published) -> pd.DataFrame:

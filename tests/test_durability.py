@@ -80,18 +80,42 @@ def test_sigkill_then_resume_ends_exactly_like_an_uninterrupted_run(kd):
     assert not state.exists()  # a finished run drops its resumable state
 
 
-def test_ctrl_c_is_one_line_that_says_how_to_resume(kd):
+@pytest.mark.parametrize("stop, status, how", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+                         ids=["ctrl-c", "sigterm"])
+def test_a_stopped_run_says_how_to_resume_in_one_line_and_leaves_no_partial_file(kd, stop, status, how):
     env = {**os.environ, "CI": "1"}
     proc = subprocess.Popen([kd_executable(), "train", *TINY, "train.epochs=50", "~student"], cwd=kd.cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None and not list(kd.cwd.glob("outputs/train/*/state/*.pt")):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    assert proc.returncode == status
     assert stderr.strip().splitlines() == [
-        "kd: interrupted; rerun the same command with resume=true to continue from the last finished epoch"]
+        f"kd: {how}; rerun the same command with resume=true to continue from the last finished epoch"]
+    assert not [p for p in kd.cwd.rglob("*.tmp")]
+
+
+def test_a_terminated_sweep_writes_its_summary_and_resumes(kd):
+    kd("train", *TINY, "~student", "train.epochs=4")
+    env = {**os.environ, "CI": "1"}
+    sweep_args = ["distill", "-m", *TINY, "train.epochs=4", "alpha=0.2,0.8"]
+    proc = subprocess.Popen([kd_executable(), *sweep_args], cwd=kd.cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not list(kd.cwd.glob("outputs/distill-multirun/*/0/state/*.pt")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    sweep = next((kd.cwd / "outputs/distill-multirun").iterdir())
+    assert pd.read_csv(sweep / "summary.csv")["status"].tolist() == ["unfinished"]  # stopped, not failed
+    assert not (sweep / "0" / "error.txt").exists()
+
+    resumed = kd(*sweep_args, "resume=true")
+    assert f"resuming {sweep.relative_to(kd.cwd)}" in resumed.stderr
+    assert pd.read_csv(sweep / "summary.csv")["status"].tolist() == ["ok", "ok"]
 
 
 def test_rerun_sweep_skips_complete_jobs_and_reruns_failed_ones(kd):
