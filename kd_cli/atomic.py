@@ -4,6 +4,7 @@ import functools
 import io
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, IO
 
@@ -17,6 +18,19 @@ def _umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it; once, before any worker thread starts
     os.umask(mask)
     return mask
+
+
+ABANDONED_AFTER_S = 3600  # no write takes this long; its temporary file is what a SIGKILL or power cut left
+
+
+def remove_abandoned_writes(folder: Path) -> None:
+    """Delete the temporary files that writes into `folder` left when killed mid-write (no cleanup ran)."""
+    for leftover in Path(folder).glob(".*.tmp"):  # the names atomic_write gives them
+        try:
+            if time.time() - leftover.stat().st_mtime > ABANDONED_AFTER_S:
+                leftover.unlink()
+        except OSError:  # gone meanwhile, or another user's
+            continue
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kd_cli.atomic import atomic_torch_save
+from kd_cli.atomic import atomic_torch_save, remove_abandoned_writes
 from kd_cli.data import ImageData
 from kd_cli.errors import KdError
 from kd_cli.store import checksum, safe_load, tensor_bytes
@@ -128,6 +128,7 @@ def _file(folder: Path | None, digest: str) -> Path | None:
 
 def _make_room(path: Path, room: float) -> None:
     """Remove the least recently used files beside `path` until the others take at most `room` bytes."""
+    remove_abandoned_writes(path.parent)  # outside the budget, and as large as the files themselves
     files = []
     for other in path.parent.glob("*.pt"):
         try:

@@ -6,6 +6,7 @@ teacher, the images, the tapped layers, a temperature the digest cannot see) get
 
 import copy
 import os
+import time
 
 import pytest
 from conftest import seeded_kd_setup, tutorial_config
@@ -226,3 +227,12 @@ def test_a_store_this_user_may_not_change_costs_no_run(tmp_path, monkeypatch, ca
     assert "not saved for later runs" in caplog.text and "Permission denied" in caplog.text
     assert found("mine", None)  # in memory all the same
     assert [p.stem for p in tmp_path.glob("*.pt")] == ["theirs"]
+
+
+def test_writes_killed_long_ago_leave_nothing_behind(tmp_path):
+    abandoned, in_progress = tmp_path / ".a.pt.x1y2.tmp", tmp_path / ".b.pt.z3w4.tmp"  # atomic_write's names
+    for leftover in (abandoned, in_progress):
+        leftover.write_bytes(bytes(2**20))
+    os.utime(abandoned, (time.time() - 2 * 3600,) * 2)
+    teacher_outputs.keep("c", outputs_of(1), 1.0, tmp_path, max_disk_mb=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [in_progress.name, "c.pt"]  # another run may be writing b
