@@ -134,11 +134,14 @@ def write_experiment(folder: Path, preset) -> pd.DataFrame:
     table = published_table(build_records(runs), OmegaConf.to_container(preset.published, resolve=True))
     title = f"{preset.name}: published ({preset.source}) vs measured here"
     atomic_write_text(folder / "experiment.csv", csv_text(table))
+    started = json.loads((folder / "experiment.json").read_text())
+    # The note describes the preset as shipped; the command line shows what this run changed.
     note = f"\n{preset.note}\n" if preset.get("note") else ""
+    command = f"\nCommand: `{shlex.join(['kd', 'distill', *started['args']])}`\n"
     shown = table.dropna(axis=1, how="all")
-    atomic_write_text(folder / "experiment.md", f"# {title}\n{note}\n{markdown_table(shown)}\n")
+    atomic_write_text(folder / "experiment.md", f"# {title}\n{note}{command}\n{markdown_table(shown)}\n")
     atomic_write_text(folder / "experiment.json", json.dumps(
-        {**json.loads((folder / "experiment.json").read_text()), "source": preset.source, "note": preset.get("note"),
+        {**started, "source": preset.source, "note": preset.get("note"),
          "table": json.loads(table.to_json(orient="records"))}, indent=2) + "\n")
     plots.published_vs_measured(table, title, folder / "experiment.png")
     write_report(build_report(runs), folder, [folder])

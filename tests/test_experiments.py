@@ -94,4 +94,5 @@ def test_quick_preset_runs_end_to_end(kd, shared_store, name):
     assert (folder / "experiment.png").stat().st_size > 1000 and (folder / "report.md").is_file()
     summary = json.loads((folder / "experiment.json").read_text())
     assert summary["name"] == name and len(summary["table"]) == len(table)
+    assert f"Command: `kd distill experiment={name} store_dir={shared_store}`" in (folder / "experiment.md").read_text()
     assert "published" in proc.stdout and "measured" in proc.stdout
