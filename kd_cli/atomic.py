@@ -25,9 +25,10 @@ ABANDONED_AFTER_S = 3600  # no write takes this long; its temporary file is what
 
 def remove_abandoned_writes(folder: Path) -> None:
     """Delete the temporary files that writes into `folder` left when killed mid-write (no cleanup ran)."""
+    cutoff = time.time() - ABANDONED_AFTER_S
     for leftover in Path(folder).glob(".*.tmp"):  # the names atomic_write gives them
         try:
-            if time.time() - leftover.stat().st_mtime > ABANDONED_AFTER_S:
+            if leftover.stat().st_mtime < cutoff:
                 leftover.unlink()
         except OSError:  # gone meanwhile, or another user's
             continue

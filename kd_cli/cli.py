@@ -52,6 +52,7 @@ def _task(name: str):
             (run_dir / "error.txt").unlink(missing_ok=True)  # an earlier failure of this job is history now
             return objective
         except KeyboardInterrupt:  # stopped, not failed: the sweep's summary lists the job as unfinished
+            (run_dir / "error.txt").unlink(missing_ok=True)
             raise
         except BaseException as e:
             # Left in the run directory for sweep summaries and for whoever looks at it later.
@@ -112,6 +113,9 @@ def usage() -> str:
 
 
 def _terminate(signum, frame):
+    # Once: a scheduler signals every process of the job, and a seed experiment its child sweep too; a
+    # second SIGTERM would interrupt the cleanup and the sweep summary that the first one started.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated
 
 

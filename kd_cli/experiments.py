@@ -9,6 +9,7 @@ measured) and its plot are written, with `kd report`'s tables and plots over all
 """
 
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -21,7 +22,7 @@ from omegaconf import OmegaConf
 
 from kd_cli.atomic import atomic_write_text
 from kd_cli.errors import KdError, Terminated
-from kd_cli.preflight import preflight
+from kd_cli.preflight import WARNED_ENV, preflight
 from kd_cli.report import build_records, build_report, find_runs, lookup, same, varying_keys, write_report
 from kd_cli.results import csv_text, markdown_table, print_table
 
@@ -67,7 +68,7 @@ def run_experiment(args: list[str], preset, conf_dir: str) -> int:
             raise KdError(f"experiment={name} sets {key} itself ({swept[key]}); drop {arg} from the command line, "
                           f"or run the sweep you want with `kd distill -m ...`")
     for part in parts:  # every part checked before anything runs
-        preflight("distill", [*args, *part, "-m"], conf_dir)
+        preflight("distill", [*args, *part, "-m"], conf_dir, warn=False)  # kd has warned about args already
     folder = _folder(name, args)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "experiment.json", json.dumps(
@@ -89,7 +90,7 @@ def run_experiment(args: list[str], preset, conf_dir: str) -> int:
 
 def _run_part(command: list[str]) -> int:
     """One part's sweep, in a child process that stops when kd is stopped."""
-    child = subprocess.Popen(command)
+    child = subprocess.Popen(command, env={**os.environ, WARNED_ENV: "1"})
     try:
         return child.wait()
     except KeyboardInterrupt as stop:

@@ -7,6 +7,7 @@ every combination of a grid sweep included, and checked by `config.validate`.
 
 import difflib
 import itertools
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -24,6 +25,8 @@ from kd_cli.losses import LOSSES
 # Hydra flags that do not run anything (or run with Hydra's own handling).
 _PASSIVE_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc",
                   "--package", "-p", "--resolve")
+# Set for the sweeps a seed experiment runs as child processes: the parent has warned about its command line.
+WARNED_ENV = "KD_WARNED"
 MAX_GRID = 500  # combinations checked one by one; larger grids are checked on their first combination
 
 
@@ -98,25 +101,46 @@ def _check_writable(folder: str, what: str) -> None:
         raise KdError(f"cannot write {what} {folder}: {path} is not writable; choose another location") from None
 
 
-def _ignored_warnings(ignored: dict[tuple[str, str], list[str]]) -> list[str]:
-    """Warnings, not errors: `loss=kd,at T=1,4` is a sensible sweep for one of its losses."""
+def _settings_given(overrides: list[str]) -> dict[str, tuple[str, str]]:
+    """alpha and T as the command line sets them: key -> (the override as typed, "value" / "sweep" / "range")."""
+    given = {}
+    for override in OverridesParser.create().parse_overrides(overrides):  # already parsed once: cannot fail
+        key = override.get_key_element().lstrip("+")
+        if key in ("alpha", "T") and not override.is_delete():
+            kind = "range" if override.is_interval_sweep() else "sweep" if override.is_sweep_override() else "value"
+            given[key] = (override.input_line, kind)
+    return given
+
+
+def _ignored_warnings(unused: dict[str, set[str]], given: dict, searched: set[str]) -> list[str]:
+    """One line per loss and setting it ignores in every combination. Warnings, not errors:
+    `loss=kd,at T=1,4` is a sensible sweep for one of its losses."""
     lines = []
-    for (loss, key), values in ignored.items():
-        if not values:  # not on the command line: in the search space of hparams_search
-            effect = f"searching it wastes trials; drop it with '~hydra.sweeper.params.{key}'"
-        else:
-            effect = f"{key}={','.join(values)} " + ("train the same student" if len(values) > 1 else "changes nothing")
-        lines.append(f"kd: warning: loss={loss} does not use {key}, so {effect}")
+    for loss, keys in unused.items():
+        for key in sorted(keys, key=("alpha", "T").index):
+            typed, kind = given.get(key, (None, None))
+            if kind == "range":
+                effect = f"searching it wastes trials; drop {typed}"
+            elif typed:
+                effect = f"{typed} " + ("trains the same student for every value" if kind == "sweep" else "changes nothing")
+            elif key in searched:
+                effect = f"searching it wastes trials; drop it with '~hydra.sweeper.params.{key}'"
+            else:
+                continue
+            lines.append(f"kd: warning: loss={loss} does not use {key}, so {effect}")
     return lines
 
 
-def preflight(command: str, args: list[str], conf_dir: str):
+def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
     """Raise KdError (one line) if the command line cannot run; return its config (that of the last
-    combination checked, for a sweep), or None for Hydra's flags that run nothing."""
+    combination checked, for a sweep), or None for Hydra's flags that run nothing. With `warn`, print
+    a warning for an alpha or T that the chosen loss ignores."""
     if any(a.split("=")[0] in _PASSIVE_FLAGS for a in args):
         return None
+    multirun = "-m" in args or "--multirun" in args
     overrides = [a for a in args if not a.startswith("-")]
-    ignored: dict[tuple[str, str], list[str]] = {}  # (loss, key) -> values given for a key that loss ignores
+    unused: dict[str, set[str]] = {}  # loss -> the settings no combination with that loss uses
+    searched: set[str] = set()  # settings in hparams_search's space
     for combination in _combinations(overrides):
         try:
             with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
@@ -124,16 +148,16 @@ def preflight(command: str, args: list[str], conf_dir: str):
         except (ConfigCompositionException, MissingConfigException, OverrideParseException) as e:
             raise KdError(_explain(e, command, conf_dir, combination)) from None
         validate(cfg)
-        given = dict(o.lstrip("+").split("=", 1) for o in combination if "=" in o and not o.startswith("~"))
-        searched = OmegaConf.select(cfg, "hydra.sweeper.params") or {}  # hparams_search=optuna's space
-        for key in ignored_settings(cfg):
-            if key in given or key in searched:
-                values = ignored.setdefault((cfg.loss.name, key), [])
-                values += [given[key]] if key in given and given[key] not in values else []
-    for line in _ignored_warnings(ignored):
-        print(line, file=sys.stderr)
+        if "loss" in cfg:
+            # A loss option can decide it (fitnets' stage1_epochs, combo's terms): unused only if unused everywhere.
+            ignored = set(ignored_settings(cfg))
+            unused[cfg.loss.name] = unused.get(cfg.loss.name, ignored) & ignored
+            if multirun:
+                searched |= set(OmegaConf.select(cfg, "hydra.sweeper.params") or {})
+    if warn and os.environ.get(WARNED_ENV) != "1":
+        for line in _ignored_warnings(unused, _settings_given(overrides), searched):
+            print(line, file=sys.stderr)
     resolve_device(cfg.device)
-    multirun = "-m" in args or "--multirun" in args
     run_root = OmegaConf.select(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir", throw_on_resolution_failure=False)
     if isinstance(run_root, str):
         _check_writable(run_root, "the run folder")

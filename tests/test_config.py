@@ -96,20 +96,29 @@ def test_interpolated_augment_follows_dataset():
 
 
 IGNORED = [
-    (["loss=at", "-m", "T=1,2", "alpha=0.1,0.5"], ["kd: warning: loss=at does not use T, so T=1,2 train the same student"]),
-    (["-m", "loss=kd,at", "T=1,4"], ["kd: warning: loss=at does not use T, so T=1,4 train the same student"]),
+    (["loss=at", "-m", "T=1,2", "alpha=0.1,0.5"],
+     ["kd: warning: loss=at does not use T, so T=1,2 trains the same student for every value"]),
+    (["-m", "loss=kd,at", "T=1,4"], ["kd: warning: loss=at does not use T, so T=1,4 trains the same student for every value"]),
     (["loss=ce", "alpha=0.2", "T=3"], ["kd: warning: loss=ce does not use alpha, so alpha=0.2 changes nothing",
                                        "kd: warning: loss=ce does not use T, so T=3 changes nothing"]),
     (["loss=kd", "alpha=0.2", "T=3"], []),
     (["loss=at"], []),  # T not given: nothing to warn about
     (["loss=fitnets", "loss.stage1_epochs=1", "T=3"], []),  # its second stage is kd's soft targets
+    (["-m", "loss=fitnets", "loss.stage1_epochs=0,1", "T=1,4"], []),  # the jobs with hint epochs use T
+    (["-m", "loss=fsp", "loss.stage1_epochs=0,1", "alpha=0.1,0.9"], []),  # and those without, alpha
     (["loss=combo", "loss.terms={at:1000,kd:1}", "T=3"], []),
     (["loss=combo", "loss.terms={at:1000}", "T=3"], ["kd: warning: loss=combo does not use T, so T=3 changes nothing"]),
+    (["-m", "loss=combo", "loss.terms={at:1000},{at:1000,kd:1}", "T=1,4"], []),
     (["scheme=multi_teacher", "scheme.teachers=[deepnn,resnet18]", "loss=logits_mse", "T=3"], []),  # mixed at T
     (["-m", "hparams_search=optuna", "loss=at"],
      ["kd: warning: loss=at does not use T, so searching it wastes trials; drop it with '~hydra.sweeper.params.T'"]),
     (["-m", "hparams_search=optuna", "loss=at", "~hydra.sweeper.params.T"], []),
+    (["-m", "hparams_search=optuna", "loss=at", "T=interval(1,8)"],
+     ["kd: warning: loss=at does not use T, so searching it wastes trials; drop T=interval(1,8)"]),
+    (["hparams_search=optuna", "loss=at"], []),  # no -m: nothing is searched
     (["-m", "hparams_search=optuna", "loss=kd"], []),
+    (["-m", "loss=at", "T=1,2", f"train.lr={','.join(str(i / 1000) for i in range(1, 300))}"],  # a grid over MAX_GRID
+     ["kd: warning: loss=at does not use T, so T=1,2 trains the same student for every value"]),
 ]
 
 
@@ -120,3 +129,12 @@ def test_alpha_or_T_that_the_loss_ignores_is_a_warning(tmp_path, monkeypatch, ca
     monkeypatch.chdir(tmp_path)
     preflight("distill", overrides, config_dir())
     assert capsys.readouterr().err.splitlines() == warnings
+
+
+def test_the_sweeps_of_a_seed_experiment_do_not_repeat_its_warnings(tmp_path, monkeypatch, capsys):
+    from kd_cli.preflight import WARNED_ENV, preflight
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(WARNED_ENV, "1")  # set by kd_cli.experiments for its child processes
+    preflight("distill", ["loss=at", "T=2"], config_dir())
+    assert capsys.readouterr().err == ""

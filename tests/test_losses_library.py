@@ -652,7 +652,7 @@ USES = [(name, {}) for name in sorted(LOSSES) if name != "combo"] + [
 @pytest.mark.parametrize("name, options", USES, ids=[f"{n} {o}" if o else n for n, o in USES])
 def test_uses_names_exactly_the_settings_the_value_depends_on(name, options):
     """`uses` is what the command line's warning about an ignored alpha or T rests on."""
-    def value_and_uses(alpha, T):
+    def values_per_epoch_and_uses(alpha, T):
         loss, student_model, teacher_model = attached(name, alpha=alpha, T=T, **options)
         student, teacher = random_outputs(loss, student_model, teacher_model)
         targets = torch.randint(0, 10, (6,), generator=torch.Generator().manual_seed(2))
@@ -663,10 +663,10 @@ def test_uses_names_exactly_the_settings_the_value_depends_on(name, options):
             values.append(loss(student, teacher if loss.needs_teacher else None, targets, indices=torch.arange(6)).item())
         return values, loss.uses
 
-    base, uses = value_and_uses(0.5, 4.0)
+    base, uses = values_per_epoch_and_uses(0.5, 4.0)
     assert uses <= {"alpha", "T"}
-    assert (value_and_uses(0.8, 4.0)[0] != base) == ("alpha" in uses)
-    assert (value_and_uses(0.5, 2.0)[0] != base) == ("T" in uses)
+    assert (values_per_epoch_and_uses(0.8, 4.0)[0] != base) == ("alpha" in uses)
+    assert (values_per_epoch_and_uses(0.5, 2.0)[0] != base) == ("T" in uses)
 
 
 def _same_outputs(loss, shapes, logits=S_LOGITS):

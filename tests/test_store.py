@@ -104,6 +104,22 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]  # no temporary file left behind
 
 
+def test_a_run_stopped_mid_write_keeps_the_old_file_and_leaves_no_temporary_one(tmp_path):
+    from kd_cli.errors import Terminated
+
+    path = tmp_path / "results.csv"
+    atomic_write_text(path, "old\n")
+
+    def stopped(f):  # SIGTERM arrives while the file is being written (kd_cli.cli raises Terminated)
+        f.write(b"half")
+        raise Terminated
+
+    with pytest.raises(Terminated):
+        atomic_write(path, stopped)
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]
+
+
 def test_trained_with_reads_the_loss_a_checkpoint_records():
     from kd_cli.store import trained_with
 
