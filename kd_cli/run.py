@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,6 +246,5 @@ class Run:
         log.info("results: %s (.csv, .md, .json)", self.run_dir / "results")
         state_dir = self.run_dir / "state"
         if state_dir.is_dir():  # the run is complete: its resumable training states are no longer needed
-            for state in state_dir.glob("*.pt"):
-                state.unlink()
-            state_dir.rmdir()
+            # The whole folder: a state write killed by SIGKILL leaves its temporary file there too.
+            shutil.rmtree(state_dir)

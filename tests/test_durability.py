@@ -73,6 +73,7 @@ def test_sigkill_then_resume_ends_exactly_like_an_uninterrupted_run(kd):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (state.parent.parent / "results.json").exists()
+    (state.parent / f".{state.name}.k1ll3d.tmp").write_bytes(b"half")  # what a kill during a state write leaves
 
     resumed = kd("distill", *recipe, "resume=true")
     assert "resuming" in resumed.stderr + resumed.stdout
