@@ -140,13 +140,15 @@ def main() -> None:
 
         sys.exit(deploy_main(command, args[1:]))
 
-    from kd_cli.config import register_model_groups
-    from kd_cli.preflight import preflight
-    from kd_cli.sweep import started_sweeps, summarize
-
-    register_model_groups()
     signal.signal(signal.SIGTERM, _terminate)
+    sweep = None  # kd_cli.sweep once imported: whatever ends the command, its started sweeps get a summary
     try:
+        # Importing torch takes seconds: a Ctrl-C then also gets one line, not a traceback.
+        from kd_cli import sweep
+        from kd_cli.config import register_model_groups
+        from kd_cli.preflight import preflight
+
+        register_model_groups()
         try:
             cfg = preflight(command, args[1:], config_dir())
             if command == "distill":  # a seed experiment is several sweeps: kd_cli/experiments.py runs them
@@ -173,5 +175,5 @@ def main() -> None:
               file=sys.stderr)
         sys.exit(status)
     finally:
-        for sweep_dir in started_sweeps:
-            summarize(sweep_dir)
+        for sweep_dir in sweep.started_sweeps if sweep else []:
+            sweep.summarize(sweep_dir)

@@ -89,6 +89,17 @@ def validate(cfg) -> None:
             raise KdError(f"{key} must be >= 0 (megabytes), got {OmegaConf.select(cfg, key)}")
     if _number(cfg, "train.lr") <= 0:
         raise KdError(f"train.lr must be > 0, got {cfg.train.lr}")
+    if _number(cfg, "train.weight_decay") < 0:
+        raise KdError(f"train.weight_decay must be >= 0, got {cfg.train.weight_decay}")
+    if not 0 <= _number(cfg, "train.momentum") < 1:
+        raise KdError(f"train.momentum must be in [0, 1), got {cfg.train.momentum}")
+    if _number(cfg, "train.gamma") <= 0:
+        raise KdError(f"train.gamma must be > 0 (the factor lr is multiplied by at each milestone), got {cfg.train.gamma}")
+    milestones = OmegaConf.select(cfg, "train.milestones")
+    if not OmegaConf.is_list(milestones) or not all(isinstance(m, Real) and not isinstance(m, bool) and 0 < m < 1
+                                                    for m in milestones):
+        raise KdError(f"train.milestones must be a list of fractions of train.epochs in (0, 1), such as "
+                      f"'train.milestones=[0.5,0.75]', got {OmegaConf.to_container(milestones) if OmegaConf.is_list(milestones) else milestones!r}")
     for key in ("data.fraction", "data.test_fraction"):
         if not 0 < _number(cfg, key) <= 1:
             raise KdError(f"{key} must be in (0, 1], got {OmegaConf.select(cfg, key)}")
@@ -98,6 +109,11 @@ def validate(cfg) -> None:
         raise KdError(f"alpha must be in [0, 1] (the weight of the distillation term), got {cfg.alpha}")
     if "T" in cfg and _number(cfg, "T") <= 0:
         raise KdError(f"T must be > 0 (the softmax temperature), got {cfg.T}")
+    for role in ("teacher", "student"):
+        if OmegaConf.select(cfg, f"{role}.arch") == "torchvision":
+            from kd_cli.models.torchvision_models import check_name
+
+            check_name(cfg[role].name)
     # Every loss.* option checked now, not after the teacher has trained.
     loss_fn = build_loss(cfg) if "loss" in cfg else None
     hint_epochs = OmegaConf.select(cfg, "loss.stage1_epochs")

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from kd_cli.atomic import atomic_write_text
 from kd_cli.errors import KdError, Terminated
-from kd_cli.preflight import WARNED_ENV, preflight
+from kd_cli.preflight import EXPERIMENT_PART_ENV, preflight
 from kd_cli.report import build_records, build_report, find_runs, lookup, same, varying_keys, write_report
 from kd_cli.results import csv_text, markdown_table, print_table
 
@@ -31,15 +31,20 @@ ROOT = Path("outputs") / "experiments"
 
 def preset_of(args: list[str], cfg):
     """The `preset` block of the experiment `cfg` was composed with (by preflight), or None: no
-    experiment, no preset, Hydra's -m (a preset's parts are sweeps of their own) or a flag that runs nothing."""
+    experiment, no preset, one part of an experiment (a sweep of its own) or a flag that runs nothing."""
     chosen = [a.split("=", 1)[1] for a in args if a.startswith("experiment=")]
-    if cfg is None or not chosen or any(a in ("-m", "--multirun") for a in args):
+    if cfg is None or not chosen or os.environ.get(EXPERIMENT_PART_ENV) == "1":
         return None
     if "," in chosen[-1]:
         raise KdError(f"experiment= takes one experiment (each is several sweeps already), got {chosen[-1]}; "
                       f"run them one after another")
     preset = cfg.get("preset")
-    return preset if preset is not None and preset.get("runs") else None
+    if preset is None or not preset.get("runs"):
+        return None
+    if any(a in ("-m", "--multirun") for a in args):  # Hydra would run one plain job per value instead
+        raise KdError(f"experiment={chosen[-1]} runs its own sweeps: drop -m (and any list of values); to repeat it "
+                      f"with another seed, run `kd distill experiment={chosen[-1]} seed=1`")
+    return preset
 
 
 def _folder(name: str, args: list[str]) -> Path:
@@ -90,7 +95,7 @@ def run_experiment(args: list[str], preset, conf_dir: str) -> int:
 
 def _run_part(command: list[str]) -> int:
     """One part's sweep, in a child process that stops when kd is stopped."""
-    child = subprocess.Popen(command, env={**os.environ, WARNED_ENV: "1"})
+    child = subprocess.Popen(command, env={**os.environ, EXPERIMENT_PART_ENV: "1"})
     try:
         return child.wait()
     except KeyboardInterrupt as stop:

@@ -25,8 +25,9 @@ from kd_cli.losses import LOSSES
 # Hydra flags that do not run anything (or run with Hydra's own handling).
 _PASSIVE_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc",
                   "--package", "-p", "--resolve")
-# Set for the sweeps a seed experiment runs as child processes: the parent has warned about its command line.
-WARNED_ENV = "KD_WARNED"
+# Set for the sweeps a seed experiment runs as child processes: each runs as a plain sweep, and the
+# parent has already warned about its command line.
+EXPERIMENT_PART_ENV = "KD_EXPERIMENT_PART"
 MAX_GRID = 500  # combinations checked one by one; larger grids are checked on their first combination
 
 
@@ -154,7 +155,7 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
             unused[cfg.loss.name] = unused.get(cfg.loss.name, ignored) & ignored
             if multirun:
                 searched |= set(OmegaConf.select(cfg, "hydra.sweeper.params") or {})
-    if warn and os.environ.get(WARNED_ENV) != "1":
+    if warn and os.environ.get(EXPERIMENT_PART_ENV) != "1":
         for line in _ignored_warnings(unused, _settings_given(overrides), searched):
             print(line, file=sys.stderr)
     resolve_device(cfg.device)

@@ -34,7 +34,8 @@ METRICS = ("accuracy", "best_accuracy", "val_accuracy")
 COSTS = ("params", "size_mb", "flops", "latency_ms", "train_time_s", "compression", "teacher_retained")
 # Config keys that never make two runs different experiments (bookkeeping, or where files live).
 # A model's `checkpoint` does count: two teacher files are two teachers, not two seeds of one.
-IGNORED = {"seed", "device", "resume", "store_dir", "overwrite", "command", "data.root", "data.download"}
+IGNORED = {"seed", "device", "resume", "store_dir", "overwrite", "command", "data.root", "data.download",
+           "train_missing", "train.threads", "train.teacher_cache", "train.teacher_cache_max_mb", "train.teacher_cache_disk_mb"}
 IGNORED_PREFIXES = ("measure.", "hydra.", "preset.")
 # Which config keys can change a row of each role: the stored models do not depend on alpha, T, loss.
 _RECIPE = ("dataset.", "data.", "train.")

@@ -77,6 +77,9 @@ def safe_load(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
+_RETRAIN = "retrain it (`kd train ... overwrite=true` replaces a model in the store)"
+
+
 def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if path.is_dir():
@@ -88,13 +91,13 @@ def load_checkpoint(path: Path) -> dict:
     except pickle.UnpicklingError as e:
         raise KdError(f"{path} is not a kd checkpoint (it holds objects kd will not unpickle); point at a file kd wrote") from e
     except Exception as e:  # torch's legacy reader fails on arbitrary bytes with any error (KeyError on text)
-        raise KdError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); retrain it or restore it from a backup") from e
+        raise KdError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); {_RETRAIN} or restore it from a backup") from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise KdError(f"{path} is not a kd checkpoint; point at a file written by kd train / kd distill")
     if "sha256" not in payload:
-        raise KdError(f"checkpoint {path} has no checksum (an early kd development build wrote it); retrain it")
+        raise KdError(f"checkpoint {path} has no checksum (an early kd development build wrote it); {_RETRAIN}")
     if checksum(payload["state_dict"]) != payload["sha256"]:
-        raise KdError(f"checkpoint {path} fails its checksum (its weights changed after it was written); retrain it")
+        raise KdError(f"checkpoint {path} fails its checksum (its weights changed after it was written); {_RETRAIN}")
     return payload
 
 

@@ -79,9 +79,11 @@ def _parse_value(text: str):
 
 
 def _job_overrides(job: Path) -> dict:
-    """The job's own overrides, key -> value (a `+`/`~` prefix dropped)."""
+    """The job's own overrides, key -> value (a `+`/`~` prefix dropped), but `resume`: the jobs that a
+    resumed sweep ran again record it and the others do not, which is no difference between them."""
     overrides = yaml.safe_load((job / ".hydra/overrides.yaml").read_text()) or []
-    return {key.lstrip("+~"): _parse_value(value) for key, _, value in (item.partition("=") for item in overrides)}
+    pairs = ((key.lstrip("+~"), value) for key, _, value in (item.partition("=") for item in overrides))
+    return {key: _parse_value(value) for key, value in pairs if key != "resume"}
 
 
 def _job_rows(job: Path, overrides: dict) -> list[dict]:

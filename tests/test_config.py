@@ -132,9 +132,9 @@ def test_alpha_or_T_that_the_loss_ignores_is_a_warning(tmp_path, monkeypatch, ca
 
 
 def test_the_sweeps_of_a_seed_experiment_do_not_repeat_its_warnings(tmp_path, monkeypatch, capsys):
-    from kd_cli.preflight import WARNED_ENV, preflight
+    from kd_cli.preflight import EXPERIMENT_PART_ENV, preflight
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(WARNED_ENV, "1")  # set by kd_cli.experiments for its child processes
+    monkeypatch.setenv(EXPERIMENT_PART_ENV, "1")  # set by kd_cli.experiments for its child processes
     preflight("distill", ["loss=at", "T=2"], config_dir())
     assert capsys.readouterr().err == ""

@@ -134,7 +134,9 @@ def test_rerun_sweep_skips_complete_jobs_and_reruns_failed_ones(kd):
     again = kd("distill", "-m", *TINY, f"teacher.checkpoint={teacher},{spare}", "resume=true")
     assert f"resuming {sweep.relative_to(kd.cwd)}" in again.stderr
     assert (sweep / "0" / "results.json").read_bytes() == done  # skipped, untouched
-    assert pd.read_csv(sweep / "summary.csv")["status"].tolist() == ["ok", "ok"]
+    summary = pd.read_csv(sweep / "summary.csv")
+    assert summary["status"].tolist() == ["ok", "ok"]
+    assert "resume" not in summary.columns  # only the job run again records it: not a swept setting
     assert not (sweep / "1" / "error.txt").exists()
 
 
@@ -246,6 +248,13 @@ REFUSED_UPFRONT = [
     (["T=0"], "T must be > 0"),
     (["train.epochs=0"], "train.epochs must be a whole number >= 1, got 0"),
     (["train.batch_size=0"], "train.batch_size must be a whole number >= 1, got 0"),
+    (["train.weight_decay=-1"], "train.weight_decay must be >= 0, got -1"),
+    (["train.momentum=2"], "train.momentum must be in [0, 1), got 2"),
+    (["train.gamma=0"], "train.gamma must be > 0"),
+    (["train.milestones=[abc]"], "train.milestones must be a list of fractions of train.epochs in (0, 1), such as "
+                                 "'train.milestones=[0.5,0.75]', got ['abc']"),
+    (["train.milestones=[1.5]"], "train.milestones must be a list of fractions of train.epochs in (0, 1)"),
+    (["teacher=torchvision", "teacher.name=resnet5"], "unknown torchvision model 'resnet5'; choose one of: alexnet,"),
     (["data.fraction=0"], "data.fraction must be in (0, 1], got 0"),
     (["data.fraction=1.2"], "data.fraction must be in (0, 1], got 1.2"),
     (["data.test_fraction=-1"], "data.test_fraction must be in (0, 1], got -1"),

@@ -53,6 +53,15 @@ def test_an_override_of_what_the_preset_sweeps_is_refused(kd):
     assert not (kd.cwd / "outputs").exists()
 
 
+def test_a_preset_with_its_own_sweeps_under_m_is_refused(kd):
+    """Hydra would run one plain job per value, silently without the preset's parts and table."""
+    proc = kd("distill", "-m", "experiment=quick_tutorial", "seed=0,1", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("kd: error: experiment=quick_tutorial runs its own sweeps: drop -m (and any list of "
+                                   "values); to repeat it with another seed, run `kd distill experiment=quick_tutorial seed=1`")
+    assert not (kd.cwd / "outputs").exists()
+
+
 def record(role, accuracy, **config):
     return {"role": role, "accuracy": accuracy, "status": "ok", "_config": config, **{k: v for k, v in config.items() if "." not in k}}
 

@@ -356,3 +356,15 @@ def test_csv_floats_are_written_without_binary_noise():
     frame = pd.DataFrame({"gain": [-7.530000000000001, None], "params": [585130.0, None]})  # gaps make ints floats
     assert csv_text(frame) == "gain,params\n-7.53,585130\n,\n"
     assert "nan" not in markdown_table(frame)
+
+
+def test_settings_that_cannot_change_a_result_do_not_split_seeds(tmp_path):
+    """A preset's run (train_missing=true, teacher cache on) and a hand-typed one are two seeds of one experiment."""
+    distill_run(tmp_path / "by_hand", 0, 0.5, 81.0, 80.0, 85.0)
+    distill_run(tmp_path / "preset", 1, 0.5, 83.0, 80.5, 86.0)
+    results = json.loads((tmp_path / "preset" / "results.json").read_text())
+    results["config"] |= {"train_missing": True, "train": {**results["config"]["train"], "teacher_cache": "off", "threads": 1}}
+    (tmp_path / "preset" / "results.json").write_text(json.dumps(results))
+    (tmp_path / "preset" / ".hydra" / "config.yaml").write_text(yaml.safe_dump(results["config"]))
+    kd = rows_of(report.build_report(report.find_runs([tmp_path])).frame, role="student_kd")
+    assert kd["n"].tolist() == [2] and kd["accuracy"].tolist() == [82.0]

@@ -20,14 +20,23 @@ def _adapt_first_conv(model: nn.Module, channels: int) -> None:
                 return
 
 
-@register("torchvision")
-def torchvision_model(spec: ImageSpec, name: str = "resnet18", weights: str | None = None) -> nn.Module:
+def check_name(name: str) -> None:
+    """Refuse a name torchvision does not have (config.validate calls this before anything runs)."""
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
         raise KdError(f"unknown torchvision model '{name}'; choose one of: {', '.join(available)}")
+
+
+@register("torchvision")
+def torchvision_model(spec: ImageSpec, name: str = "resnet18", weights: str | None = None) -> nn.Module:
+    check_name(name)
     if weights is not None:
         # Pretrained heads have 1000 classes; load them as they are and replace the head below.
-        model = torchvision.models.get_model(name, weights=weights)
+        try:
+            model = torchvision.models.get_model(name, weights=weights)
+        except (OSError, ValueError, KeyError) as e:  # no network (URLError is an OSError), or no such weights
+            raise KdError(f"cannot load torchvision weights {weights!r} for {name} ({type(e).__name__}: {e}); check the "
+                          f"internet connection and the weights' name, or leave weights=null to start from scratch") from None
     else:
         model = torchvision.models.get_model(name, num_classes=spec.num_classes)
     _adapt_first_conv(model, spec.channels)
