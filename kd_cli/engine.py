@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from kd_cli import teacher_outputs as kept_outputs
 from kd_cli.atomic import atomic_torch_save
 from kd_cli.config import run_identity
 from kd_cli.data import ImageData, epoch_batches, normalize, random_crop_flip
 from kd_cli.errors import KdError
 from kd_cli.features import FeatureTaps
 from kd_cli.losses import DistillationLoss
-from kd_cli import teacher_outputs as kept_outputs
 from kd_cli.store import safe_load
 
 log = logging.getLogger(__name__)

@@ -31,11 +31,14 @@ EXPERIMENT_PART_ENV = "KD_EXPERIMENT_PART"
 MAX_GRID = 500  # combinations checked one by one; larger grids are checked on their first combination
 
 
-def _combinations(overrides: list[str]) -> list[list[str]]:
+def _parse(overrides: list[str]) -> list:
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
+        return OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException as e:
         raise KdError(f"cannot read the overrides: {str(e).splitlines()[0]}") from None
+
+
+def _combinations(parsed: list) -> list[list[str]]:
     choices = []
     for override in parsed:
         if override.is_sweep_override():
@@ -102,10 +105,10 @@ def _check_writable(folder: str, what: str) -> None:
         raise KdError(f"cannot write {what} {folder}: {path} is not writable; choose another location") from None
 
 
-def _settings_given(overrides: list[str]) -> dict[str, tuple[str, str]]:
+def _settings_given(parsed: list) -> dict[str, tuple[str, str]]:
     """alpha and T as the command line sets them: key -> (the override as typed, "value" / "sweep" / "range")."""
     given = {}
-    for override in OverridesParser.create().parse_overrides(overrides):  # already parsed once: cannot fail
+    for override in parsed:
         key = override.get_key_element().lstrip("+")
         if key in ("alpha", "T") and not override.is_delete():
             kind = "range" if override.is_interval_sweep() else "sweep" if override.is_sweep_override() else "value"
@@ -139,10 +142,10 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
     if any(a.split("=")[0] in _PASSIVE_FLAGS for a in args):
         return None
     multirun = "-m" in args or "--multirun" in args
-    overrides = [a for a in args if not a.startswith("-")]
+    parsed = _parse([a for a in args if not a.startswith("-")])
     unused: dict[str, set[str]] = {}  # loss -> the settings no combination with that loss uses
     searched: set[str] = set()  # settings in hparams_search's space
-    for combination in _combinations(overrides):
+    for combination in _combinations(parsed):
         try:
             with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
                 cfg = compose(command, combination, return_hydra_config=True)
@@ -156,7 +159,7 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
             if multirun:
                 searched |= set(OmegaConf.select(cfg, "hydra.sweeper.params") or {})
     if warn and os.environ.get(EXPERIMENT_PART_ENV) != "1":
-        for line in _ignored_warnings(unused, _settings_given(overrides), searched):
+        for line in _ignored_warnings(unused, _settings_given(parsed), searched):
             print(line, file=sys.stderr)
     resolve_device(cfg.device)
     run_root = OmegaConf.select(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir", throw_on_resolution_failure=False)
