@@ -131,14 +131,30 @@ def validate(cfg) -> None:
             raise KdError(f"qat.lr must be > 0 (or null for train.lr / 10), got {cfg.qat.lr}")
 
 
-def ignored_settings(cfg) -> list[str]:
-    """Those of `alpha` and `T` that neither the run's loss nor its scheme reads (T under loss=at)."""
+# Training settings that only one value of another setting reads: key -> (that setting, the value).
+_READ_UNDER = {"train.momentum": ("train.optimizer", "sgd"), "train.nesterov": ("train.optimizer", "sgd"),
+               "train.milestones": ("train.schedule", "multistep"), "train.gamma": ("train.schedule", "multistep")}
+
+
+def ignored_settings(cfg) -> dict[str, str]:
+    """The settings this run does not read, each with what makes it so: {"T": "loss=at"},
+    {"T": "loss=kd with alpha=0"}, {"train.momentum": "train.optimizer=adam"}."""
+    ignored = {key: f"{decider}={OmegaConf.select(cfg, decider)}" for key, (decider, value) in _READ_UNDER.items()
+               if OmegaConf.select(cfg, decider) != value}
     if "loss" not in cfg:
-        return []
+        return ignored
+    loss = f"loss={cfg.loss.name}"
     used = set(build_loss(cfg).uses)
-    if OmegaConf.select(cfg, "scheme.name") == "multi_teacher":
-        used.add("T")  # the teachers' soft targets are averaged at T, whatever the loss
-    return [key for key in ("alpha", "T") if key not in used]
+    scheme = cfg.scheme
+    if scheme.name == "multi_teacher":
+        used.add("T")  # the teachers' soft targets are averaged at T, whatever the loss (the ensemble's row too)
+    elif cfg.alpha == 0 and "T" in used:
+        # Every loss is (1 - alpha) * CE + alpha * term: at alpha 0 the labels alone train the student.
+        # A chain's links read T when they have an alpha of their own and no T of their own.
+        links_read_T = scheme.get("link_T") is None and scheme.get("link_alpha") not in (None, 0)
+        if not links_read_T:
+            ignored["T"] = f"{loss} with alpha=0"
+    return ignored | {key: loss for key in ("alpha", "T") if key not in used}
 
 
 def teacher_config(cfg):

@@ -106,44 +106,52 @@ def _check_writable(folder: str, what: str) -> None:
 
 
 def _settings_given(parsed: list) -> dict[str, tuple[str, str]]:
-    """alpha and T as the command line sets them: key -> (the override as typed, "value" / "sweep" / "range")."""
+    """Settings as the command line sets them: key -> (the override as typed, "value" / "sweep" / "range")."""
     given = {}
     for override in parsed:
-        key = override.get_key_element().lstrip("+")
-        if key in ("alpha", "T") and not override.is_delete():
+        if not override.is_delete():
             kind = "range" if override.is_interval_sweep() else "sweep" if override.is_sweep_override() else "value"
-            given[key] = (override.input_line, kind)
+            given[override.get_key_element().lstrip("+")] = (override.input_line, kind)
     return given
 
 
-def _ignored_warnings(unused: dict[str, set[str]], given: dict, searched: set[str]) -> list[str]:
-    """One line per loss and setting it ignores in every combination. Warnings, not errors:
-    `loss=kd,at T=1,4` is a sensible sweep for one of its losses."""
+def _ignored_warnings(unused: dict[str, dict[str, str]], given: dict, searched: set[str]) -> list[str]:
+    """One line per setting that every combination ignores (for alpha and T: every combination with
+    that loss). Warnings, not errors: `loss=kd,at T=1,4` is a sensible sweep for one of its losses."""
     lines = []
-    for loss, keys in unused.items():
-        for key in sorted(keys, key=("alpha", "T").index):
+    for ignored in unused.values():
+        for key, subject in ignored.items():
             typed, kind = given.get(key, (None, None))
+            what = "student" if key in ("alpha", "T") else "model"
             if kind == "range":
                 effect = f"searching it wastes trials; drop {typed}"
             elif typed:
-                effect = f"{typed} " + ("trains the same student for every value" if kind == "sweep" else "changes nothing")
+                effect = f"{typed} " + (f"trains the same {what} for every value" if kind == "sweep" else "changes nothing")
             elif key in searched:
                 effect = f"searching it wastes trials; drop it with '~hydra.sweeper.params.{key}'"
             else:
                 continue
-            lines.append(f"kd: warning: loss={loss} does not use {key}, so {effect}")
+            lines.append(f"kd: warning: {subject} does not use {key}, so {effect}")
     return lines
+
+
+def _unused_in_all(unused: dict[str, dict[str, str]], cfg) -> None:
+    """Narrow `unused` to what this combination ignores too; alpha and T are kept apart per loss."""
+    ignored = ignored_settings(cfg)
+    for group in ("train", *([f"loss={cfg.loss.name}"] if "loss" in cfg else [])):
+        mine = {k: v for k, v in ignored.items() if (k in ("alpha", "T")) == (group != "train")}
+        unused[group] = {k: v for k, v in unused.get(group, mine).items() if k in mine}
 
 
 def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
     """Raise KdError (one line) if the command line cannot run; return its config (that of the last
     combination checked, for a sweep), or None for Hydra's flags that run nothing. With `warn`, print
-    a warning for an alpha or T that the chosen loss ignores."""
+    a warning for a setting the run ignores: an alpha or T that the chosen loss ignores, momentum with Adam."""
     if any(a.split("=")[0] in _PASSIVE_FLAGS for a in args):
         return None
     multirun = "-m" in args or "--multirun" in args
     parsed = _parse([a for a in args if not a.startswith("-")])
-    unused: dict[str, set[str]] = {}  # loss -> the settings no combination with that loss uses
+    unused: dict[str, dict[str, str]] = {}  # "train" or a loss -> the settings no combination of it uses
     searched: set[str] = set()  # settings in hparams_search's space
     for combination in _combinations(parsed):
         try:
@@ -152,12 +160,10 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
         except (ConfigCompositionException, MissingConfigException, OverrideParseException) as e:
             raise KdError(_explain(e, command, conf_dir, combination)) from None
         validate(cfg)
-        if "loss" in cfg:
-            # A loss option can decide it (fitnets' stage1_epochs, combo's terms): unused only if unused everywhere.
-            ignored = set(ignored_settings(cfg))
-            unused[cfg.loss.name] = unused.get(cfg.loss.name, ignored) & ignored
-            if multirun:
-                searched |= set(OmegaConf.select(cfg, "hydra.sweeper.params") or {})
+        # A loss option can decide it (fitnets' stage1_epochs, combo's terms): unused only if unused everywhere.
+        _unused_in_all(unused, cfg)
+        if multirun:
+            searched |= set(OmegaConf.select(cfg, "hydra.sweeper.params") or {})
     if warn and os.environ.get(EXPERIMENT_PART_ENV) != "1":
         for line in _ignored_warnings(unused, _settings_given(parsed), searched):
             print(line, file=sys.stderr)

@@ -212,9 +212,11 @@ def _model_label(cfg: dict) -> str | None:
 
 def uses_configured_teacher(flat: dict) -> bool:
     """Whether a run's `teacher` config is the model that taught it: not in schemes that take their
-    teachers elsewhere (scheme.teachers), have none (self) or start from the student (born_again)."""
+    teachers elsewhere (scheme.teachers), have none (self), start from the student (born_again) or
+    train peers named in scheme.peers (online; without peers, its one peer is the teacher's architecture)."""
     scheme = flat.get("scheme.name")
-    return not (scheme in ("self", "multi_teacher") or (scheme == "born_again" and flat.get("scheme.start") == "scratch"))
+    return not (scheme in ("self", "multi_teacher") or (scheme == "born_again" and flat.get("scheme.start") == "scratch")
+                or (scheme == "online" and flat.get("scheme.peers")))
 
 
 def build_records(runs: list[Run]) -> list[dict]:

@@ -99,17 +99,54 @@ def _natural_width(table: Table) -> int:
     return max(map(len, captured.get().splitlines()), default=0)
 
 
-def print_table(frame: pd.DataFrame, title: str, hide=("checkpoint", "dataset")) -> None:
+def _key_columns(columns: list[str]) -> list[str]:
+    """The columns that say which row is which, repeated in every group of a split table: a sweep's `job`,
+    else `role` and `model` (what a run's or a report's row is about; a report's swept keys are needed too
+    to tell its rows apart, but they come right after in the first group), else the first column."""
+    if "job" in columns:
+        return ["job"]
+    return [c for c in ("role", "model") if c in columns] or columns[:1]
+
+
+def _column_groups(frame: pd.DataFrame, columns: list[str], width: int) -> tuple[list[str], list[list[str]]]:
+    """The key columns, and the others cut into runs that fit `width` behind them, the way pandas wraps
+    a wide frame. A column too wide on its own still gets a group of its own (rich wraps its cells)."""
+    keys = _key_columns(columns)
+    # Each column measured once, alone: n columns side by side share n - 1 of their borders.
+    alone = {c: _natural_width(_table(frame, "", [c])) - 1 for c in columns}
+    groups = [[]]
+    for column in (c for c in columns if c not in keys):
+        if groups[-1] and sum(alone[c] for c in [*keys, *groups[-1], column]) + 1 > width:
+            groups.append([])
+        groups[-1].append(column)
+    return keys, groups
+
+
+def print_table(frame: pd.DataFrame, title: str, hide=("checkpoint", "dataset"), console: Console | None = None) -> None:
     """Print the frame with rich; empty columns and `hide` are left out.
 
-    Off a terminal (logs, CI) the width is not limited. On a terminal too narrow for the table,
-    a table of few rows is printed transposed instead of squeezing every column into an ellipsis.
+    A table wider than the console is not squeezed into ellipses: with few rows it is printed transposed
+    if that fits, else in groups of columns that each fit, every group led by the columns that name the
+    rows. Off a terminal (logs, CI) the width is 220, and wide tables are split there too: a log keeps
+    every value, in lines an editor or a CI page can show.
     """
     shown = [c for c in frame.columns if c not in hide and not frame[c].isna().all()]
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=220)
+    if console is None:
+        console = Console()
+        if not console.is_terminal:
+            console = Console(width=220)
     table = _table(frame, title, shown)
-    if _natural_width(table) > console.width and len(frame) <= 6:
-        table = _transposed(frame, title, shown)
-    console.print(table)
+    if _natural_width(table) <= console.width:
+        console.print(table)
+        return
+    if len(frame) <= 6:
+        transposed = _transposed(frame, title, shown)
+        if _natural_width(transposed) <= console.width:
+            console.print(transposed)
+            return
+    keys, groups = _column_groups(frame, shown, console.width)
+    console.print(_table(frame, title, [*keys, *groups[0]]))
+    for group in groups[1:]:  # titled short: a narrow group's table would wrap a long title
+        first, last = shown.index(group[0]) + 1, shown.index(group[-1]) + 1
+        which = f"column {first}" if first == last else f"columns {first}–{last}"
+        console.print(_table(frame, f"(continued: {which} of {len(shown)})", [*keys, *group]))

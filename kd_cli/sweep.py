@@ -2,6 +2,8 @@
 
 Hydra's on_multirun_end receives no job results and is skipped when a job fails, so the summary
 is built from the sweep directory itself; it lists failed and unfinished jobs instead of dropping them.
+A stopped sweep has no folders for the jobs it never reached, so the jobs Hydra will launch are written
+into the sweep directory (planned.yaml) before the first one starts, and listed as not started.
 """
 
 import json
@@ -10,6 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import OmegaConf
@@ -21,12 +26,22 @@ log = logging.getLogger(__name__)
 
 started_sweeps: list[Path] = []  # filled in the launching process by RecordSweep
 
+PLAN = "planned.yaml"  # in the sweep directory: one list of overrides per job, job number = position
+BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__name__}"  # its _target_ in hydra.sweeper
+
 
 class RecordSweep(Callback):
-    """Remembers the sweep directory so the CLI can summarise it however the sweep ends; spreads jobs over GPUs."""
+    """Remembers the sweep directory and its planned jobs so the CLI can summarise it however the sweep
+    ends; spreads jobs over GPUs."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        started_sweeps.append(Path(config.hydra.sweep.dir))
+        sweep_dir = Path(config.hydra.sweep.dir)
+        started_sweeps.append(sweep_dir)
+        plan = planned_jobs(config)
+        if plan is None:  # a resumed sweep's earlier plan may no longer hold: list started jobs only
+            (sweep_dir / PLAN).unlink(missing_ok=True)
+        else:
+            atomic_write_text(sweep_dir / PLAN, yaml.safe_dump(plan))
 
     def on_job_start(self, config, **kwargs) -> None:
         # Runs in the job's own process (a joblib worker, a submitit job), right before the task.
@@ -37,6 +52,34 @@ class RecordSweep(Callback):
             limit_threads(int(cpus))
         if str(config.get("device")) == "auto":
             assign_gpu(int(config.hydra.job.num))
+
+
+def planned_jobs(config) -> list[list[str]] | None:
+    """The overrides of every job the sweep will launch, in Hydra's job order; None where it is not fixed.
+
+    Hydra's own parsing and cartesian product (BasicSweeper.split_arguments), not a copy of them, so that
+    range(), choice(), glob() and hydra.sweeper.params give the jobs Hydra numbers, in Hydra's order.
+    """
+    sweeper = config.hydra.sweeper
+    if sweeper.get("_target_") != BASIC_SWEEPER:  # Optuna chooses each trial from the previous ones' results
+        return None
+    if OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir") != "${hydra.job.num}":
+        return None  # summarize finds a job by its number, which is then no longer its folder's name
+    try:
+        # As BasicSweeper.sweep builds them: hydra.sweeper.params first, then the command line's overrides
+        # (unresolved, as Hydra passes them); glob() needs the config loader to list a group's options.
+        arguments = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
+        arguments += OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+        loader = GlobalHydra.instance().config_loader() if GlobalHydra.instance().is_initialized() else None
+        overrides = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
+        if any(getattr(o.value(), "shuffle", False) for o in overrides):
+            return None  # shuffle() draws another order when Hydra itself expands the sweep
+        batches = BasicSweeper.split_arguments(overrides, sweeper.get("max_batch_size"))
+    except Exception as e:  # the plan only completes a summary: it must never stop the sweep
+        log.warning("the sweep's planned jobs are unknown (%s: %s); its summary lists the started ones only",
+                    type(e).__name__, e)
+        return None
+    return [list(job) for batch in batches for job in batch]  # batches run one after another, numbered on
 
 
 def limit_threads(cpus: int) -> None:
@@ -65,9 +108,13 @@ def assign_gpu(job_num: int) -> int | None:
     return index
 
 
+def _job_order(name: str):
+    return (not name.isdigit(), int(name) if name.isdigit() else name)
+
+
 def _job_dirs(sweep_dir: Path) -> list[Path]:
     jobs = [p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")]
-    return sorted(jobs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else p.name))
+    return sorted(jobs, key=lambda p: _job_order(p.name))
 
 
 def _parse_value(text: str):
@@ -78,12 +125,25 @@ def _parse_value(text: str):
     return value if isinstance(value, (int, float, str, bool)) or value is None else text
 
 
-def _job_overrides(job: Path) -> dict:
-    """The job's own overrides, key -> value (a `+`/`~` prefix dropped), but `resume`: the jobs that a
-    resumed sweep ran again record it and the others do not, which is no difference between them."""
-    overrides = yaml.safe_load((job / ".hydra/overrides.yaml").read_text()) or []
+def _overrides_dict(overrides: list[str]) -> dict:
+    """key -> value (a `+`/`~` prefix dropped), but `resume`: the jobs that a resumed sweep ran again
+    record it and the others do not, which is no difference between them."""
     pairs = ((key.lstrip("+~"), value) for key, _, value in (item.partition("=") for item in overrides))
     return {key: _parse_value(value) for key, value in pairs if key != "resume"}
+
+
+def _job_overrides(job: Path) -> dict:
+    """The job's own overrides, as _overrides_dict gives them."""
+    return _overrides_dict(yaml.safe_load((job / ".hydra/overrides.yaml").read_text()) or [])
+
+
+def _not_started(sweep_dir: Path, started: set[str]) -> dict[str, dict]:
+    """Job number -> overrides, for the planned jobs that have no folder (none without a plan)."""
+    try:
+        plan = yaml.safe_load((sweep_dir / PLAN).read_text()) or []
+    except (OSError, yaml.YAMLError):  # no plan: an Optuna sweep, or one started by an older kd
+        return {}
+    return {str(num): _overrides_dict(job) for num, job in enumerate(plan) if str(num) not in started}
 
 
 def _job_rows(job: Path, overrides: dict) -> list[dict]:
@@ -105,25 +165,31 @@ def summarize(sweep_dir: Path) -> pd.DataFrame | None:
     """Write summary.csv (and a heatmap for a two-key numeric sweep) into `sweep_dir`; print it."""
     sweep_dir = Path(sweep_dir)
     jobs = _job_dirs(sweep_dir)
-    if not jobs:
+    # A resumed sweep reuses the folders of the jobs it reached before: a job is either a folder or not started.
+    not_started = _not_started(sweep_dir, {job.name for job in jobs})
+    if not jobs and not not_started:
         return None
-    overrides = {job: _job_overrides(job) for job in jobs}
-    frame = pd.DataFrame([row for job in jobs for row in _job_rows(job, overrides[job])])
+    overrides = {job.name: _job_overrides(job) for job in jobs} | not_started
+    rows = {job.name: _job_rows(job, overrides[job.name]) for job in jobs}
+    rows |= {num: [{"job": num, **values, "status": "not started"}] for num, values in not_started.items()}
+    frame = pd.DataFrame([row for num in sorted(rows, key=_job_order) for row in rows[num]])
     override_keys = {k for job_overrides in overrides.values() for k in job_overrides}
     swept = [k for k in frame.columns if k in override_keys and frame[k].astype(str).nunique() > 1]
     frame = frame[["job", *swept, *[c for c in frame.columns if c not in swept and c != "job"]]]
     atomic_write_text(sweep_dir / "summary.csv", csv_text(frame))
     shown = ["job", *swept, "status", *[c for c in ("role", "accuracy", "best_accuracy", "gain_vs_scratch",
                                                      "teacher_retained", "train_time_s", "error") if c in frame]]
-    print_table(frame[shown], title=f"sweep {sweep_dir}: {len(jobs)} jobs", hide=())  # a swept dataset is a column
+    title = f"sweep {sweep_dir}: {len(rows)} jobs" + (f" ({len(not_started)} not started)" if not_started else "")
+    print_table(frame[shown], title=title, hide=())  # a swept dataset is a column
     log.info("summary: %s", sweep_dir / "summary.csv")
-    numeric = [k for k in swept if pd.api.types.is_numeric_dtype(frame[k])]
+    ran = frame[frame["status"] != "not started"]  # the heatmap shows what the started jobs gave, as before plans
+    numeric = [k for k in swept if pd.api.types.is_numeric_dtype(ran[k])]
     # A grid only: the scattered trials of an Optuna search would leave most cells empty; and never
     # over seeds, which the report pools instead.
     grid = (len(swept) == 2 and "seed" not in swept
-            and len(frame[swept].drop_duplicates()) >= 0.5 * frame[swept[0]].nunique() * frame[swept[1]].nunique())
-    if grid and len(numeric) == 2 and "accuracy" in frame and frame["role"].nunique() == 1:
-        path = write_heatmap(frame, *swept, sweep_dir / "heatmap_accuracy.png")
+            and len(ran[swept].drop_duplicates()) >= 0.5 * ran[swept[0]].nunique() * ran[swept[1]].nunique())
+    if grid and len(numeric) == 2 and "accuracy" in ran and ran["role"].nunique() == 1:
+        path = write_heatmap(ran, *swept, sweep_dir / "heatmap_accuracy.png")
         log.info("heatmap: %s", path)
     _report(sweep_dir)
     return frame

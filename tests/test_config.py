@@ -119,11 +119,28 @@ IGNORED = [
     (["-m", "hparams_search=optuna", "loss=kd"], []),
     (["-m", "loss=at", "T=1,2", f"train.lr={','.join(str(i / 1000) for i in range(1, 300))}"],  # a grid over MAX_GRID
      ["kd: warning: loss=at does not use T, so T=1,2 trains the same student for every value"]),
+    # alpha=0 leaves the labels alone: T reaches nothing, unless a chain's links have an alpha of their own.
+    (["-m", "loss=kd", "alpha=0", "T=1,4"],
+     ["kd: warning: loss=kd with alpha=0 does not use T, so T=1,4 trains the same student for every value"]),
+    (["-m", "loss=kd", "alpha=0,0.5", "T=1,4"], []),  # alpha=0 as the grid's CE column: the other jobs use T
+    (["loss=dkd", "alpha=0.0", "T=2"], ["kd: warning: loss=dkd with alpha=0 does not use T, so T=2 changes nothing"]),
+    (["scheme=ta", "scheme.assistants=[conv4]", "scheme.link_alpha=0.5", "alpha=0", "T=2"], []),
+    (["scheme=ta", "scheme.assistants=[conv4]", "scheme.link_alpha=0.5", "scheme.link_T=4", "alpha=0", "T=2"],
+     ["kd: warning: loss=kd with alpha=0 does not use T, so T=2 changes nothing"]),
+    (["scheme=multi_teacher", "scheme.teachers=[deepnn,resnet18]", "alpha=0", "T=2"], []),  # the ensemble's row
+    # Training settings that another one's value decides.
+    (["train.optimizer=adam", "train.momentum=0.5"],
+     ["kd: warning: train.optimizer=adam does not use train.momentum, so train.momentum=0.5 changes nothing"]),
+    (["-m", "train.optimizer=adam,sgd", "train.momentum=0.5,0.9"], []),
+    (["train.schedule=cosine", "-m", "train.gamma=0.1,0.2"],
+     ["kd: warning: train.schedule=cosine does not use train.gamma, so train.gamma=0.1,0.2 trains the same model for every value"]),
+    (["train.schedule=multistep", "train.gamma=0.2", "train.milestones=[0.3]"], []),
+    (["experiment=demo"], []),  # a preset's Adam beside the base config's SGD momentum: nothing typed
 ]
 
 
 @pytest.mark.parametrize("overrides, warnings", IGNORED, ids=[" ".join(o) for o, _ in IGNORED])
-def test_alpha_or_T_that_the_loss_ignores_is_a_warning(tmp_path, monkeypatch, capsys, overrides, warnings):
+def test_a_setting_the_run_ignores_is_a_warning(tmp_path, monkeypatch, capsys, overrides, warnings):
     from kd_cli.preflight import preflight
 
     monkeypatch.chdir(tmp_path)

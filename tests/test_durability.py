@@ -110,7 +110,7 @@ def test_a_terminated_sweep_writes_its_summary_and_resumes(kd):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr
     sweep = next((kd.cwd / "outputs/distill-multirun").iterdir())
-    assert pd.read_csv(sweep / "summary.csv")["status"].tolist() == ["unfinished"]  # stopped, not failed
+    assert pd.read_csv(sweep / "summary.csv")["status"].tolist() == ["unfinished", "not started"]  # stopped, not failed
     assert not (sweep / "0" / "error.txt").exists()
 
     resumed = kd(*sweep_args, "resume=true")

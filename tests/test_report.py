@@ -340,15 +340,19 @@ def test_a_swept_dataset_is_a_column_of_the_printed_table(tmp_path, capsys):
 
 
 def test_schemes_without_the_configured_teacher_do_not_show_it(tmp_path):
-    """scheme=self has no teacher: its row must not name the config's default teacher=."""
-    for scheme, accuracy in (("offline", 80.0), ("self", 79.0)):
+    """scheme=self has no teacher, and online with scheme.peers trains those peers: their rows must not
+    name the config's default teacher=. Online without peers trains a peer of the teacher's architecture."""
+    for folder, scheme, peers, accuracy in (("offline", "offline", None, 80.0), ("self", "self", None, 79.0),
+                                            ("online", "online", None, 78.0), ("peers", "online", ["deepnn"], 77.0)):
         cfg = config("distill", 0)
-        cfg["scheme"] = {"name": scheme}
+        cfg["scheme"] = {"name": scheme, **({"peers": peers} if scheme == "online" else {})}
         rows = [row("student_kd", "mnist_student", 0, accuracy, loss="kd", scheme=scheme, alpha=0.5, T=4.0)]
-        write_run(tmp_path / scheme, cfg, rows)
+        write_run(tmp_path / folder, cfg, rows)
     frame = report.build_report(report.find_runs([tmp_path])).frame
     assert rows_of(frame, scheme="offline")["teacher"].tolist() == ["mnist_teacher"]
     assert rows_of(frame, scheme="self")["teacher"].isna().all()
+    online = frame[frame["scheme"] == "online"].set_index("accuracy")["teacher"]
+    assert online[78.0] == "mnist_teacher" and pd.isna(online[77.0])
 
 def test_csv_floats_are_written_without_binary_noise():
     from kd_cli.results import csv_text, markdown_table

@@ -177,6 +177,7 @@ def test_online_peers_train_together_from_scratch(kd, kd_tiny):
     # Different starting weights: the two peers of one architecture did not stay equal.
     assert rows["peer_1"]["accuracy"] != rows["student_kd"]["accuracy"] or rows["student_kd"]["accuracy"] != rows["student_scratch"]["accuracy"]
     assert rows["student_kd"]["helper_params"] == rows["peer_1"]["params"]
+    assert rows["student_kd"]["taught_by"] == "peers: mnist_student"
     assert not (kd.cwd / "outputs" / "store" / "fashion_mnist" / "mnist_teacher").exists()  # no teacher needed
 
 

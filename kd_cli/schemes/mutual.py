@@ -52,5 +52,7 @@ def online(run):
             metrics["val_accuracy"] = evaluate(peer, run.data, split="val")
         rows.append(run.row(f"peer_{number}", peer, peer_cfg, {"metrics": metrics}, None, scheme="online",
                             loss=cfg.loss.name, alpha=cfg.alpha, T=cfg.T, taught_by="peers"))
-    rows.append(run.student_kd_row(student, meta, loss_fn, taught_by="+".join(names)))
+    # "peers: ...", not a bare model name: the teacher column of other schemes names a trained model,
+    # and these peers started from scratch with the student.
+    rows.append(run.student_kd_row(student, meta, loss_fn, taught_by="peers: " + "+".join(names)))
     return rows, histories, result.val_accuracy

@@ -1,0 +1,142 @@
+"""A stopped sweep's summary lists the jobs it never started, numbered as Hydra numbers them."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from hydra import initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+
+from kd_cli import sweep
+from kd_cli.cli import config_dir
+from kd_cli.config import register_model_groups
+
+
+def _job(sweep_dir: Path, num: int, overrides: list[str], accuracy: float | None = None, error: str | None = None):
+    """A job folder as Hydra and kd leave it: overrides, then results.json (ok) or error.txt (failed)."""
+    (sweep_dir / str(num) / ".hydra").mkdir(parents=True)
+    (sweep_dir / str(num) / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    if accuracy is not None:
+        (sweep_dir / str(num) / "results.json").write_text(json.dumps({"command": "distill", "rows": [
+            {"role": "student_scratch", "accuracy": 70.0}, {"role": "student_kd", "accuracy": accuracy}]}))
+    if error is not None:
+        (sweep_dir / str(num) / "error.txt").write_text(f"Traceback ...\n{error}\n")
+
+
+GRID = [[f"alpha={a}", f"T={t}"] for a in (0.1, 0.5, 0.9) for t in (1, 4)]  # Hydra's order for alpha=0.1,0.5,0.9 T=1,4
+
+
+def test_an_interrupted_sweep_lists_its_planned_jobs_as_not_started(tmp_path, capsys, monkeypatch):
+    (tmp_path / sweep.PLAN).write_text(yaml.safe_dump(GRID))
+    _job(tmp_path, 0, GRID[0], accuracy=80.0)
+    _job(tmp_path, 1, GRID[1], error="kd: error: out of memory")
+    _job(tmp_path, 2, [*GRID[2], "resume=true"])  # stopped mid-training, in a resumed sweep
+    heatmaps = []
+    monkeypatch.setattr(sweep, "write_heatmap", lambda frame, *args: heatmaps.append(frame.copy()) or args[-1])
+
+    frame = sweep.summarize(tmp_path)
+
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert summary["job"].tolist() == [0, 1, 2, 3, 4, 5]  # one row per planned job, in job order
+    assert summary["status"].tolist() == ["ok", "failed", "unfinished", "not started", "not started", "not started"]
+    assert list(zip(summary["alpha"], summary["T"])) == [(0.1, 1), (0.1, 4), (0.5, 1), (0.5, 4), (0.9, 1), (0.9, 4)]
+    assert summary.columns.tolist()[:3] == ["job", "alpha", "T"] and "resume" not in summary.columns
+    assert summary["accuracy"].tolist()[0] == 80.0 and summary["accuracy"].iloc[3:].isna().all()
+    assert len(frame) == 6
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps a title wider than its table
+    assert "6 jobs (3 not started)" in out and out.count("not started") == 4  # the title and three rows
+    # The heatmap is what the started jobs gave: no cells for the jobs that never ran.
+    (cells,) = heatmaps
+    assert cells["job"].tolist() == ["0", "1", "2"]
+
+
+def test_a_resumed_sweep_that_finished_has_one_row_per_job(tmp_path, capsys):
+    # The resumed run rewrote the plan with its own command line, resume=true included.
+    plan = [[*job, "resume=true"] for job in GRID[:2]]
+    (tmp_path / sweep.PLAN).write_text(yaml.safe_dump(plan))
+    _job(tmp_path, 0, GRID[0], accuracy=80.0)  # finished before the stop, skipped by the resumed run
+    _job(tmp_path, 1, [*GRID[1], "resume=true"], accuracy=81.0)
+    sweep.summarize(tmp_path)
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert summary["job"].tolist() == [0, 1] and (summary["status"] == "ok").all()
+    assert "resume" not in summary.columns and summary["T"].tolist() == [1, 4]
+    out = " ".join(capsys.readouterr().out.split())
+    assert "2 jobs" in out and "not started" not in out
+
+
+def test_without_a_plan_only_started_jobs_are_listed(tmp_path):
+    """An Optuna sweep (its trials are not known in advance) or a sweep started by an older kd."""
+    _job(tmp_path, 0, ["alpha=0.3"], accuracy=80.0)
+    _job(tmp_path, 1, ["alpha=0.7"])
+    sweep.summarize(tmp_path)
+    assert pd.read_csv(tmp_path / "summary.csv")["status"].tolist() == ["ok", "unfinished"]
+
+
+def test_a_sweep_stopped_before_its_first_job_lists_them_all(tmp_path, capsys):
+    (tmp_path / sweep.PLAN).write_text(yaml.safe_dump(GRID[:2]))
+    sweep.summarize(tmp_path)
+    assert pd.read_csv(tmp_path / "summary.csv")["status"].tolist() == ["not started"] * 2
+    assert "2 jobs (2 not started)" in " ".join(capsys.readouterr().out.split())
+
+
+def _hydra_multirun(conf: Path, sweep_dir: Path, overrides: list[str]) -> dict[int, list[str]]:
+    """Run Hydra's own multirun of `kd distill` (basic sweeper and launcher, RecordSweep's callbacks
+    included) with a task that trains nothing; return job number -> the overrides Hydra gave it."""
+    launched = {}
+
+    def task(cfg):
+        launched[HydraConfig.get().job.num] = list(HydraConfig.get().overrides.task)
+
+    register_model_groups()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        GlobalHydra.instance().hydra.multirun(config_name="sweep", task_function=task, with_log_configuration=False,
+                                              overrides=[*overrides, f"hydra.sweep.dir={sweep_dir}", "device=cpu"])
+    return launched
+
+
+@pytest.mark.parametrize("sweeper, overrides", [
+    ({}, ["alpha=0.1,0.9", "T=1,4"]),  # the 2x2 grid
+    # a sweep in the config's hydra.sweeper.params (Hydra puts it first), a range, a choice() and a
+    # glob() over a config group, launched in batches of 3
+    ({"params": {"seed": "0,1"}, "max_batch_size": 3}, ["T=range(1,3)", "alpha=choice(0.2,0.8)", "loss=glob([k*,ce])"]),
+])
+def test_the_plan_numbers_jobs_as_hydra_does(tmp_path, monkeypatch, sweeper, overrides):
+    conf = shutil.copytree(config_dir(), tmp_path / "conf")
+    (conf / "sweep.yaml").write_text(yaml.safe_dump({"defaults": ["distill", "_self_"], "hydra": {"sweeper": sweeper}}))
+    monkeypatch.setattr(sweep, "started_sweeps", [])
+    sweep_dir = tmp_path / "sweep"
+    launched = _hydra_multirun(conf, sweep_dir, overrides)
+    plan = yaml.safe_load((sweep_dir / sweep.PLAN).read_text())
+    assert len(plan) == len(launched) >= 4 and sweep.started_sweeps == [sweep_dir]
+    assert {num: job for num, job in enumerate(plan)} == launched
+    for num, job in enumerate(plan):  # and each job folder records the same
+        assert yaml.safe_load((sweep_dir / str(num) / ".hydra" / "overrides.yaml").read_text()) == job
+
+    # Stopped after job 1: the jobs after it are listed with their own numbers and values.
+    for num in range(2, len(plan)):
+        shutil.rmtree(sweep_dir / str(num))
+    summary = sweep.summarize(sweep_dir)
+    assert summary["job"].tolist() == [str(num) for num in range(len(plan))]
+    assert summary["status"].tolist() == ["unfinished"] * 2 + ["not started"] * (len(plan) - 2)
+    for num, job in enumerate(plan):
+        for key, _, value in (item.partition("=") for item in job):
+            if key in summary.columns:  # the swept keys
+                assert str(summary.iloc[num][key]) == value
+
+
+def test_no_plan_for_a_sweeper_that_chooses_its_trials(tmp_path):
+    from omegaconf import OmegaConf
+
+    (tmp_path / sweep.PLAN).write_text(yaml.safe_dump(GRID))  # from an earlier run of this folder
+    cfg = OmegaConf.create({"hydra": {
+        "sweep": {"dir": str(tmp_path), "subdir": "${hydra.job.num}"},
+        "sweeper": {"_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper",
+                    "params": {"alpha": "interval(0.0, 1.0)"}},
+        "overrides": {"task": ["T=4"]}}})
+    sweep.RecordSweep().on_multirun_start(cfg)
+    assert not (tmp_path / sweep.PLAN).exists()
