@@ -119,6 +119,17 @@ def _terminate(signum, frame):
     raise Terminated
 
 
+def _until_the_reader_stops(command) -> int:
+    """`command()`'s exit status; 141, quietly, when stdout's reader has gone (`kd report --format csv | head`)."""
+    try:
+        return command()
+    except BrokenPipeError:
+        # As a shell tool killed by SIGPIPE: no traceback, status 128 + 13. Python's last flush at exit
+        # would meet the closed pipe again, so stdout now points at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
 def main() -> None:
     args = sys.argv[1:]
     if not args or args[0] in ("-h", "--help", "help"):
@@ -134,11 +145,11 @@ def main() -> None:
     if command == "report":  # ---- kd report: plain argparse, see kd_cli/report.py ----
         from kd_cli.report import main as report_main
 
-        sys.exit(report_main(args[1:]))
+        sys.exit(_until_the_reader_stops(lambda: report_main(args[1:])))
     if command in DEPLOY_COMMANDS:  # ---- plain argparse, see kd_cli/deploy/ ----
         from kd_cli.deploy import main as deploy_main
 
-        sys.exit(deploy_main(command, args[1:]))
+        sys.exit(_until_the_reader_stops(lambda: deploy_main(command, args[1:])))
 
     signal.signal(signal.SIGTERM, _terminate)
     sweep = None  # kd_cli.sweep once imported: whatever ends the command, its started sweeps get a summary

@@ -157,15 +157,29 @@ def ignored_settings(cfg) -> dict[str, str]:
     return ignored | {key: loss for key in ("alpha", "T") if key not in used}
 
 
+_ABSENT = object()
+
+
+def _leaf_keys(node, prefix: str = "") -> list[str]:
+    return [key for name, value in node.items()
+            for key in (_leaf_keys(value, f"{prefix}{name}.") if OmegaConf.is_dict(value) else [f"{prefix}{name}"])]
+
+
 def teacher_config(cfg):
     """The run's config with `teacher_recipe` applied: the recipe its teacher is trained with."""
     changes = cfg.teacher_recipe
     if not OmegaConf.is_dict(changes) or not set(changes) <= {"data", "train"}:
         raise KdError(f"teacher_recipe changes data.* and train.* keys, e.g. 'teacher_recipe={{data:{{fraction:1.0}}}}'; "
                       f"got {OmegaConf.to_container(changes) if OmegaConf.is_config(changes) else changes!r}")
+    for key in _leaf_keys(changes):
+        if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
+            section, _, name = key.partition(".")
+            close = difflib.get_close_matches(name, [k for k in cfg[section]], n=1)
+            hint = f"; did you mean '{section}.{close[0]}'?" if close else ""
+            raise KdError(f"teacher_recipe: unknown key '{key}'{hint} (it changes keys of the run's data.* and train.*)")
     try:
         merged = OmegaConf.merge(cfg, changes)
-    except Exception as e:  # an unknown key: the struct config refuses it
+    except Exception as e:  # a value of the wrong type
         raise KdError(f"teacher_recipe: {str(e).splitlines()[0]}") from None
     merged.teacher_recipe = None
     return merged

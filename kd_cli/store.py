@@ -80,6 +80,19 @@ def safe_load(path: Path):
 _RETRAIN = "retrain it (`kd train ... overwrite=true` replaces a model in the store)"
 
 
+def _unreadable(path: Path, error: Exception) -> KdError:
+    with path.open("rb") as file:
+        head = file.read(8)
+    # torch.save writes a zip archive ("PK"), older versions a pickle (protocol byte 0x80): a file that
+    # starts otherwise was never a checkpoint (a log, a config), and retraining is not the answer.
+    if head and not head.startswith((b"PK", b"\x80")):
+        return KdError(f"{path} is not a checkpoint file (PyTorch writes zip archives; this one starts with {head!r}); "
+                       f"point at a .pt file written by kd train / kd distill")
+    if isinstance(error, pickle.UnpicklingError):
+        return KdError(f"{path} is not a kd checkpoint (it holds objects kd will not unpickle); point at a file kd wrote")
+    return KdError(f"checkpoint {path} is truncated or corrupt ({type(error).__name__}); {_RETRAIN} or restore it from a backup")
+
+
 def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if path.is_dir():
@@ -88,10 +101,8 @@ def load_checkpoint(path: Path) -> dict:
         raise KdError(f"checkpoint {path} does not exist")
     try:
         payload = safe_load(path)
-    except pickle.UnpicklingError as e:
-        raise KdError(f"{path} is not a kd checkpoint (it holds objects kd will not unpickle); point at a file kd wrote") from e
     except Exception as e:  # torch's legacy reader fails on arbitrary bytes with any error (KeyError on text)
-        raise KdError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); {_RETRAIN} or restore it from a backup") from e
+        raise _unreadable(path, e) from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise KdError(f"{path} is not a kd checkpoint; point at a file written by kd train / kd distill")
     if "sha256" not in payload:

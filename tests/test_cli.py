@@ -158,3 +158,13 @@ def test_help_lists_commands_and_groups(kd):
     assert "alpha: 0.9" in kd("distill", "--cfg", "job").stdout
     unknown = kd("distil", check=False)
     assert unknown.returncode == 2 and "unknown command 'distil'" in unknown.stderr
+
+
+def test_runs_without_a_torchvision_model_do_not_import_torchvision():
+    """Importing it costs about 0.9 s at the start of every command (a typo's error included)."""
+    import subprocess
+    import sys
+
+    modules = "kd_cli.cli kd_cli.sweep kd_cli.preflight kd_cli.run kd_cli.schemes kd_cli.data kd_cli.measure"
+    code = f"import sys; import {', '.join(modules.split())}; print('torchvision' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

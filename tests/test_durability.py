@@ -290,7 +290,7 @@ CHECKPOINTS = [
     ("truncated", "is truncated or corrupt"),
     ("foreign", "is not a kd checkpoint"),
     ("pickle", "is not a kd checkpoint"),
-    ("text", "is truncated or corrupt"),
+    ("text", "is not a checkpoint file (PyTorch writes zip archives; this one starts with b'"),
     ("folder", "is a folder; point at a checkpoint file (.pt) in it"),
 ]
 

@@ -263,6 +263,15 @@ def test_through_the_kd_command(sweep):
     assert "report" in subprocess.run([kd_executable(), "--help"], capture_output=True, text=True).stdout
 
 
+def test_a_reader_that_stops_early_gets_no_traceback(sweep):
+    """`kd report --format csv | head -1`: the pipe closes before kd writes."""
+    proc = subprocess.Popen([kd_executable(), "report", str(sweep), "--no-plots", "--format", "csv"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait() == 141 and "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
 def test_t_quantiles():
     assert report.t975(1) == 12.706205 and report.t975(2) == 4.302653 and report.t975(2.9) == 4.302653
     assert report.t975(30) == 2.042272

@@ -1,6 +1,8 @@
 """Checkpoints: atomic, refused when unsafe, corrupt, foreign or for another model."""
 
 import os
+import pickle
+import re
 
 import pytest
 import torch
@@ -53,6 +55,18 @@ def test_truncated_checkpoint(tmp_path):
     path, _ = saved(tmp_path)
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(KdError, match="truncated or corrupt"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"model: lightnn\n", "is not a checkpoint file (PyTorch writes zip archives; this one starts with b'model: l')"),
+    (pickle.dumps({"weights": list(range(100))}, protocol=2)[:20], "truncated or corrupt"),  # a legacy pickle, cut short
+    (b"", "truncated or corrupt"),
+])
+def test_a_file_that_was_never_a_checkpoint_is_told_from_a_damaged_one(tmp_path, content, message):
+    path = tmp_path / "model.pt"
+    path.write_bytes(content)
+    with pytest.raises(KdError, match=re.escape(message)):
         load_checkpoint(path)
 
 
