@@ -153,6 +153,7 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, _terminate)
     sweep = None  # kd_cli.sweep once imported: whatever ends the command, its started sweeps get a summary
+    started = False  # whether Hydra has been handed the run: before that, a stop leaves nothing to resume
     try:
         # Importing torch takes seconds: a Ctrl-C then also gets one line, not a traceback.
         from kd_cli import sweep
@@ -167,6 +168,7 @@ def main() -> None:
 
                 preset = preset_of(args[1:], cfg)
                 if preset is not None:
+                    started = True
                     sys.exit(run_experiment(args[1:], preset, config_dir()))
         except KdError as e:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -178,12 +180,16 @@ def main() -> None:
         multirun = [a for a in args[1:] if a in ("-m", "--multirun")]
         overrides = [a for a in args[1:] if a not in multirun]
         sys.argv = [f"kd {command}", *multirun, *overrides, *resume_target(command, args[1:])]
+        started = True
         hydra.main(config_path=config_dir(), config_name=command, version_base="1.3")(_task(command))()
     except KeyboardInterrupt as stop:
         # Each finished epoch is saved (state/), so a stopped run loses at most the epoch in progress.
         how, status = ("terminated", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
-        print(f"kd: {how}; rerun the same command with resume=true to continue from the last finished epoch",
-              file=sys.stderr)
+        if started:
+            print(f"kd: {how}; rerun the same command with resume=true to continue from the last finished epoch",
+                  file=sys.stderr)
+        else:
+            print(f"kd: {how} before the run started; nothing was written", file=sys.stderr)
         sys.exit(status)
     finally:
         for sweep_dir in sweep.started_sweeps if sweep else []:

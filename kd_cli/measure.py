@@ -94,15 +94,16 @@ def count_flops(model: nn.Module, shape) -> int:
 
 @torch.inference_mode()
 def latency_stats(model: nn.Module, shape, device: torch.device, runs: int = 50, warmup: int = 10,
-                  batch: int = 1) -> dict:
+                  batch: int = 1, memory_format: torch.memory_format = torch.contiguous_format) -> dict:
     """Median and 90th percentile (nearest rank) of a forward pass's wall time in ms, on `device`.
 
     `warmup` untimed passes come first (allocator, oneDNN / cuDNN kernel choice, caches), so the
-    figures are of the steady state only.
+    figures are of the steady state only. `memory_format` is the input's layout (torch.channels_last
+    to time a model converted to it), set before the timed passes.
     """
     was_training = model.training
     model.eval()
-    x = _example(model, shape, device, batch)
+    x = _example(model, shape, device, batch).contiguous(memory_format=memory_format)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         model(x)

@@ -160,11 +160,32 @@ def test_distill_quant_qat_end_to_end(distilled):
 def test_bench_model_reports_device_and_warmup(tmp_path):
     proc = run_kd(tmp_path, "bench-model", "mnist_student", "dataset=fashion_mnist", "runs=3", "warmup=2", "batch=8")
     table = pd.read_csv(tmp_path / "outputs" / "bench-model" / "mnist_student-fashion_mnist" / "results.csv")
-    assert table[["precision", "device"]].values.tolist()[:1] == [["fp32", "cpu"]]
-    assert ["int8", "cpu"] in table[["precision", "device"]].values.tolist()
+    # A conv net: fp32 in both memory layouts, then int8 (whose convolutions run channels_last); GPU rows after.
+    assert table[["precision", "layout", "device"]].values.tolist()[:3] == [
+        ["fp32", "nchw", "cpu"], ["fp32", "channels_last", "cpu"], ["int8", "channels_last", "cpu"]]
     assert (table["warmup"] == 2).all() and (table["runs"] == 3).all() and (table["batch_size"] == 8).all()
     assert (table["latency_ms"] <= table["latency_p90_ms"]).all() and (table["img_per_s"] > 0).all()
     assert table.loc[0, "params"] == 693_962 and "fp32 on cpu: " in proc.stdout
+
+
+@pytest.mark.parametrize("conv", [True, False])
+def test_bench_model_layouts(tmp_path, monkeypatch, conv):
+    from kd_cli.deploy import bench_model
+
+    head = [nn.Flatten(), nn.Linear(4 * 26 * 26 if conv else 28 * 28, 10)]
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), *head) if conv else nn.Sequential(*head)
+    monkeypatch.setattr(bench_model, "_catalogue_model", lambda name, dataset: model)
+    bench_model.main(["tiny", "dataset=fashion_mnist", "device=cpu", "runs=2", "warmup=1", "batch=4",
+                      f"out={tmp_path}"])
+    table = pd.read_csv(tmp_path / "results.csv")
+    if conv:
+        assert table[["precision", "layout"]].values.tolist() == [
+            ["fp32", "nchw"], ["fp32", "channels_last"], ["int8", "channels_last"]]
+        # The channels_last row timed a copy: the model quantized after it was still NCHW.
+        assert model[0].weight.is_contiguous()
+    else:  # no convolution, so no layout to choose: one fp32 row, and dynamic int8
+        assert table[["precision", "layout"]].values.tolist() == [["fp32", "nchw"], ["int8", "nchw"]]
+    assert (table["size_mb"].iloc[:-1] == table.loc[0, "size_mb"]).all() and (table["runs"] == 2).all()
 
 
 def test_latency_excludes_warmup():

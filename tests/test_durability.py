@@ -7,6 +7,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from kd_cli.cli import config_dir
 from kd_cli.config import register_model_groups
 from kd_cli.data import load_data
 from kd_cli.engine import fit, seed_everything
-from kd_cli.errors import KdError
+from kd_cli.errors import KdError, Terminated
 from kd_cli.losses.hinton import CrossEntropy
 from kd_cli.models import build_model
 from kd_cli.store import save_checkpoint
@@ -95,6 +96,23 @@ def test_a_stopped_run_says_how_to_resume_in_one_line(kd, stop, status, how):
     assert proc.returncode == status
     assert stderr.strip().splitlines() == [
         f"kd: {how}; rerun the same command with resume=true to continue from the last finished epoch"]
+
+
+@pytest.mark.parametrize("stop, status, how", [(KeyboardInterrupt, 130, "interrupted"), (Terminated, 143, "terminated")])
+def test_a_run_stopped_before_it_started_has_nothing_to_resume(monkeypatch, capsys, stop, status, how):
+    import kd_cli.preflight
+    from kd_cli import cli
+
+    def stopped(*_, **__):
+        raise stop
+
+    monkeypatch.setattr(kd_cli.preflight, "preflight", stopped)  # stopped while the command line is checked
+    monkeypatch.setattr(signal, "signal", lambda *_: None)  # kd's SIGTERM handler stays out of pytest
+    monkeypatch.setattr(sys, "argv", ["kd", "distill"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == status
+    assert capsys.readouterr().err.splitlines() == [f"kd: {how} before the run started; nothing was written"]
 
 
 def test_a_terminated_sweep_writes_its_summary_and_resumes(kd):
