@@ -768,7 +768,8 @@ def print_report(report: Report, title: str) -> None:
     if shown.empty:
         print(f"{title}: no runs")
         return
-    print_table(shown, title=title, hide=())  # display_frame chose the columns: a swept dataset among them
+    # display_frame chose the columns (a swept dataset among them); the keys tell apart rows of one model
+    print_table(shown, title=title, hide=(), keys=["role", "model", *report.keys])
     for heading, lines in (("KD gain", gain_sentences(report)), ("search", optuna_lines(report)),
                            ("not finished", problem_lines(report)), ("left out", repeat_lines(report))):
         for line in lines:

@@ -99,21 +99,23 @@ def _natural_width(table: Table) -> int:
     return max(map(len, captured.get().splitlines()), default=0)
 
 
-def _key_columns(columns: list[str]) -> list[str]:
-    """The columns that say which row is which, repeated in every group of a split table: a sweep's `job`,
-    else `role` and `model` (what a run's or a report's row is about; a report's swept keys are needed too
-    to tell its rows apart, but they come right after in the first group), else the first column."""
-    if "job" in columns:
-        return ["job"]
-    return [c for c in ("role", "model") if c in columns] or columns[:1]
+def _key_columns(columns: list[str], keys) -> list[str]:
+    """The columns that say which row is which, repeated in every group of a split table: `keys` where
+    the caller names them, else a sweep's `job`, else `role` and `model`, else the first column."""
+    if keys is None:
+        keys = ["job"] if "job" in columns else ["role", "model"]
+    return [c for c in keys if c in columns] or columns[:1]
 
 
-def _column_groups(frame: pd.DataFrame, columns: list[str], width: int) -> tuple[list[str], list[list[str]]]:
+def _column_groups(frame: pd.DataFrame, columns: list[str], width: int, keys) -> tuple[list[str], list[list[str]]]:
     """The key columns, and the others cut into runs that fit `width` behind them, the way pandas wraps
     a wide frame. A column too wide on its own still gets a group of its own (rich wraps its cells)."""
-    keys = _key_columns(columns)
+    keys = _key_columns(columns, keys)
     # Each column measured once, alone: n columns side by side share n - 1 of their borders.
     alone = {c: _natural_width(_table(frame, "", [c])) - 1 for c in columns}
+    # Keys filling over half the width would leave each group room for little else: the first ones only.
+    while len(keys) > 1 and sum(alone[c] for c in keys) + 1 > width // 2:
+        keys = keys[:-1]
     groups = [[]]
     for column in (c for c in columns if c not in keys):
         if groups[-1] and sum(alone[c] for c in [*keys, *groups[-1], column]) + 1 > width:
@@ -122,7 +124,8 @@ def _column_groups(frame: pd.DataFrame, columns: list[str], width: int) -> tuple
     return keys, groups
 
 
-def print_table(frame: pd.DataFrame, title: str, hide=("checkpoint", "dataset"), console: Console | None = None) -> None:
+def print_table(frame: pd.DataFrame, title: str, hide=("checkpoint", "dataset"), console: Console | None = None,
+                keys: list[str] | None = None) -> None:
     """Print the frame with rich; empty columns and `hide` are left out.
 
     A table wider than the console is not squeezed into ellipses: with few rows it is printed transposed
@@ -144,7 +147,7 @@ def print_table(frame: pd.DataFrame, title: str, hide=("checkpoint", "dataset"),
         if _natural_width(transposed) <= console.width:
             console.print(transposed)
             return
-    keys, groups = _column_groups(frame, shown, console.width)
+    keys, groups = _column_groups(frame, shown, console.width, keys)
     console.print(_table(frame, title, [*keys, *groups[0]]))
     for group in groups[1:]:  # titled short: a narrow group's table would wrap a long title
         first, last = shown.index(group[0]) + 1, shown.index(group[-1]) + 1

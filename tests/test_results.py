@@ -15,9 +15,9 @@ def frame_of(rows: int, metrics: int, keys=("role", "model")) -> pd.DataFrame:
     return pd.DataFrame(data)
 
 
-def printed(frame: pd.DataFrame, width: int, title: str = "wide") -> str:
+def printed(frame: pd.DataFrame, width: int, title: str = "wide", keys=None) -> str:
     console = Console(file=io.StringIO(), width=width, force_terminal=True, color_system=None)
-    print_table(frame, title=title, hide=(), console=console)
+    print_table(frame, title=title, hide=(), console=console, keys=keys)
     return console.file.getvalue()
 
 
@@ -41,6 +41,14 @@ def test_a_wide_table_is_split_into_groups_that_fit(keys):
     top_borders = [len(line) for line in text.splitlines() if line.startswith("┏")]
     assert min(top_borders[:-1]) > 100 - len("│ metric_00 ")  # full: the next column would not have fit
     assert all(f"{key}_9" in text for key in keys) and "27,009.25" in text
+
+
+def test_the_caller_names_the_key_columns_up_to_half_the_width():
+    frame = frame_of(10, 28, ("model", "precision", "layout")).assign(device="cpu")
+    groups = headers(printed(frame, 100, keys=["model", "precision", "layout", "device"]))
+    assert all(group[:4] == ["model", "precision", "layout", "device"] for group in groups)
+    groups = headers(printed(frame, 60, keys=["model", "precision", "layout", "device"]))
+    assert all(group[:2] == ["model", "precision"] and "layout" not in group[2:] for group in groups[1:])
 
 
 def test_a_column_wider_than_the_console_gets_a_group_of_its_own():
