@@ -139,8 +139,10 @@ _READ_UNDER = {"train.momentum": ("train.optimizer", "sgd"), "train.nesterov": (
 def ignored_settings(cfg) -> dict[str, str]:
     """The settings this run does not read, each with what makes it so: {"T": "loss=at"},
     {"T": "loss=kd with alpha=0"}, {"train.momentum": "train.optimizer=adam"}."""
+    # teacher_recipe can give the teacher another optimizer or schedule, which then reads the key.
+    recipes = [cfg, *([teacher_config(cfg)] if cfg.get("teacher_recipe") else [])]
     ignored = {key: f"{decider}={OmegaConf.select(cfg, decider)}" for key, (decider, value) in _READ_UNDER.items()
-               if OmegaConf.select(cfg, decider) != value}
+               if all(OmegaConf.select(recipe, decider) != value for recipe in recipes)}
     if "loss" not in cfg:
         return ignored
     loss = f"loss={cfg.loss.name}"
@@ -157,12 +159,23 @@ def ignored_settings(cfg) -> dict[str, str]:
     return ignored | {key: loss for key in ("alpha", "T") if key not in used}
 
 
-_ABSENT = object()
-
-
-def _leaf_keys(node, prefix: str = "") -> list[str]:
+def _leaf_keys(node: dict, prefix: str = "") -> list[str]:
     return [key for name, value in node.items()
-            for key in (_leaf_keys(value, f"{prefix}{name}.") if OmegaConf.is_dict(value) else [f"{prefix}{name}"])]
+            for key in (_leaf_keys(value, f"{prefix}{name}.") if isinstance(value, dict) else [f"{prefix}{name}"])]
+
+
+def _unknown_key(config: dict, key: str) -> str | None:
+    """Why the dotted `key` names nothing in the plain dict `config`, or None when it does."""
+    node, parts = config, key.split(".")
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[:depth])
+        if not isinstance(node, dict):
+            return f"'{where}' is a value, not a group of keys"
+        if part not in node:
+            close = difflib.get_close_matches(part, list(node), n=1)
+            return f"unknown key '{key}'" + (f"; did you mean '{where}.{close[0]}'?" if close else "")
+        node = node[part]
+    return None
 
 
 def teacher_config(cfg):
@@ -171,12 +184,11 @@ def teacher_config(cfg):
     if not OmegaConf.is_dict(changes) or not set(changes) <= {"data", "train"}:
         raise KdError(f"teacher_recipe changes data.* and train.* keys, e.g. 'teacher_recipe={{data:{{fraction:1.0}}}}'; "
                       f"got {OmegaConf.to_container(changes) if OmegaConf.is_config(changes) else changes!r}")
-    for key in _leaf_keys(changes):
-        if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
-            section, _, name = key.partition(".")
-            close = difflib.get_close_matches(name, [k for k in cfg[section]], n=1)
-            hint = f"; did you mean '{section}.{close[0]}'?" if close else ""
-            raise KdError(f"teacher_recipe: unknown key '{key}'{hint} (it changes keys of the run's data.* and train.*)")
+    known = OmegaConf.to_container(cfg, resolve=False)  # unresolved: a bad interpolation is reported later, in one line
+    for key in _leaf_keys(OmegaConf.to_container(changes, resolve=False)):
+        problem = _unknown_key(known, key)
+        if problem:
+            raise KdError(f"teacher_recipe: {problem} (it changes keys of the run's data.* and train.*)")
     try:
         merged = OmegaConf.merge(cfg, changes)
     except Exception as e:  # a value of the wrong type

@@ -29,6 +29,7 @@ from kd_cli.data import ImageData, epoch_batches, normalize, random_crop_flip
 from kd_cli.errors import KdError
 from kd_cli.features import FeatureTaps
 from kd_cli.losses import DistillationLoss
+from kd_cli.models import has_conv
 from kd_cli.store import safe_load
 
 log = logging.getLogger(__name__)
@@ -116,8 +117,7 @@ def _schedule(optimizer, train_cfg):
 def use_channels_last(model: nn.Module, train_cfg, device: torch.device) -> bool:
     """NHWC memory layout: measured faster for convolutional training on CPU and GPU; off for MPS."""
     mode = train_cfg.get("channels_last", "auto")
-    has_conv = any(isinstance(m, nn.Conv2d) for m in model.modules())
-    return mode is True or (mode == "auto" and has_conv and device.type in ("cpu", "cuda"))
+    return mode is True or (mode == "auto" and has_conv(model) and device.type in ("cpu", "cuda"))
 
 
 def cpu_has_native_bf16() -> bool:

@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
 from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from kd_cli.config import ignored_settings, scheme_option_error, validate
 from kd_cli.engine import resolve_device
@@ -36,6 +37,15 @@ def _parse(overrides: list[str]) -> list:
         return OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException as e:
         raise KdError(f"cannot read the overrides: {str(e).splitlines()[0]}") from None
+
+
+# What ignored_settings' answers hang on: with one of these swept, each combination must be checked.
+_DECIDING = ("alpha", "loss", "scheme", "train.optimizer", "train.schedule", "teacher_recipe", "experiment")
+
+
+def _sweeps_a_deciding_key(parsed: list) -> bool:
+    keys = (o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override())
+    return any(key == d or key.startswith(d + ".") for key in keys for d in _DECIDING)
 
 
 def _combinations(parsed: list) -> list[list[str]]:
@@ -140,7 +150,17 @@ def _unused_in_all(unused: dict[str, dict[str, str]], cfg) -> None:
     ignored = ignored_settings(cfg)
     for group in ("train", *([f"loss={cfg.loss.name}"] if "loss" in cfg else [])):
         mine = {k: v for k, v in ignored.items() if (k in ("alpha", "T")) == (group != "train")}
-        unused[group] = {k: v for k, v in unused.get(group, mine).items() if k in mine}
+        unused[group] = {k: _both(v, mine[k]) for k, v in unused.get(group, mine).items() if k in mine}
+
+
+def _both(subject: str, other: str) -> str:
+    """`train.schedule=cosine` and `train.schedule=constant` -> `train.schedule=cosine,constant`:
+    a sweep over the deciding setting, every value of which ignores the key."""
+    key, _, values = subject.partition("=")
+    other_key, _, value = other.partition("=")
+    if subject == other or key != other_key or " " in subject + other:
+        return subject
+    return f"{key}={','.join(dict.fromkeys([*values.split(','), value]))}"
 
 
 def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
@@ -153,13 +173,19 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
     parsed = _parse([a for a in args if not a.startswith("-")])
     unused: dict[str, dict[str, str]] = {}  # "train" or a loss -> the settings no combination of it uses
     searched: set[str] = set()  # settings in hparams_search's space
-    for combination in _combinations(parsed):
+    combinations = _combinations(parsed)
+    # A grid over MAX_GRID is checked on its first combination, which cannot say what the others ignore.
+    warn = warn and not (len(combinations) == 1 and _sweeps_a_deciding_key(parsed))
+    for combination in combinations:
         try:
             with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
                 cfg = compose(command, combination, return_hydra_config=True)
         except (ConfigCompositionException, MissingConfigException, OverrideParseException) as e:
             raise KdError(_explain(e, command, conf_dir, combination)) from None
-        validate(cfg)
+        try:
+            validate(cfg)
+        except InterpolationResolutionError as e:  # `train.lr=${oops}`: OmegaConf meets it where a value is read
+            raise KdError(f"{e.full_key}: {str(e).splitlines()[0]}; fix the ${{...}} in that value") from None
         # A loss option can decide it (fitnets' stage1_epochs, combo's terms): unused only if unused everywhere.
         _unused_in_all(unused, cfg)
         if multirun:

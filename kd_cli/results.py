@@ -104,12 +104,13 @@ def _key_columns(columns: list[str], keys) -> list[str]:
     the caller names them, else a sweep's `job`, else `role` and `model`, else the first column."""
     if keys is None:
         keys = ["job"] if "job" in columns else ["role", "model"]
-    return [c for c in keys if c in columns] or columns[:1]
+    return [c for c in dict.fromkeys(keys) if c in columns] or columns[:1]
 
 
 def _column_groups(frame: pd.DataFrame, columns: list[str], width: int, keys) -> tuple[list[str], list[list[str]]]:
     """The key columns, and the others cut into runs that fit `width` behind them, the way pandas wraps
-    a wide frame. A column too wide on its own still gets a group of its own (rich wraps its cells)."""
+    a wide frame. A column too wide on its own still gets a group of its own (rich wraps its cells at
+    spaces, and cuts a longer word with an ellipsis)."""
     keys = _key_columns(columns, keys)
     # Each column measured once, alone: n columns side by side share n - 1 of their borders.
     alone = {c: _natural_width(_table(frame, "", [c])) - 1 for c in columns}

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
@@ -27,7 +26,7 @@ log = logging.getLogger(__name__)
 started_sweeps: list[Path] = []  # filled in the launching process by RecordSweep
 
 PLAN = "planned.yaml"  # in the sweep directory: one list of overrides per job, job number = position
-BASIC_SWEEPER = f"{BasicSweeper.__module__}.{BasicSweeper.__name__}"  # its _target_ in hydra.sweeper
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"  # its _target_ in hydra.sweeper
 
 
 class RecordSweep(Callback):
@@ -66,6 +65,9 @@ def planned_jobs(config) -> list[list[str]] | None:
     if OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir") != "${hydra.job.num}":
         return None  # summarize finds a job by its number, which is then no longer its folder's name
     try:
+        # Hydra's internal class, imported here: were it to move, the summary would lose its plan, not kd its start.
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
         # As BasicSweeper.sweep builds them: hydra.sweeper.params first, then the command line's overrides
         # (unresolved, as Hydra passes them); glob() needs the config loader to list a group's options.
         arguments = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
@@ -180,7 +182,7 @@ def summarize(sweep_dir: Path) -> pd.DataFrame | None:
     shown = ["job", *swept, "status", *[c for c in ("role", "accuracy", "best_accuracy", "gain_vs_scratch",
                                                      "teacher_retained", "train_time_s", "error") if c in frame]]
     title = f"sweep {sweep_dir}: {len(rows)} jobs" + (f" ({len(not_started)} not started)" if not_started else "")
-    print_table(frame[shown], title=title, hide=())  # a swept dataset is a column
+    print_table(frame[shown], title=title, hide=(), keys=["job", *swept])  # a swept dataset is a column
     log.info("summary: %s", sweep_dir / "summary.csv")
     ran = frame[frame["status"] != "not started"]  # the heatmap shows what the started jobs gave, as before plans
     numeric = [k for k in swept if pd.api.types.is_numeric_dtype(ran[k])]

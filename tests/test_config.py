@@ -136,6 +136,12 @@ IGNORED = [
      ["kd: warning: train.schedule=cosine does not use train.gamma, so train.gamma=0.1,0.2 trains the same model for every value"]),
     (["train.schedule=multistep", "train.gamma=0.2", "train.milestones=[0.3]"], []),
     (["experiment=demo"], []),  # a preset's Adam beside the base config's SGD momentum: nothing typed
+    (["-m", "train.schedule=cosine,constant", "train.gamma=0.2"],
+     ["kd: warning: train.schedule=cosine,constant does not use train.gamma, so train.gamma=0.2 changes nothing"]),
+    (["teacher_recipe={train:{optimizer:sgd}}", "train.optimizer=adam", "train.momentum=0.5"], []),  # the teacher's SGD
+    # Over MAX_GRID only the first combination is checked: no warning that hangs on a swept setting.
+    (["-m", "alpha=0,0.5", "T=1,4", f"train.lr={','.join(str(i / 1000) for i in range(1, 300))}"], []),
+    (["-m", "train.optimizer=adam,sgd", "train.momentum=0.5,0.9", f"train.lr={','.join(str(i / 1000) for i in range(1, 300))}"], []),
 ]
 
 

@@ -173,7 +173,8 @@ def test_bench_model_layouts(tmp_path, monkeypatch, conv):
     from kd_cli.deploy import bench_model
 
     head = [nn.Flatten(), nn.Linear(4 * 26 * 26 if conv else 28 * 28, 10)]
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), *head) if conv else nn.Sequential(*head)
+    # Two convolutions: a weight with one input channel counts as NCHW and channels_last alike.
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3), nn.ReLU(), *head) if conv else nn.Sequential(*head)
     monkeypatch.setattr(bench_model, "_catalogue_model", lambda name, dataset: model)
     bench_model.main(["tiny", "dataset=fashion_mnist", "device=cpu", "runs=2", "warmup=1", "batch=4",
                       f"out={tmp_path}"])
@@ -182,7 +183,7 @@ def test_bench_model_layouts(tmp_path, monkeypatch, conv):
         assert table[["precision", "layout"]].values.tolist() == [
             ["fp32", "nchw"], ["fp32", "channels_last"], ["int8", "channels_last"]]
         # The channels_last row timed a copy: the model quantized after it was still NCHW.
-        assert model[0].weight.is_contiguous()
+        assert model[1].weight.is_contiguous() and not model[1].weight.is_contiguous(memory_format=torch.channels_last)
     else:  # no convolution, so no layout to choose: one fp32 row, and dynamic int8
         assert table[["precision", "layout"]].values.tolist() == [["fp32", "nchw"], ["int8", "nchw"]]
     assert (table["size_mb"].iloc[:-1] == table.loc[0, "size_mb"]).all() and (table["runs"] == 2).all()

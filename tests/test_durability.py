@@ -260,6 +260,7 @@ REFUSED_UPFRONT = [
     (["train.epochs=abc"], "train.epochs must be a whole number >= 1, got 'abc'"),
     (["data.augment=maybe"], "data.augment must be true or false, got 'maybe'"),
     (["train.optimizer=adamw"], "train.optimizer must be one of sgd, adam, got 'adamw'"),
+    (["train.lr=${oops}"], "train.lr: Interpolation key 'oops' not found; fix the ${...} in that value"),
     (["quant=qatt"], "quant must be one of null, qat, got 'qatt'"),  # spelled as on the command line
     (["alpha=1.5"], "alpha must be in [0, 1]"),
     (["-m", "alpha=0.5,-1"], "alpha must be in [0, 1] (the weight of the distillation term), got -1"),

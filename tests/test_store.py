@@ -70,6 +70,17 @@ def test_a_file_that_was_never_a_checkpoint_is_told_from_a_damaged_one(tmp_path,
         load_checkpoint(path)
 
 
+def test_a_checkpoint_that_cannot_be_read_is_one_line(tmp_path, monkeypatch):
+    path, _ = saved(tmp_path)
+
+    def denied(_):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("kd_cli.store.safe_load", denied)  # chmod cannot show it to root, who reads anything
+    with pytest.raises(KdError, match=re.escape(f"cannot read checkpoint {path} (Permission denied); check its permissions")):
+        load_checkpoint(path)
+
+
 def test_foreign_file(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(3)}, path)

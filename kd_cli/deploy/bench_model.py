@@ -17,14 +17,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 from omegaconf import OmegaConf
-from torch import nn
 
 from kd_cli.deploy.quantize import quantize
 from kd_cli.deploy.source import SOURCE_KEYS, THREADS_KEY, integer, load_source, parse, set_threads
 from kd_cli.engine import resolve_device, seed_everything
 from kd_cli.errors import KdError
 from kd_cli.measure import CPU, count_flops, count_params, latency_stats, size_mb
-from kd_cli.models import CATALOGUE, ImageSpec, build_model
+from kd_cli.models import CATALOGUE, ImageSpec, build_model, has_conv
 from kd_cli.provenance import device_name
 from kd_cli.results import print_table, write_results
 
@@ -67,11 +66,6 @@ def _devices(name: str) -> list[torch.device]:
     if name == "auto":
         return [CPU] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     return [resolve_device(name)]
-
-
-def has_conv(model: nn.Module) -> bool:
-    """Whether memory layout matters: only 2-d convolutions (4-d weights and inputs) have a channels_last form."""
-    return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
 def bench_row(model, precision: str, layout: str, device: torch.device, shape, batch: int, runs: int,

@@ -41,6 +41,11 @@ def model_label(model_cfg) -> str:
     return model_cfg.arch
 
 
+def has_conv(model: nn.Module) -> bool:
+    """Whether memory layout matters for `model`: 2-d convolutions are what has a channels_last form."""
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
+
+
 def build_model(model_cfg, spec: ImageSpec) -> nn.Module:
     arch = model_cfg.arch
     if arch not in CATALOGUE:
