@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 from kd_cli.atomic import atomic_write_text
@@ -72,7 +73,7 @@ def _cell(value, column: str) -> str:
     return str(value)
 
 
-def _table(frame: pd.DataFrame, title: str, columns: list[str]) -> Table:
+def _table(frame: pd.DataFrame, title: str | None, columns: list[str]) -> Table:
     table = Table(title=title, header_style="bold")
     for column in columns:
         table.add_column(column, justify="right" if pd.api.types.is_numeric_dtype(frame[column]) else "left")
@@ -81,7 +82,7 @@ def _table(frame: pd.DataFrame, title: str, columns: list[str]) -> Table:
     return table
 
 
-def _transposed(frame: pd.DataFrame, title: str, columns: list[str]) -> Table:
+def _transposed(frame: pd.DataFrame, title: str | None, columns: list[str]) -> Table:
     """One column per row of `frame`: a few models with many measures fit a narrow terminal."""
     table = Table(title=title, header_style="bold")
     table.add_column(columns[0])
@@ -99,6 +100,12 @@ def _natural_width(table: Table) -> int:
     return max(map(len, captured.get().splitlines()), default=0)
 
 
+def _narrowest_width(table: Table) -> int:
+    """The width below which rich cuts cells with an ellipsis: above it, it wraps them at spaces."""
+    wide = Console(width=10_000, file=io.StringIO())
+    return Measurement.get(wide, wide.options, table).minimum
+
+
 def _key_columns(columns: list[str], keys) -> list[str]:
     """The columns that say which row is which, repeated in every group of a split table: `keys` where
     the caller names them, else a sweep's `job`, else `role` and `model`, else the first column."""
@@ -112,8 +119,12 @@ def _column_groups(frame: pd.DataFrame, columns: list[str], width: int, keys) ->
     a wide frame. A column too wide on its own still gets a group of its own (rich wraps its cells at
     spaces, and cuts a longer word with an ellipsis)."""
     keys = _key_columns(columns, keys)
-    # Each column measured once, alone: n columns side by side share n - 1 of their borders.
-    alone = {c: _natural_width(_table(frame, "", [c])) - 1 for c in columns}
+    # Each column measured once, alone: n columns side by side share n - 1 of their borders. A column of
+    # text (an error message) is given up to half the width and wraps, rather than a group of its own.
+    alone = {}
+    for c in columns:
+        table = _table(frame, "", [c])
+        alone[c] = min(_natural_width(table), max(_narrowest_width(table), width // 2)) - 1
     # Keys filling over half the width would leave each group room for little else: the first ones only.
     while len(keys) > 1 and sum(alone[c] for c in keys) + 1 > width // 2:
         keys = keys[:-1]
@@ -139,18 +150,20 @@ def print_table(frame: pd.DataFrame, title: str, hide=("checkpoint", "dataset"),
         console = Console()
         if not console.is_terminal:
             console = Console(width=220)
-    table = _table(frame, title, shown)
+    # The title on a line of its own: as a table's title, rich wraps it to the table's width.
+    console.print(title, style="italic", markup=False, highlight=False)
+    table = _table(frame, None, shown)
     if _natural_width(table) <= console.width:
         console.print(table)
         return
     if len(frame) <= 6:
-        transposed = _transposed(frame, title, shown)
+        transposed = _transposed(frame, None, shown)
         if _natural_width(transposed) <= console.width:
             console.print(transposed)
             return
     keys, groups = _column_groups(frame, shown, console.width, keys)
-    console.print(_table(frame, title, [*keys, *groups[0]]))
-    for group in groups[1:]:  # titled short: a narrow group's table would wrap a long title
-        first, last = shown.index(group[0]) + 1, shown.index(group[-1]) + 1
-        which = f"column {first}" if first == last else f"columns {first}–{last}"
-        console.print(_table(frame, f"(continued: {which} of {len(shown)})", [*keys, *group]))
+    if len(groups) == 1:  # it fits once its text wraps
+        console.print(_table(frame, None, [*keys, *groups[0]]))
+        return
+    for part, group in enumerate(groups, 1):
+        console.print(_table(frame, f"(part {part} of {len(groups)})", [*keys, *group]))
