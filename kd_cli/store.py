@@ -81,7 +81,8 @@ _RETRAIN = "retrain it (`kd train ... overwrite=true` replaces a model in the st
 
 
 def _unreadable(path: Path, error: Exception) -> KdError:
-    if isinstance(error, OSError):  # permissions, an I/O error: the file may be fine
+    # Only PermissionError: torch reports a truncated zip archive as an OSError (EINVAL) too.
+    if isinstance(error, PermissionError):  # the file may be fine
         return KdError(f"cannot read checkpoint {path} ({error.strerror or type(error).__name__}); check its permissions")
     with path.open("rb") as file:
         head = file.read(8)
