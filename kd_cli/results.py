@@ -93,17 +93,11 @@ def _transposed(frame: pd.DataFrame, title: str | None, columns: list[str]) -> T
     return table
 
 
-def _natural_width(table: Table) -> int:
+def _widths(table: Table) -> Measurement:
+    """`maximum`: the table's width as printed; `minimum`: the narrowest it gets before rich cuts cells
+    with an ellipsis (above it, rich wraps cells at spaces). Measured, not rendered."""
     wide = Console(width=10_000, file=io.StringIO())
-    with wide.capture() as captured:
-        wide.print(table)
-    return max(map(len, captured.get().splitlines()), default=0)
-
-
-def _narrowest_width(table: Table) -> int:
-    """The width below which rich cuts cells with an ellipsis: above it, it wraps them at spaces."""
-    wide = Console(width=10_000, file=io.StringIO())
-    return Measurement.get(wide, wide.options, table).minimum
+    return Measurement.get(wide, wide.options, table)
 
 
 def _key_columns(columns: list[str], keys) -> list[str]:
@@ -123,8 +117,8 @@ def _column_groups(frame: pd.DataFrame, columns: list[str], width: int, keys) ->
     # text (an error message) is given up to half the width and wraps, rather than a group of its own.
     alone = {}
     for c in columns:
-        table = _table(frame, "", [c])
-        alone[c] = min(_natural_width(table), max(_narrowest_width(table), width // 2)) - 1
+        widths = _widths(_table(frame, None, [c]))
+        alone[c] = min(widths.maximum, max(widths.minimum, width // 2)) - 1
     # Keys filling over half the width would leave each group room for little else: the first ones only.
     while len(keys) > 1 and sum(alone[c] for c in keys) + 1 > width // 2:
         keys = keys[:-1]
@@ -153,12 +147,12 @@ def print_table(frame: pd.DataFrame, title: str, hide=("checkpoint", "dataset"),
     # The title on a line of its own: as a table's title, rich wraps it to the table's width.
     console.print(title, style="italic", markup=False, highlight=False)
     table = _table(frame, None, shown)
-    if _natural_width(table) <= console.width:
+    if _widths(table).maximum <= console.width:
         console.print(table)
         return
     if len(frame) <= 6:
         transposed = _transposed(frame, None, shown)
-        if _natural_width(transposed) <= console.width:
+        if _widths(transposed).maximum <= console.width:
             console.print(transposed)
             return
     keys, groups = _column_groups(frame, shown, console.width, keys)
