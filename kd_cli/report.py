@@ -444,6 +444,7 @@ class Report:
     optuna: list[dict]
     repeats: list[dict] = field(default_factory=list)  # rows left out for a newer run of the same configuration and seed
     plots: list[Path] = field(default_factory=list)
+    not_started: list[str] = field(default_factory=list)  # planned jobs of a stopped sweep, "SWEEP/NUM: overrides"
 
 
 def _display_name(key: str) -> str:
@@ -515,7 +516,36 @@ def build_report(runs: list[Run], filters: list[str] = (), sort: str | None = No
             gains.append({**{k: row.get(k) for k in ("role", "model", *keys)}, "gain": row["gain"],
                           "low": row["gain_ci_low"], "high": row["gain_ci_high"], "n": int(row["gain_n"]),
                           "method": row["gain_method"], "verdict": row["gain_verdict"]})
-    return Report(frame, keys, gains, runs, optuna_results(runs), repeats)
+    return Report(frame, keys, gains, runs, optuna_results(runs), repeats, not_started=not_started(runs, list(filters)))
+
+
+def not_started(runs: list[Run], filters: list[str]) -> list[str]:
+    """The planned jobs that the runs' sweeps never reached, as `SWEEP/NUM: swept overrides`.
+
+    They have no folder and so no config: a job is left out only when one of its own overrides
+    contradicts a filter (`--filter seed=0` drops the not-started jobs of seed 1).
+    """
+    sweeps = sorted({run.sweep for run in runs if run.sweep is not None})
+    if not sweeps:
+        return []
+    from kd_cli.sweep import not_started_jobs, planned  # Hydra's parser comes with them: only for reports over sweeps
+
+    wanted = [(key, _parse(text)) for key, _, text in (item.partition("=") for item in filters)]
+    lines = []
+    for sweep in sweeps:
+        plan = planned(sweep)
+        keys = dict.fromkeys(key for job in plan for key in job)
+        # The overrides that tell the sweep's jobs apart; all of them for a sweep of one job.
+        swept = [key for key in keys if len({repr(job.get(key)) for job in plan}) > 1] or list(keys)
+        for num, overrides in not_started_jobs(sweep).items():
+            if not any(_contradicts(overrides, key, value) for key, value in wanted):
+                lines.append(f"{sweep / num}: " + " ".join(f"{k}={overrides[k]}" for k in swept if k in overrides))
+    return lines
+
+
+def _contradicts(overrides: dict, key: str, value) -> bool:
+    name = next((n for n in (key, _LONG.get(key)) if n in overrides), None)
+    return name is not None and not same(overrides[name], value)
 
 
 def newest_per_seed(group: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -680,7 +710,13 @@ def problem_lines(report: Report) -> list[str]:
         if run.status != "ok":
             detail = f": {run.error}" if run.error else ""
             lines.append(f"{run.status} {run.path}{detail}")
-    return lines
+    return lines + [f"not started {job}" for job in report.not_started]
+
+
+def runs_title(report: Report) -> str:
+    """"N runs", and how many planned jobs of a stopped sweep never ran: they have no row in the table."""
+    late = f" ({len(report.not_started)} planned jobs not started)" if report.not_started else ""
+    return f"{len(report.runs)} runs{late}"
 
 
 def repeat_lines(report: Report) -> list[str]:
@@ -711,7 +747,7 @@ def to_markdown(report: Report, sources: list[Path]) -> str:
     parts += [table.to_markdown(index=False, disable_numparse=True) if not table.empty else "(no runs)", ""]
     for title, lines in (("KD gain over the scratch student", gain_sentences(report)),
                          ("Hyperparameter search", optuna_lines(report)),
-                         ("Failed or unfinished runs", problem_lines(report)),
+                         ("Failed, unfinished or not started runs", problem_lines(report)),
                          ("Repeated runs, left out", repeat_lines(report))):
         if lines:
             parts += [f"## {title}", "", *[f"- {line}" for line in lines], ""]
@@ -733,6 +769,7 @@ def to_markdown(report: Report, sources: list[Path]) -> str:
 def to_json(report: Report) -> str:
     records = json.loads(report.frame.to_json(orient="records"))
     payload = {"rows": records, "keys": report.keys, "gains": report.gains, "optuna": report.optuna, "repeats": report.repeats,
+               "not_started": report.not_started,
                "runs": [{"path": str(r.path), "status": r.status, "command": r.command, "error": r.error}
                         for r in report.runs],
                "plots": [str(p) for p in report.plots]}
@@ -812,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 1
     if args.format == "table":
-        print_report(report, title=f"kd report: {len(runs)} runs")
+        print_report(report, title=f"kd report: {runs_title(report)}")
         print(f"report: {out / 'report.md'} (.csv, .json), {len(written) - 3} plots", file=sys.stderr)
     elif args.format == "csv":
         sys.stdout.write(csv_text(report.frame))
@@ -830,6 +867,6 @@ def report_sweep(sweep_dir: Path) -> Report | None:
         return None
     report = build_report(runs)
     write_report(report, Path(sweep_dir), [Path(sweep_dir)])
-    print_report(report, title=f"report of sweep {sweep_dir}: {len(runs)} runs")
+    print_report(report, title=f"report of sweep {sweep_dir}: {runs_title(report)}")
     log.info("report: %s (.csv, .json) and %d plots", Path(sweep_dir) / "report.md", len(report.plots))
     return report

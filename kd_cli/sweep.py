@@ -139,13 +139,20 @@ def _job_overrides(job: Path) -> dict:
     return _overrides_dict(yaml.safe_load((job / ".hydra/overrides.yaml").read_text()) or [])
 
 
-def _not_started(sweep_dir: Path, started: set[str]) -> dict[str, dict]:
-    """Job number -> overrides, for the planned jobs that have no folder (none without a plan)."""
+def planned(sweep_dir: Path) -> list[dict]:
+    """Each planned job's overrides (as _overrides_dict gives them), in job order; [] without a plan."""
     try:
         plan = yaml.safe_load((sweep_dir / PLAN).read_text()) or []
     except (OSError, yaml.YAMLError):  # no plan: an Optuna sweep, or one started by an older kd
-        return {}
-    return {str(num): _overrides_dict(job) for num, job in enumerate(plan) if str(num) not in started}
+        return []
+    return [_overrides_dict(job) for job in plan]
+
+
+def not_started_jobs(sweep_dir: Path) -> dict[str, dict]:
+    """Job number -> overrides, for the planned jobs that have no folder (none without a plan)."""
+    # A resumed sweep reuses the folders of the jobs it reached before: a job is either a folder or not started.
+    started = {job.name for job in _job_dirs(sweep_dir)}
+    return {str(num): job for num, job in enumerate(planned(sweep_dir)) if str(num) not in started}
 
 
 def _job_rows(job: Path, overrides: dict) -> list[dict]:
@@ -167,8 +174,7 @@ def summarize(sweep_dir: Path) -> pd.DataFrame | None:
     """Write summary.csv (and a heatmap for a two-key numeric sweep) into `sweep_dir`; print it."""
     sweep_dir = Path(sweep_dir)
     jobs = _job_dirs(sweep_dir)
-    # A resumed sweep reuses the folders of the jobs it reached before: a job is either a folder or not started.
-    not_started = _not_started(sweep_dir, {job.name for job in jobs})
+    not_started = not_started_jobs(sweep_dir)
     if not jobs and not not_started:
         return None
     overrides = {job.name: _job_overrides(job) for job in jobs} | not_started

@@ -140,3 +140,31 @@ def test_no_plan_for_a_sweeper_that_chooses_its_trials(tmp_path):
         "overrides": {"task": ["T=4"]}}})
     sweep.RecordSweep().on_multirun_start(cfg)
     assert not (tmp_path / sweep.PLAN).exists()
+
+
+def test_the_report_of_a_stopped_sweep_names_the_jobs_it_never_reached(tmp_path, capsys):
+    from kd_cli import report
+
+    (tmp_path / "multirun.yaml").write_text("{}\n")  # what makes Hydra's folder a sweep for the report
+    # The jobs are named by what tells them apart: not by the override every job of the sweep has.
+    (tmp_path / sweep.PLAN).write_text(yaml.safe_dump([["dataset=fashion_mnist", *job] for job in GRID]))
+    _job(tmp_path, 0, GRID[0], accuracy=80.0)
+    _job(tmp_path, 1, GRID[1], error="kd: error: out of memory")
+    finished = json.loads((tmp_path / "0" / "results.json").read_text())
+    (tmp_path / "0" / "results.json").write_text(json.dumps({**finished, "config": {"alpha": 0.1, "T": 1, "seed": 0}}))
+
+    whole = report.build_report(report.find_runs([tmp_path]))
+    assert whole.not_started == [f"{tmp_path / str(n)}: alpha={a} T={t}"
+                                 for n, (a, t) in enumerate([(0.5, 1), (0.5, 4), (0.9, 1), (0.9, 4)], 2)]
+    assert report.runs_title(whole) == "2 runs (4 planned jobs not started)"
+    assert f"not started {tmp_path / '5'}: alpha=0.9 T=4" in report.problem_lines(whole)
+    assert "## Failed, unfinished or not started runs" in report.to_markdown(whole, [tmp_path])
+    assert len(json.loads(report.to_json(whole))["not_started"]) == 4
+    # A filter drops the jobs whose own overrides contradict it, and keeps those it says nothing about.
+    assert [line.split(": ")[1] for line in report.build_report(report.find_runs([tmp_path]), ["T=4"]).not_started] \
+        == ["alpha=0.5 T=4", "alpha=0.9 T=4"]
+    assert len(report.build_report(report.find_runs([tmp_path]), ["seed=0"]).not_started) == 4
+
+    report.report_sweep(tmp_path)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "2 runs (4 planned jobs not started)" in out and out.count("not finished: not started") == 4
