@@ -444,7 +444,7 @@ class Report:
     optuna: list[dict]
     repeats: list[dict] = field(default_factory=list)  # rows left out for a newer run of the same configuration and seed
     plots: list[Path] = field(default_factory=list)
-    not_started: list[str] = field(default_factory=list)  # planned jobs of a stopped sweep, "SWEEP/NUM: overrides"
+    not_started: list[str] = field(default_factory=list)  # planned jobs of a stopped sweep, "SWEEP/NUM: swept overrides"
 
 
 def _display_name(key: str) -> str:
@@ -714,7 +714,7 @@ def problem_lines(report: Report) -> list[str]:
 
 
 def runs_title(report: Report) -> str:
-    """"N runs", and how many planned jobs of a stopped sweep never ran: they have no row in the table."""
+    """The count in a report's title: the runs, and the planned jobs of a stopped sweep, which have no row."""
     late = f" ({len(report.not_started)} planned jobs not started)" if report.not_started else ""
     return f"{len(report.runs)} runs{late}"
 
