@@ -451,7 +451,9 @@ def _display_name(key: str) -> str:
     return SHORT.get(key, key)
 
 
-def build_report(runs: list[Run], filters: list[str] = (), sort: str | None = None) -> Report:
+def build_report(runs: list[Run], filters: list[str] = (), sort: str | None = None,
+                 sources: list[Path] | None = None) -> Report:
+    """The report over `runs`; `sources`, the folders it was asked for, limit the not-started jobs it names."""
     records = apply_filters(build_records(runs), list(filters))
     swept = varying_keys(records)
     for record in records:
@@ -516,16 +518,19 @@ def build_report(runs: list[Run], filters: list[str] = (), sort: str | None = No
             gains.append({**{k: row.get(k) for k in ("role", "model", *keys)}, "gain": row["gain"],
                           "low": row["gain_ci_low"], "high": row["gain_ci_high"], "n": int(row["gain_n"]),
                           "method": row["gain_method"], "verdict": row["gain_verdict"]})
-    return Report(frame, keys, gains, runs, optuna_results(runs), repeats, not_started=not_started(runs, list(filters)))
+    return Report(frame, keys, gains, runs, optuna_results(runs), repeats, not_started=not_started(runs, list(filters), sources))
 
 
-def not_started(runs: list[Run], filters: list[str]) -> list[str]:
+def not_started(runs: list[Run], filters: list[str], sources: list[Path] | None = None) -> list[str]:
     """The planned jobs that the runs' sweeps never reached, as `SWEEP/NUM: swept overrides`.
 
-    They have no folder and so no config: a job is left out only when one of its own overrides
-    contradicts a filter (`--filter seed=0` drops the not-started jobs of seed 1).
+    Only for a sweep that is, or is inside, one of `sources` (all sweeps without them): a report on
+    one job's folder is not about its sweep. The jobs have no folder and so no config: one is left
+    out only when one of its own overrides contradicts a filter (`--filter seed=0` drops seed 1's).
     """
-    sweeps = sorted({run.sweep for run in runs if run.sweep is not None})
+    given = None if sources is None else [Path(p).resolve() for p in sources]
+    sweeps = sorted({run.sweep for run in runs if run.sweep is not None
+                     and (given is None or any(run.sweep.resolve().is_relative_to(p) for p in given))})
     if not sweeps:
         return []
     from kd_cli.sweep import not_started_jobs, planned  # Hydra's parser comes with them: only for reports over sweeps
@@ -544,7 +549,7 @@ def not_started(runs: list[Run], filters: list[str]) -> list[str]:
 
 
 def _contradicts(overrides: dict, key: str, value) -> bool:
-    name = next((n for n in (key, _LONG.get(key)) if n in overrides), None)
+    name = next((n for n in (key, _LONG.get(key), SHORT.get(key)) if n in overrides), None)
     return name is not None and not same(overrides[name], value)
 
 
@@ -804,6 +809,8 @@ def print_report(report: Report, title: str) -> None:
     shown = display_frame(report)
     if shown.empty:
         print(f"{title}: no runs")
+        for line in problem_lines(report):  # a filter can leave no rows and still planned jobs never started
+            print(f"not finished: {line}")
         return
     # display_frame chose the columns (a swept dataset among them); the keys tell apart rows of one model
     print_table(shown, title=title, hide=(), keys=["role", "model", *report.keys])
@@ -841,7 +848,7 @@ def main(argv: list[str] | None = None) -> int:
         if not runs:
             raise ReportError(f"no kd train or distill runs under {', '.join(map(str, args.paths))} "
                               f"(a run folder has results.json, error.txt or .hydra/)")
-        report = build_report(runs, args.filter, args.sort)
+        report = build_report(runs, args.filter, args.sort, sources=args.paths)
         first = args.paths[0]
         out = args.out or (first if first.is_dir() else first.parent)
         written = write_report(report, out, args.paths, plots=not args.no_plots)

@@ -164,6 +164,13 @@ def test_the_report_of_a_stopped_sweep_names_the_jobs_it_never_reached(tmp_path,
     assert [line.split(": ")[1] for line in report.build_report(report.find_runs([tmp_path]), ["T=4"]).not_started] \
         == ["alpha=0.5 T=4", "alpha=0.9 T=4"]
     assert len(report.build_report(report.find_runs([tmp_path]), ["seed=0"]).not_started) == 4
+    assert report._contradicts({"loss": "kd"}, "loss.name", "dkd") and not report._contradicts({"loss": "kd"}, "loss.name", "kd")
+    # A report on one job's folder is not a report on its sweep.
+    assert report.build_report(report.find_runs([tmp_path / "0"]), sources=[tmp_path / "0"]).not_started == []
+    assert len(report.build_report(report.find_runs([tmp_path]), sources=[tmp_path]).not_started) == 4
+    # A filter that leaves no rows still names the planned jobs it matches.
+    report.print_report(report.build_report(report.find_runs([tmp_path]), ["alpha=0.9"]), "t")
+    assert capsys.readouterr().out.count("not finished: not started") == 2
 
     report.report_sweep(tmp_path)
     out = " ".join(capsys.readouterr().out.split())
