@@ -807,13 +807,11 @@ def print_report(report: Report, title: str) -> None:
     from kd_cli.results import print_table
 
     shown = display_frame(report)
-    if shown.empty:
+    if shown.empty:  # a filter can leave no rows, and still name planned jobs that never started
         print(f"{title}: no runs")
-        for line in problem_lines(report):  # a filter can leave no rows and still planned jobs never started
-            print(f"not finished: {line}")
-        return
-    # display_frame chose the columns (a swept dataset among them); the keys tell apart rows of one model
-    print_table(shown, title=title, hide=(), keys=["role", "model", *report.keys])
+    else:
+        # display_frame chose the columns (a swept dataset among them); the keys tell apart rows of one model
+        print_table(shown, title=title, hide=(), keys=["role", "model", *report.keys])
     for heading, lines in (("KD gain", gain_sentences(report)), ("search", optuna_lines(report)),
                            ("not finished", problem_lines(report)), ("left out", repeat_lines(report))):
         for line in lines:

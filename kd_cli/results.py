@@ -156,8 +156,5 @@ def print_table(frame: pd.DataFrame, title: str, hide=("checkpoint", "dataset"),
             console.print(transposed)
             return
     keys, groups = _column_groups(frame, shown, console.width, keys)
-    if len(groups) == 1:  # it fits once its text wraps
-        console.print(_table(frame, None, [*keys, *groups[0]]))
-        return
-    for part, group in enumerate(groups, 1):
-        console.print(_table(frame, f"(part {part} of {len(groups)})", [*keys, *group]))
+    for part, group in enumerate(groups, 1):  # one group: it fits once its text wraps, no part to number
+        console.print(_table(frame, f"(part {part} of {len(groups)})" if len(groups) > 1 else None, [*keys, *group]))
