@@ -120,9 +120,22 @@ def use_channels_last(model: nn.Module, train_cfg, device: torch.device) -> bool
     return mode is True or (mode == "auto" and has_conv(model) and device.type in ("cpu", "cuda"))
 
 
+# CPU features with bf16 arithmetic in hardware: x86's AVX512-BF16 and AMX-BF16, ARM's BF16 and SVE-BF16.
+NATIVE_BF16_FEATURES = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
+
+
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 / AMX); without it bf16 is emulated and slower."""
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """Whether this CPU computes bf16 natively; without it bf16 is emulated and slower.
+
+    Not oneDNN's `_is_mkldnn_bf16_supported()`: that also says yes to AVX-512 without BF16, where
+    oneDNN emulates it. On such a 2-core Intel Xeon (Ice Lake) a bf16 128 -> 64 3x3 convolution
+    took 332-399 ms against 107-112 ms in fp32.
+    """
+    capabilities = getattr(torch.cpu, "get_capabilities", None)
+    if capabilities is None:  # an older torch, which does not list CPU features: oneDNN's answer is all there is
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    features = capabilities()
+    return any(features.get(name) is True for name in NATIVE_BF16_FEATURES)
 
 
 def student_precision(train_cfg, device: torch.device) -> str:

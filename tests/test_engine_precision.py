@@ -85,6 +85,21 @@ def test_student_precision_follows_train_amp_and_the_hardware(monkeypatch, amp, 
     assert student_precision(OmegaConf.create({"amp": amp}), CPU) == expected
 
 
+@pytest.mark.parametrize("features, native", [
+    ({"architecture": "x86_64", "avx512_f": True, "avx512_bw": True, "avx512_bf16": False}, False),  # Ice Lake: emulated
+    ({"architecture": "x86_64", "avx512_f": True, "avx512_bf16": True}, True),  # Zen 4, Cooper Lake
+    ({"architecture": "x86_64", "avx512_bf16": False, "amx_bf16": True}, True),  # AMX
+    ({"architecture": "x86_64", "avx2": True}, False),
+    ({"architecture": "arm64", "neon": True, "bf16": True}, True),
+    ({"architecture": "arm64", "neon": True, "bf16": False}, False),
+])
+def test_native_bf16_means_bf16_instructions_not_avx512_alone(monkeypatch, features, native):
+    # oneDNN's own check says yes to any AVX-512 CPU, and there bf16 is emulated, 3x slower than fp32.
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: features)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: not native, raising=False)
+    assert engine.cpu_has_native_bf16() is native
+
+
 def test_the_loss_is_computed_from_fp32_outputs_under_bf16(cifar, monkeypatch):
     """CPU autocast leaves log_softmax / softmax in the input's dtype, so the engine hands the loss fp32 outputs."""
     native_bf16(monkeypatch, True)
