@@ -6,11 +6,13 @@ KD = $(PYTHON) -m kd_cli
 install:  ## install kd, its dependencies and Fashion-MNIST (Debian package, where apt is available)
 	PYTHON=$(PYTHON) bash scripts/install.sh
 
-test:  ## the default test suite (CI runs this); slow tests excluded
-	$(PYTHON) -m pytest
+TEST_WORKERS ?= auto
+
+test:  ## the default test suite (CI runs this), one worker per core; slow tests excluded. TEST_WORKERS=0 for one process
+	$(PYTHON) -m pytest -n $(TEST_WORKERS)
 
 test-all:  ## every test, slow ones included
-	$(PYTHON) -m pytest -m ""
+	$(PYTHON) -m pytest -n $(TEST_WORKERS) -m ""
 
 demo:  ## teacher -> scratch student -> KD student on Fashion-MNIST, offline, a few minutes on 2 CPU cores
 	$(KD) train experiment=demo

@@ -6,6 +6,12 @@ from pathlib import Path
 
 import pytest
 
+# Under pytest-xdist (`make test` runs two workers, one per core), each worker and every `kd` it
+# starts computes on one thread: two workers with two threads each would wait on each other's
+# descheduled threads. Set before torch is imported anywhere in the worker.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
