@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-# Under pytest-xdist (`make test` runs two workers, one per core), each worker and every `kd` it
+# Under pytest-xdist (`make test` runs one worker per core), each worker and every `kd` it
 # starts computes on one thread: two workers with two threads each would wait on each other's
 # descheduled threads. Set before torch is imported anywhere in the worker.
 if os.environ.get("PYTEST_XDIST_WORKER"):

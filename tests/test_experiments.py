@@ -91,7 +91,7 @@ def shared_store(tmp_path_factory):
     return tmp_path_factory.mktemp("store")
 
 
-# The two longest presets on less data (their teachers and seven or more students took 1.5-2.5 min
+# The two longest presets on less data (their teachers and seven or more students took 77-143 s
 # on a 2-core Intel Xeon): every part still runs and every published figure still finds its rows.
 SMALLER = {name: ["data.fraction=0.02", "data.test_fraction=0.1"] for name in ("quick_alpha_t_grid", "quick_teacher_assistant")}
 
