@@ -445,6 +445,7 @@ class Report:
     repeats: list[dict] = field(default_factory=list)  # rows left out for a newer run of the same configuration and seed
     plots: list[Path] = field(default_factory=list)
     not_started: list[str] = field(default_factory=list)  # planned jobs of a stopped sweep, "SWEEP/NUM: swept overrides"
+    problems: list[Run] = field(default_factory=list)  # the failed and unfinished runs the filters kept
 
 
 def _display_name(key: str) -> str:
@@ -518,7 +519,8 @@ def build_report(runs: list[Run], filters: list[str] = (), sort: str | None = No
             gains.append({**{k: row.get(k) for k in ("role", "model", *keys)}, "gain": row["gain"],
                           "low": row["gain_ci_low"], "high": row["gain_ci_high"], "n": int(row["gain_n"]),
                           "method": row["gain_method"], "verdict": row["gain_verdict"]})
-    return Report(frame, keys, gains, runs, optuna_results(runs), repeats, not_started=not_started(runs, list(filters), sources))
+    return Report(frame, keys, gains, runs, optuna_results(runs), repeats, not_started=not_started(runs, list(filters), sources),
+                  problems=[r["_run"] for r in records if r["status"] != "ok"])
 
 
 def not_started(runs: list[Run], filters: list[str], sources: list[Path] | None = None) -> list[str]:
@@ -711,10 +713,9 @@ def gain_sentences(report: Report) -> list[str]:
 
 def problem_lines(report: Report) -> list[str]:
     lines = []
-    for run in report.runs:
-        if run.status != "ok":
-            detail = f": {run.error}" if run.error else ""
-            lines.append(f"{run.status} {run.path}{detail}")
+    for run in report.problems:
+        detail = f": {run.error}" if run.error else ""
+        lines.append(f"{run.status} {run.path}{detail}")
     return lines + [f"not started {job}" for job in report.not_started]
 
 

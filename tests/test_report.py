@@ -174,6 +174,12 @@ def test_printed_table_and_sentences(sweep, capsys):
 
 
 def test_filter_sort_and_formats(sweep, capsys):
+    assert report.main([str(sweep), "--filter", "alpha=0.5", "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    assert f"unfinished {sweep / '7'}" in printed  # alpha=0.5
+    assert f"failed {sweep / '6'}" not in printed  # alpha=0.9: filtered out like its row
+    assert f"failed {sweep / '6'}" not in (sweep / "report.md").read_text()
+
     assert report.main([str(sweep), "--filter", "alpha=0.9", "--format", "csv", "--no-plots"]) == 0
     frame = pd.read_csv(io.StringIO(capsys.readouterr().out))
     assert list(frame["role"]) == ["student_kd", "student_kd"] and list(frame["status"]) == ["ok", "failed"]
