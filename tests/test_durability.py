@@ -55,7 +55,7 @@ def test_same_config_and_seed_give_identical_results(kd):
 
 def test_sigkill_then_resume_ends_exactly_like_an_uninterrupted_run(kd):
     # Augmentation on, so the restored random generators matter, and a teacher running every step.
-    recipe = [*TINY, "student=light6", "train.epochs=3", "data.augment=true"]
+    recipe = [*TINY, "student=light6", "train.epochs=3", "data.augment=true", "data.fraction=0.03"]
     kd("train", *recipe, "~student")
     kd("distill", *recipe, "hydra.run.dir=outputs/uninterrupted")
 

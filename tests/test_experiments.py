@@ -91,9 +91,11 @@ def shared_store(tmp_path_factory):
     return tmp_path_factory.mktemp("store")
 
 
-# The two longest presets on less data (their teachers and seven or more students took 77-143 s
-# on a 2-core Intel Xeon): every part still runs and every published figure still finds its rows.
+# The longest presets on less data (77-143 s each on a 2-core Intel Xeon, most of it teachers):
+# every part still runs and every published figure still finds its rows. quick_tutorial and
+# quick_data_fraction keep sharing one teacher (the store has it for whichever runs second).
 SMALLER = {name: ["data.fraction=0.02", "data.test_fraction=0.1"] for name in ("quick_alpha_t_grid", "quick_teacher_assistant")}
+SMALLER |= {"quick_tutorial": ["data.fraction=0.05"], "quick_data_fraction": ["teacher_recipe.data.fraction=0.05"]}
 
 
 @pytest.mark.usefixtures("fashion_mnist")
