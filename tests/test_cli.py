@@ -82,6 +82,7 @@ def test_loss_ce_trains_with_labels_only_and_matches_scratch(kd):
     kd("distill", *TINY, "loss=ce")
     table = results(only_run_dir(kd.cwd / "outputs" / "distill")).set_index("role")
     assert table.loc["student_kd", "loss"] == "ce"
+    assert table.loc["student_kd", ["alpha", "T"]].isna().all()  # labels only: neither is read, neither is shown
     assert table.loc["student_kd", "accuracy"] == table.loc["student_scratch", "accuracy"]
 
 

@@ -62,6 +62,7 @@ def distill_chain(run, first, first_cfg, links: list, role: str):
     run.scratch_row(rows, histories)
     teacher_cfg = first_cfg
     link_alpha, link_T = _link_settings(cfg)
+    uses = build_loss(cfg, link_alpha, link_T).uses  # as for the student's row: no T column where the loss has none
     for number, link_cfg in enumerate(links, 1):
         name = f"{role}_{number}"
         lineage = {"teacher_sha256": checksum(teacher.state_dict()), "loss": OmegaConf.to_container(cfg.loss, resolve=True),
@@ -75,7 +76,8 @@ def distill_chain(run, first, first_cfg, links: list, role: str):
             model, meta, _ = run.distill(link_cfg, teacher, build_loss(cfg, link_alpha, link_T), name, path,
                                          lineage=lineage, taught_by=model_label(teacher_cfg))
         rows.append(run.row(name, model, link_cfg, meta, path, scheme=cfg.scheme.name, loss=cfg.loss.name,
-                            alpha=link_alpha, T=link_T, taught_by=model_label(teacher_cfg)))
+                            alpha=link_alpha if "alpha" in uses else None, T=link_T if "T" in uses else None,
+                            taught_by=model_label(teacher_cfg)))
         histories[name] = meta["history"]
         teacher, teacher_cfg, teacher_path = model, link_cfg, path
     loss_fn = build_loss(cfg)
