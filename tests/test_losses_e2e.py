@@ -82,7 +82,12 @@ def test_distill_with_each_method(methods_run, method):
     job = job_of(cwd, method)
     table = pd.read_csv(job / "results.csv").set_index("role")
     row = table.loc["student_kd"]
-    assert row["loss"] == method and row["alpha"] == 0.5
+    assert row["loss"] == method
+    cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
+    reads = build_loss(cfg).uses  # alpha and T are shown only where the method reads them
+    assert row["alpha"] == 0.5 if "alpha" in reads else pd.isna(row["alpha"])
+    assert row["T"] == cfg.T if "T" in reads else pd.isna(row["T"])
+    assert ("alpha" in reads) == (method != "ce")
     # Helpers train with the student but are not part of it.
     assert row["params"] == LIGHTNN_PARAMS and row["size_mb"] == table.loc["student_scratch", "size_mb"]
     assert row["flops"] == table.loc["student_scratch", "flops"]
