@@ -219,6 +219,19 @@ def uses_configured_teacher(flat: dict) -> bool:
                 or (scheme == "online" and flat.get("scheme.peers")))
 
 
+def _unread_settings(config: dict) -> set[str]:
+    """The settings a run's config does not read (config.ignored_settings), so that a failed run's row
+    leaves them empty as a finished run's row does; none when the config is too incomplete to tell."""
+    from omegaconf import OmegaConf
+
+    from kd_cli.config import ignored_settings
+
+    try:
+        return set(ignored_settings(OmegaConf.create(config)))
+    except Exception:  # a run can fail on the very config this would need (an unknown loss, say)
+        return set()
+
+
 def build_records(runs: list[Run]) -> list[dict]:
     """One record per model a run reports (stored models once), plus one per failed or unfinished run."""
     records, seen_stored = [], set()
@@ -254,7 +267,8 @@ def build_records(runs: list[Run]) -> list[dict]:
                       "role": role, "model": model or None, "seed": flat.get("seed"), "status": run.status,
                       "error": run.error, "run": str(run.path)}
             if run.command == "distill":
-                record |= {"loss": flat.get("loss.name"), "alpha": flat.get("alpha"), "T": flat.get("T")}
+                unread = _unread_settings(run.config)
+                record |= {"loss": flat.get("loss.name"), **{k: None if k in unread else flat.get(k) for k in ("alpha", "T")}}
             records.append(record)
     return records
 

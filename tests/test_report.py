@@ -387,3 +387,18 @@ def test_settings_that_cannot_change_a_result_do_not_split_seeds(tmp_path):
     (tmp_path / "preset" / ".hydra" / "config.yaml").write_text(yaml.safe_dump(results["config"]))
     kd = rows_of(report.build_report(report.find_runs([tmp_path])).frame, role="student_kd")
     assert kd["n"].tolist() == [2] and kd["accuracy"].tolist() == [82.0]
+
+
+def test_a_failed_run_leaves_empty_the_settings_its_loss_does_not_read(tmp_path):
+    """As a finished run's row does (run.Run.distill_columns): loss=at reads no T, loss=kd at alpha 0 neither."""
+    from kd_cli.bench.sides import compose_config
+
+    for name, overrides in (("at", ["loss=at", "alpha=0.9", "T=4"]), ("kd_alpha0", ["loss=kd", "alpha=0", "T=4"]),
+                            ("kd", ["loss=kd", "alpha=0.5", "T=4"])):
+        cfg = OmegaConf.to_container(compose_config("distill", overrides), resolve=True)
+        write_run(tmp_path / name, cfg, error="kd: error: stopped", overrides=overrides)
+    frame = report.build_report(report.find_runs([tmp_path])).frame.set_index("run")
+    settings = {Path(run).name: (row["loss"], row["alpha"], row["T"]) for run, row in frame.iterrows()}
+    assert settings["at"][:2] == ("at", 0.9) and math.isnan(settings["at"][2])
+    assert settings["kd_alpha0"][:2] == ("kd", 0.0) and math.isnan(settings["kd_alpha0"][2])
+    assert settings["kd"] == ("kd", 0.5, 4.0)

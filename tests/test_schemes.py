@@ -141,10 +141,12 @@ def test_teacher_assistant_chain_stores_and_reuses_the_assistant(kd, kd_tiny):
     again = kd_tiny(*links, "alpha=0.5", "hydra.run.dir=runs/b")
     assert "assistant_1: conv4 taught by mnist_teacher, from the model store" in again.stdout + again.stderr
     assert rows_of(kd.cwd / "runs" / "b")["assistant_1"]["checkpoint"] == rows["assistant_1"]["checkpoint"]
-    # Another alpha for the links makes another assistant.
-    kd_tiny(*links, "scheme.link_alpha=0.5", "hydra.run.dir=runs/c")
+    # Another alpha for the links makes another assistant. At alpha 0 labels alone train it: its row
+    # names no temperature, where the first one's does.
+    kd_tiny(*links, "scheme.link_alpha=0", "hydra.run.dir=runs/c")
     other = rows_of(kd.cwd / "runs" / "c")["assistant_1"]
-    assert other["checkpoint"] != rows["assistant_1"]["checkpoint"] and other["alpha"] == 0.5
+    assert other["checkpoint"] != rows["assistant_1"]["checkpoint"]
+    assert (other["alpha"], other["T"], rows["assistant_1"]["T"]) == (0, None, 4)
 
 
 def test_born_again_generations_learn_from_the_previous_one(kd, kd_tiny):

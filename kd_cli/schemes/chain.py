@@ -62,7 +62,8 @@ def distill_chain(run, first, first_cfg, links: list, role: str):
     run.scratch_row(rows, histories)
     teacher_cfg = first_cfg
     link_alpha, link_T = _link_settings(cfg)
-    uses = build_loss(cfg, link_alpha, link_T).uses  # as for the student's row: no T column where the loss has none
+    # As for the student's row: no T where the loss has none, nor at alpha 0, where labels alone teach a link.
+    uses = build_loss(cfg, link_alpha, link_T).uses - ({"T"} if link_alpha == 0 else set())
     for number, link_cfg in enumerate(links, 1):
         name = f"{role}_{number}"
         lineage = {"teacher_sha256": checksum(teacher.state_dict()), "loss": OmegaConf.to_container(cfg.loss, resolve=True),
