@@ -10,6 +10,7 @@ their own, with their one-line error, so a sweep with holes never looks complete
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import math
@@ -250,8 +251,9 @@ def build_records(runs: list[Run]) -> list[dict]:
                     if key in seen_stored:
                         continue
                     seen_stored.add(key)
+                # An empty alpha or T stays empty (the loss does not read it); build_report would fill it from the config.
                 record = {"_run": run, "_config": {k: v for k, v in flat.items() if _in_scope(k, role)},
-                          **{k: v for k, v in row.items() if v is not None}, "status": "ok"}
+                          **{k: v for k, v in row.items() if v is not None or k in ("alpha", "T")}, "status": "ok"}
                 if role == "student_kd":
                     record["_scratch"] = by_role.get("student_scratch")
                     if teacher:
@@ -329,16 +331,36 @@ def lookup(record: dict, key: str):
 
 
 def apply_filters(records: list[dict], filters: list[str]) -> list[dict]:
+    kept = records
     for item in filters:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ReportError(f"--filter takes key=value (e.g. alpha=0.5, role=student_kd), got {item!r}")
         wanted = _parse(text)
-        if not any(lookup(r, key)[0] for r in records):
+        if not any(lookup(r, key)[0] for r in records):  # all the runs, not those an earlier filter kept
             known = sorted({k for r in records for k in (*r, *r["_config"]) if not k.startswith("_")})
-            raise ReportError(f"--filter {key}: no run has that key; known keys: {', '.join(known)}")
-        records = [r for r in records if (hit := lookup(r, key))[0] and same(hit[1], wanted)]
-    return records
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ReportError(f"--filter {key}: no run has that key; {hint}known keys: {', '.join(known)}")
+        kept = [r for r in kept if (hit := lookup(r, key))[0] and same(hit[1], wanted)]
+    return kept
+
+
+def no_match(records: list[dict], filters: list[str]) -> str:
+    """Why the filters kept nothing: the values each filter's key takes in the runs."""
+    values = []
+    for item in filters:
+        key = item.partition("=")[0]
+        found = {str(hit[1]) for r in records if (hit := lookup(r, key))[0] and hit[1] is not None}
+        values.append(f"{key} {', '.join(sorted(found, key=_natural_order))}" if found else f"no {key}")
+    return f"no run matches --filter {' --filter '.join(filters)} (the runs have {'; '.join(values)}); nothing written"
+
+
+def _natural_order(text: str):
+    try:
+        return 0, float(text), ""
+    except ValueError:
+        return 1, 0.0, text
 
 
 class ReportError(Exception):
@@ -469,7 +491,11 @@ def _display_name(key: str) -> str:
 def build_report(runs: list[Run], filters: list[str] = (), sort: str | None = None,
                  sources: list[Path] | None = None) -> Report:
     """The report over `runs`; `sources`, the folders it was asked for, limit the not-started jobs it names."""
-    records = apply_filters(build_records(runs), list(filters))
+    every_record = build_records(runs)
+    records = apply_filters(every_record, list(filters))
+    late = not_started(runs, list(filters), sources)
+    if not records and not late:
+        raise ReportError(no_match(every_record, list(filters)))
     swept = varying_keys(records)
     for record in records:
         for key in swept:
@@ -533,7 +559,7 @@ def build_report(runs: list[Run], filters: list[str] = (), sort: str | None = No
             gains.append({**{k: row.get(k) for k in ("role", "model", *keys)}, "gain": row["gain"],
                           "low": row["gain_ci_low"], "high": row["gain_ci_high"], "n": int(row["gain_n"]),
                           "method": row["gain_method"], "verdict": row["gain_verdict"]})
-    return Report(frame, keys, gains, runs, optuna_results(runs), repeats, not_started=not_started(runs, list(filters), sources),
+    return Report(frame, keys, gains, runs, optuna_results(runs), repeats, not_started=late,
                   problems=[r["_run"] for r in records if r["status"] != "ok"])
 
 

@@ -201,6 +201,14 @@ def test_filter_sort_and_formats(sweep, capsys):
 
     assert report.main([str(sweep), "--filter", "colour=red"]) == 1
     assert "--filter colour: no run has that key" in capsys.readouterr().err
+    assert report.main([str(sweep), "--filter", "sed=0"]) == 1
+    assert "--filter sed: no run has that key; did you mean seed?" in capsys.readouterr().err
+    # Nothing kept is an error, and an earlier report is not replaced by an empty one.
+    before = (sweep / "report.md").read_text()
+    assert report.main([str(sweep), "--filter", "alpha=0.7", "--filter", "seed=1", "--no-plots"]) == 1
+    assert capsys.readouterr().err.strip() == ("kd: error: no run matches --filter alpha=0.7 --filter seed=1 "
+                                               "(the runs have alpha 0.5, 0.9; seed 0, 1, 2, 3); nothing written")
+    assert (sweep / "report.md").read_text() == before
     assert report.main([str(sweep), "--sort", "nope"]) == 1
     assert report.main([str(sweep / "missing")]) == 2
 
@@ -402,3 +410,17 @@ def test_a_failed_run_leaves_empty_the_settings_its_loss_does_not_read(tmp_path)
     assert settings["at"][:2] == ("at", 0.9) and math.isnan(settings["at"][2])
     assert settings["kd_alpha0"][:2] == ("kd", 0.0) and math.isnan(settings["kd_alpha0"][2])
     assert settings["kd"] == ("kd", 0.5, 4.0)
+
+
+def test_an_empty_alpha_or_T_is_not_filled_in_from_the_config(tmp_path):
+    """loss=at reads no T, and its row leaves T empty: a report where T varies between runs must not
+    show the T=4 of that run's config in its place."""
+    for folder, loss, alpha, T, accuracy in (("at", "at", 0.9, 4.0, 80.0), ("kd", "kd", 0.5, 2.0, 81.0)):
+        cfg = config("distill", 0, alpha=alpha, T=T)
+        cfg["loss"]["name"] = loss
+        rows = [row("student_kd", "mnist_student", 0, accuracy, loss=loss, scheme="offline", alpha=alpha,
+                    T=T if loss == "kd" else None)]
+        write_run(tmp_path / folder, cfg, rows)
+    frame = report.build_report(report.find_runs([tmp_path])).frame.set_index("loss")
+    assert "T" in frame and frame.loc["kd", "T"] == 2.0 and math.isnan(frame.loc["at", "T"])
+    assert list(frame["alpha"]) == [0.9, 0.5]
