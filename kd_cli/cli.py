@@ -102,6 +102,40 @@ def resume_target(command: str, args: list[str]) -> list[str]:
     return []
 
 
+# Hydra runs one of these per command line; it refuses two with a traceback.
+_MODES = {"multirun": "-m", "cfg": "--cfg", "info": "--info", "shell_completion": "--shell-completion"}
+
+
+def hydra_argv(args: list[str]) -> list[str]:
+    """`args` for Hydra: its flags, each with its value, before the overrides. Hydra's argparse reads
+    no override after a flag, so `kd distill loss=at -m T=1,2` would stop at "unrecognized arguments:
+    T=1,2"; kd takes `-m` and `--cfg job` anywhere on the line."""
+    from hydra._internal.utils import get_args_parser
+
+    actions = {option: action for action in get_args_parser()._actions for option in action.option_strings}
+    flags, overrides, modes, i = [], [], [], 0
+    while i < len(args):
+        action = actions.get(args[i].split("=")[0])
+        if action is None:  # an override, or a flag Hydra does not know, which its parser reports
+            (flags if args[i].startswith("-") else overrides).append(args[i])
+            i += 1
+            continue
+        if action.dest in _MODES:
+            modes.append(_MODES[action.dest])
+        with_value = "=" not in args[i] and (action.nargs is None or (
+            action.nargs == "?" and i + 1 < len(args) and args[i + 1] in action.choices))
+        flags += args[i:i + 1 + with_value]
+        i += 1 + with_value
+    modes = list(dict.fromkeys(modes))
+    if len(modes) > 1:
+        if "-m" in modes:
+            other = next(m for m in modes if m != "-m")
+            raise KdError(f"-m and {other} do not combine: {other} is about one run; drop -m and give each key one "
+                          f"value (each job of a sweep saves its config in its .hydra/ folder)")
+        raise KdError(f"{' and '.join(modes)} do not combine; use one at a time")
+    return [*flags, *overrides]
+
+
 def usage() -> str:
     lines = [f"kd {__version__}: knowledge-distillation experiments", "", "usage: kd COMMAND [OVERRIDES...] [-m]", ""]
     width = max(map(len, COMMANDS)) + 2
@@ -162,6 +196,7 @@ def main() -> None:
 
         register_model_groups()
         try:
+            hydra_args = hydra_argv(args[1:])
             cfg = preflight(command, args[1:], config_dir())
             if command == "distill":  # a seed experiment is several sweeps: kd_cli/experiments.py runs them
                 from kd_cli.experiments import preset_of, run_experiment
@@ -175,11 +210,7 @@ def main() -> None:
                 raise
             print(e, file=sys.stderr)
             sys.exit(1)
-        # Hydra's argparse reads no override after a flag, so `kd distill loss=at -m T=1,2` would stop
-        # at "unrecognized arguments: T=1,2": the multirun flag goes first.
-        multirun = [a for a in args[1:] if a in ("-m", "--multirun")]
-        overrides = [a for a in args[1:] if a not in multirun]
-        sys.argv = [f"kd {command}", *multirun, *overrides, *resume_target(command, args[1:])]
+        sys.argv = [f"kd {command}", *hydra_args, *resume_target(command, args[1:])]
         started = True
         hydra.main(config_path=config_dir(), config_name=command, version_base="1.3")(_task(command))()
     except KeyboardInterrupt as stop:

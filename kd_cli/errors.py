@@ -12,8 +12,9 @@ class KdError(CompactHydraException):
 
     @property
     def reason(self) -> str:
-        """The message alone, for another message that gives it context."""
-        return super().__str__()
+        """The message alone, for another message that gives it context. Always one line: a message
+        may quote another library's error, and torchvision's download errors span several."""
+        return " ".join(super().__str__().split())
 
     def __str__(self) -> str:
         return f"kd: error: {self.reason}"

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from conftest import TINY
+from kd_cli.errors import KdError
 
 pytestmark = pytest.mark.usefixtures("fashion_mnist")
 
@@ -159,6 +160,20 @@ def test_help_lists_commands_and_groups(kd):
     assert "alpha: 0.9" in kd("distill", "--cfg", "job").stdout
     unknown = kd("distil", check=False)
     assert unknown.returncode == 2 and "unknown command 'distil'" in unknown.stderr
+
+
+def test_hydra_flags_go_anywhere_on_the_line(kd):
+    from kd_cli.cli import hydra_argv
+
+    assert hydra_argv(["a=1", "--cfg", "job", "b=2", "--resolve", "--package=train", "c=3"]) == [
+        "--cfg", "job", "--resolve", "--package=train", "a=1", "b=2", "c=3"]
+    assert hydra_argv(["a=1", "-m", "b=1,2"]) == ["-m", "a=1", "b=1,2"]
+    assert hydra_argv(["--info", "defaults", "a=1", "--info"]) == ["--info", "defaults", "--info", "a=1"]
+    with pytest.raises(KdError, match="--cfg and --info do not combine; use one at a time"):
+        hydra_argv(["--cfg", "job", "--info"])
+    assert "alpha: 0.3" in kd("distill", "alpha=0.3", "--cfg", "job", "T=2").stdout
+    line = one_line_error(kd("distill", "alpha=0.1,0.2", "--cfg", "job", "-m", check=False))
+    assert line.startswith("kd: error: -m and --cfg do not combine: --cfg is about one run; drop -m")
 
 
 def test_runs_without_a_torchvision_model_do_not_import_torchvision():
