@@ -23,6 +23,22 @@ def _umask() -> int:
 ABANDONED_AFTER_S = 3600  # no write takes this long; its temporary file is what a SIGKILL or power cut left
 
 
+def check_writable(folder: str | Path, what: str, key: str) -> None:
+    """Raise KdError unless files can be created in `folder` (or the nearest existing folder above it);
+    `key` is the setting that moves it elsewhere."""
+    path = Path(folder)
+    while not path.exists():
+        path = path.parent
+    if not path.is_dir():
+        raise KdError(f"cannot write {what} {folder}: {path} is a file, not a folder; choose another location with {key}")
+    try:  # a real write, not os.access: root passes access() even where nothing can be created (/proc, read-only mounts)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise KdError(f"cannot write {what} {folder}: {path} is not writable ({e.strerror or e}); "
+                      f"choose another location with {key}") from None
+
+
 def remove_abandoned_writes(folder: Path) -> None:
     """Delete the temporary files that writes into `folder` left when killed mid-write (no cleanup ran)."""
     cutoff = time.time() - ABANDONED_AFTER_S

@@ -9,7 +9,6 @@ import difflib
 import itertools
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -18,6 +17,7 @@ from hydra.errors import ConfigCompositionException, HydraException, MissingConf
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from kd_cli.atomic import check_writable
 from kd_cli.config import ignored_settings, scheme_option_error, validate
 from kd_cli.engine import resolve_device
 from kd_cli.errors import KdError
@@ -102,19 +102,6 @@ def _explain(error: HydraException, command: str, conf_dir: str, overrides: list
     return message.strip().splitlines()[0]
 
 
-def _check_writable(folder: str, what: str) -> None:
-    path = Path(folder)
-    while not path.exists():
-        path = path.parent
-    if not path.is_dir():
-        raise KdError(f"cannot write {what} {folder}: {path} is a file, not a folder; choose another location")
-    try:  # a real write, not os.access: root passes access() even where nothing can be created (/proc, read-only mounts)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError:
-        raise KdError(f"cannot write {what} {folder}: {path} is not writable; choose another location") from None
-
-
 def _settings_given(parsed: list) -> dict[str, tuple[str, str]]:
     """Settings as the command line sets them: key -> (the override as typed, "value" / "sweep" / "range")."""
     given = {}
@@ -196,6 +183,9 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
     resolve_device(cfg.device)
     run_root = OmegaConf.select(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir", throw_on_resolution_failure=False)
     if isinstance(run_root, str):
-        _check_writable(run_root, "the run folder")
-    _check_writable(cfg.store_dir, "the model store")
+        check_writable(run_root, "the run folder", f"hydra.{'sweep' if multirun else 'run'}.dir=PATH (or start kd in another folder)")
+    # `kd train` stores what it trains; `kd distill` can read a store it may not write to (a colleague's), and
+    # checks it just before storing a model it has to train (train_missing=true, a chain's links).
+    if command == "train":
+        check_writable(cfg.store_dir, "the model store", "store_dir=PATH")
     return cfg

@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 import kd_cli
+from kd_cli.atomic import check_writable
 from kd_cli.config import RUN_ONLY, ignored_settings, run_identity, teacher_config, validate
 from kd_cli.data import ImageData, load_data, normalize
 from kd_cli.engine import FitResult, fit, resolve_device, seed_everything
@@ -143,6 +144,7 @@ class Run:
 
     def train_from_labels(self, model_cfg, role: str, path: Path):
         """Train `model_cfg` with cross-entropy alone and store it at `path`."""
+        check_writable(path.parent, "the model store", "store_dir=PATH")  # before the training it would lose
         model = self.new_model(model_cfg)
         # One state file per model: a multi-teacher run trains several teachers one after another.
         state = self.state_path(f"{role}-{model_label(model_cfg)}")

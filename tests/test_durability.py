@@ -279,7 +279,6 @@ REFUSED_UPFRONT = [
     (["data.test_fraction=-1"], "data.test_fraction must be in (0, 1], got -1"),
     (["device=cuda"], "device=cuda was asked for but no CUDA GPU is visible"),
     (["hydra.run.dir=results.csv/run"], "cannot write the run folder results.csv/run: results.csv is a file"),
-    (["store_dir=results.csv/store"], "cannot write the model store results.csv/store: results.csv is a file"),
 ]
 
 
@@ -293,6 +292,24 @@ def test_refused_before_anything_is_written(tmp_path, monkeypatch, overrides, me
         preflight("distill", [*TINY, *overrides], config_dir())
     assert message in str(refused.value) and "\n" not in str(refused.value)
     assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]
+
+
+def test_only_a_command_that_stores_models_needs_a_writable_store(tmp_path, monkeypatch, kd):
+    """`kd train` is refused up front; `kd distill` may read a store it cannot write to (a colleague's),
+    and is stopped only before training a model it would have to store there."""
+    from kd_cli.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results.csv").write_text("a file standing where a folder is asked for\n")
+    with pytest.raises(KdError, match="cannot write the model store results.csv/store: results.csv is a file, "
+                                      "not a folder; choose another location with store_dir=PATH"):
+        preflight("train", [*TINY, "store_dir=results.csv/store"], config_dir())
+    assert preflight("distill", [*TINY, "store_dir=results.csv/store"], config_dir()) is not None
+    (kd.cwd / "results.csv").write_text("a file standing where a folder is asked for\n")
+    proc = kd("distill", *TINY, "store_dir=results.csv/store", "train_missing=true", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("kd: error: cannot write the model store results.csv/store/")
+    assert "epoch" not in proc.stdout + proc.stderr  # stopped before training anything
 
 
 # Found while running: each through the installed command.

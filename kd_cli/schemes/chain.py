@@ -12,6 +12,7 @@ import logging
 
 from omegaconf import OmegaConf
 
+from kd_cli.atomic import check_writable
 from kd_cli.losses import build_loss
 from kd_cli.models import model_label
 from kd_cli.schemes import model_config, scheme
@@ -74,6 +75,7 @@ def distill_chain(run, first, first_cfg, links: list, role: str):
             log.info("%s: %s taught by %s, from the model store (%s)", name, model_label(link_cfg),
                      model_label(teacher_cfg), path)
         else:
+            check_writable(path.parent, "the model store", "store_dir=PATH")  # before the training it would lose
             model, meta, _ = run.distill(link_cfg, teacher, build_loss(cfg, link_alpha, link_T), name, path,
                                          lineage=lineage, taught_by=model_label(teacher_cfg))
         rows.append(run.row(name, model, link_cfg, meta, path, scheme=cfg.scheme.name, loss=cfg.loss.name,
