@@ -1,7 +1,8 @@
 """The `kd` command: a dispatcher in front of one Hydra app per subcommand.
 
 Hydra has no subcommands, so `kd distill ARGS` becomes the Hydra app whose primary config is
-conf/distill.yaml, run with ARGS; `-m`, `--cfg job`, `--help` and launchers work unchanged.
+conf/distill.yaml, run with ARGS; `-m`, `--cfg job` and launchers work unchanged, and `--help` lists the
+config groups of that command alone.
 """
 
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
 
 from kd_cli import __version__
@@ -136,6 +138,30 @@ def hydra_argv(args: list[str]) -> list[str]:
     return [*flags, *overrides]
 
 
+def command_help(command: str, overrides: list[str]) -> str:
+    """`kd COMMAND --help`: the config groups this command composes, with their options, then its config.
+
+    Hydra's own help lists every group under conf/, loss= and scheme= among them for `kd train`, which
+    refuses them; the groups of the command's own defaults list are the ones it takes.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf, open_dict
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(command, overrides, return_hydra_config=True)
+        options = GlobalHydra.instance().config_loader().get_group_options
+        choices = cfg.hydra.runtime.choices
+        groups = [f"  {group}: {', '.join(options(group))} (now: {choices[group] or 'none'})"
+                  for group in sorted(choices) if not group.startswith("hydra/") or group == "hydra/launcher"]
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return "\n".join([f"kd {command}: {COMMANDS[command]}", "",
+                      f"usage: kd {command} [GROUP=OPTION | KEY=VALUE ...] [-m] [--cfg job] (docs: README.md)", "",
+                      "config groups, GROUP=OPTION:", *groups, "",
+                      f"config, KEY=VALUE (`kd {command} --cfg job` prints it alone):", "", OmegaConf.to_yaml(cfg)])
+
+
 def usage() -> str:
     lines = [f"kd {__version__}: knowledge-distillation experiments", "", "usage: kd COMMAND [OVERRIDES...] [-m]", ""]
     width = max(map(len, COMMANDS)) + 2
@@ -197,6 +223,14 @@ def main() -> None:
         register_model_groups()
         try:
             hydra_args = hydra_argv(args[1:])
+            if "--help" in hydra_args or "-h" in hydra_args:
+                overrides = [a for a in hydra_args if not a.startswith("-")]
+                try:
+                    print(command_help(command, overrides))
+                except HydraException:
+                    preflight(command, overrides, config_dir(), warn=False)  # raises the one-line explanation
+                    raise
+                return
             cfg = preflight(command, args[1:], config_dir())
             if command == "distill":  # a seed experiment is several sweeps: kd_cli/experiments.py runs them
                 from kd_cli.experiments import preset_of, run_experiment

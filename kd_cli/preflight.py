@@ -95,6 +95,14 @@ def _explain(error: HydraException, command: str, conf_dir: str, overrides: list
                 return e.reason
         if key.startswith("scheme.") and "scheme" in cfg:  # the same for a scheme's options (its yaml's keys)
             return scheme_option_error(key.split(".", 1)[1], cfg.scheme.name)
+        root = key.split(".")[0]
+        if command == "train" and root not in cfg and root != "hydra":
+            with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+                distill = compose("distill", return_hydra_config=True)
+            # Its config groups too: hparams_search is one, and no key of the composed config.
+            if root in distill.hydra.runtime.choices or root in distill:
+                return (f"'{key}' is a setting of kd distill, not of kd train, which trains the teacher and the "
+                        f"student from labels alone")
         known = _all_keys(cfg)
         close = difflib.get_close_matches(key, known, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""

@@ -158,6 +158,13 @@ def test_help_lists_commands_and_groups(kd):
     for group in ("dataset: cifar10, cifar100, fashion_mnist, mnist", "loss: at, cc, ce, combo,", "scheme: born_again, multi_teacher, offline, online, self, ta", "teacher:"):
         assert group in help_text
     assert "alpha: 0.9" in kd("distill", "--cfg", "job").stdout
+    train_help = kd("train", "--help", "dataset=mnist").stdout
+    assert train_help.startswith("kd train: train the teacher and the student from labels alone")
+    assert "dataset: cifar10, cifar100, fashion_mnist, mnist (now: mnist)" in train_help
+    assert "\n  loss:" not in train_help and "\n  scheme:" not in train_help and "\nseed: 0" in train_help
+    assert one_line_error(kd("train", "loss=at", check=False)) == (
+        "kd: error: 'loss' is a setting of kd distill, not of kd train, which trains the teacher and the student "
+        "from labels alone")
     unknown = kd("distil", check=False)
     assert unknown.returncode == 2 and "unknown command 'distil'" in unknown.stderr
 
