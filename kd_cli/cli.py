@@ -79,6 +79,14 @@ def _overrides_of(folder: Path, multirun: bool) -> list[str] | None:
         return None
 
 
+def _effective(overrides: list[str]) -> dict[str, str]:
+    """What a command line sets, in any order: each key's last value (`a=1 a=2` sets a to 2). Hydra's
+    own overrides (hydra/launcher=..., hydra.launcher.n_jobs=...) are not among a run's recorded task
+    overrides and do not change what it computes."""
+    kept = (o for o in overrides if not o.startswith(("resume=", "-", "hydra/", "hydra.")))
+    return {key: value for key, _, value in (o.partition("=") for o in kept)}
+
+
 def resume_target(command: str, args: list[str]) -> list[str]:
     """With resume=true, point Hydra at the newest unfinished run (or sweep) of the same command line.
 
@@ -88,13 +96,10 @@ def resume_target(command: str, args: list[str]) -> list[str]:
     if "resume=true" not in (a.lower() for a in args) or any(a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in args):
         return []
     multirun = "-m" in args or "--multirun" in args
-    # Hydra's own overrides (hydra/launcher=..., hydra.launcher.n_jobs=...) are not among a run's
-    # recorded task overrides and do not change what it computes.
-    same = lambda overrides: sorted(o for o in overrides if not o.startswith(("resume=", "-", "hydra/", "hydra.")))  # noqa: E731
     root = Path("outputs") / (f"{command}-multirun" if multirun else command)
     for folder in sorted(root.glob("*"), reverse=True):
         overrides = _overrides_of(folder, multirun)
-        if overrides is None or same(overrides) != same(args):
+        if overrides is None or _effective(overrides) != _effective(args):
             continue
         if not multirun and (folder / "results.json").exists():
             continue

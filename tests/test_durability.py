@@ -365,9 +365,13 @@ def test_resume_finds_the_sweep_whatever_launcher_ran_it(tmp_path, monkeypatch):
     sweep.mkdir(parents=True)
     (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": ["alpha=0.1,0.5", "T=2"]}}}))
     same_sweep = ["-m", "alpha=0.1,0.5", "T=2", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "resume=true"]
-    assert resume_target("distill", same_sweep) == [f"hydra.sweep.dir={sweep.relative_to(tmp_path)}"]
+    same_sweep_dir = [f"hydra.sweep.dir={sweep.relative_to(tmp_path)}"]
+    assert resume_target("distill", same_sweep) == same_sweep_dir
     assert resume_target("distill", ["-m", "alpha=0.1,0.9", "T=2", "resume=true"]) == []
     assert resume_target("distill", ["-m", "alpha=0.1,0.5", "T=2"]) == []  # only with resume=true
+    # In any order, but a key given twice takes its last value: T=3 T=2 is this sweep, T=2 T=3 is not.
+    assert resume_target("distill", ["T=3", "T=2", "-m", "alpha=0.1,0.5", "resume=true"]) == same_sweep_dir
+    assert resume_target("distill", ["T=2", "T=3", "-m", "alpha=0.1,0.5", "resume=true"]) == []
 
 
 def test_written_files_get_the_mode_new_files_get_not_owner_only(tmp_path):
