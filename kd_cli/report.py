@@ -728,10 +728,16 @@ def display_frame(report: Report) -> pd.DataFrame:
     return out
 
 
+def _as_override(value) -> str:
+    """A value as it is typed on the command line: 0.5, [deepnn,light6]."""
+    if isinstance(value, (list, tuple)):
+        return f"[{','.join(map(_as_override, value))}]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _describe_config(entry: dict, keys: list[str]) -> str:
-    parts = [f"{k}={entry[k]:g}" if isinstance(entry.get(k), float) else f"{k}={entry[k]}"
-             for k in keys if entry.get(k) is not None and not pd.isna(entry[k])]
-    return ", ".join(parts)
+    given = [k for k in keys if isinstance(entry.get(k), (list, tuple)) or not pd.isna(entry.get(k))]
+    return ", ".join(f"{k}={_as_override(entry[k])}" for k in given)
 
 
 def gain_sentences(report: Report) -> list[str]:
@@ -761,8 +767,12 @@ def problem_lines(report: Report) -> list[str]:
 
 def runs_title(report: Report) -> str:
     """The count in a report's title: the runs, and the planned jobs of a stopped sweep, which have no row."""
-    late = f" ({len(report.not_started)} planned jobs not started)" if report.not_started else ""
-    return f"{len(report.runs)} runs{late}"
+    late = f" ({_count(len(report.not_started), 'planned job')} not started)" if report.not_started else ""
+    return f"{_count(len(report.runs), 'run')}{late}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def repeat_lines(report: Report) -> list[str]:

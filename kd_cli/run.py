@@ -65,6 +65,8 @@ def train_command(cfg, model_cfg=None) -> str:
     kept = [f"{key}={OmegaConf.select(cfg, key)}" if key.startswith(("data.", "train.")) and
             _parsed(value) != OmegaConf.select(cfg, key) else f"{key}={value}"
             for key, _, value in (o.partition("=") for o in kept)]
+    # A key given twice is given once, with the value that took effect.
+    kept = list({o.partition("=")[0]: o for o in kept}.values())
     if model_cfg is not None:
         kept = [o for o in kept if not o.startswith(("teacher=", "teacher.", "student=", "student."))]
         kept += [f"teacher={model_cfg.arch}", "~student"]

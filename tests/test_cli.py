@@ -117,6 +117,12 @@ def test_train_command_keeps_the_recipe_and_drops_what_only_distill_takes(monkey
     task = SimpleNamespace(overrides=SimpleNamespace(task=overrides))
     monkeypatch.setattr(run.HydraConfig, "get", staticmethod(lambda: task))
     assert run.train_command(cfg) == f"kd train {' '.join(TINY)}"
+    # A key given twice: once, where it first stood, with the value that took effect.
+    again = [*overrides, "train.epochs=3"]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("distill", again)
+    task.overrides.task = again
+    assert run.train_command(cfg) == "kd train " + " ".join(o.replace("train.epochs=2", "train.epochs=3") for o in TINY)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -424,3 +424,10 @@ def test_an_empty_alpha_or_T_is_not_filled_in_from_the_config(tmp_path):
     frame = report.build_report(report.find_runs([tmp_path])).frame.set_index("loss")
     assert "T" in frame and frame.loc["kd", "T"] == 2.0 and math.isnan(frame.loc["at", "T"])
     assert list(frame["alpha"]) == [0.9, 0.5]
+
+
+def test_sentences_write_values_as_they_are_typed_and_count_in_words():
+    entry = {"scheme.teachers": ("deepnn", "light6"), "alpha": 0.5, "T": float("nan"), "loss": "kd"}
+    assert report._describe_config(entry, ["scheme.teachers", "alpha", "T", "loss"]) == (
+        "scheme.teachers=[deepnn,light6], alpha=0.5, loss=kd")
+    assert report._count(1, "planned job") == "1 planned job" and report._count(2, "run") == "2 runs"
