@@ -168,6 +168,15 @@ def test_bench_model_reports_device_and_warmup(tmp_path):
     assert table.loc[0, "params"] == 693_962 and "fp32 on cpu: " in proc.stdout
 
 
+def test_bench_model_names_the_torchvision_classifier_it_built():
+    from kd_cli.deploy import bench_model
+
+    dataset = bench_model._dataset("fashion_mnist")
+    assert bench_model._catalogue_model("torchvision", dataset)[1] == "torchvision.resnet18"
+    model, label = bench_model._catalogue_model("torchvision.mobilenet_v2", dataset)
+    assert label == "torchvision.mobilenet_v2" and type(model).__name__ == "MobileNetV2"
+
+
 @pytest.mark.parametrize("conv", [True, False])
 def test_bench_model_layouts(tmp_path, monkeypatch, conv):
     from kd_cli.deploy import bench_model
@@ -175,7 +184,7 @@ def test_bench_model_layouts(tmp_path, monkeypatch, conv):
     head = [nn.Flatten(), nn.Linear(4 * 26 * 26 if conv else 28 * 28, 10)]
     # Two convolutions: a weight with one input channel counts as NCHW and channels_last alike.
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3), nn.ReLU(), *head) if conv else nn.Sequential(*head)
-    monkeypatch.setattr(bench_model, "_catalogue_model", lambda name, dataset: model)
+    monkeypatch.setattr(bench_model, "_catalogue_model", lambda name, dataset: (model, name))
     bench_model.main(["tiny", "dataset=fashion_mnist", "device=cpu", "runs=2", "warmup=1", "batch=4",
                       f"out={tmp_path}"])
     table = pd.read_csv(tmp_path / "results.csv")

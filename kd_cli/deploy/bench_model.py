@@ -52,14 +52,19 @@ def _dataset(name: str):
 
 
 def _catalogue_model(name: str, dataset):
-    """`light6`, or `torchvision.NAME` for a torchvision classifier (untrained)."""
+    """(model, its label): `light6`, or `torchvision.NAME` for a torchvision classifier (untrained;
+    plain `torchvision` is its default, resnet18, and labelled so)."""
     arch, _, tv_name = name.partition(".")
     if arch not in CATALOGUE:
         raise KdError(f"'{name}' is neither an existing run folder or checkpoint nor a catalogue model; "
-                      f"pass a path that exists or one of: {', '.join(sorted(CATALOGUE))}")
-    model_cfg = OmegaConf.create({"arch": arch, **({"name": tv_name or "resnet18", "weights": None} if arch == "torchvision" else {})})
+                      f"pass a path that exists or one of: {', '.join(sorted(CATALOGUE))} (torchvision.NAME for "
+                      f"a torchvision classifier)")
+    extra = {}
+    if arch == "torchvision":
+        extra = {"name": tv_name or "resnet18", "weights": None}
+        name = f"torchvision.{extra['name']}"
     seed_everything(0)
-    return build_model(model_cfg, ImageSpec.of(dataset)).eval()
+    return build_model(OmegaConf.create({"arch": arch, **extra}), ImageSpec.of(dataset)).eval(), name
 
 
 def _devices(name: str) -> list[torch.device]:
@@ -97,7 +102,7 @@ def main(argv: list[str]) -> None:
         model, label, dataset, out = source.model, source.label, source.cfg.dataset, source.out
     elif target:
         dataset = _dataset(options.get("dataset", "cifar10"))
-        model, label = _catalogue_model(target, dataset), target
+        model, label = _catalogue_model(target, dataset)
         out = Path("outputs") / "bench-model" / f"{label}-{dataset.name}"
     else:
         raise KdError("kd bench-model needs a catalogue model name (e.g. light6), a run folder or a checkpoint")
