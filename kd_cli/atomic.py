@@ -3,6 +3,7 @@
 import functools
 import io
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +24,11 @@ def _umask() -> int:
 ABANDONED_AFTER_S = 3600  # no write takes this long; its temporary file is what a SIGKILL or power cut left
 
 
+# Less free space than this and Hydra fails while saving a run's config, with a traceback, before kd
+# could say anything: a run needs more than that for its results and checkpoints anyway.
+MIN_FREE_BYTES = 2**20
+
+
 def check_writable(folder: str | Path, what: str, key: str) -> None:
     """Raise KdError unless files can be created in `folder` (or the nearest existing folder above it);
     `key` is the setting that moves it elsewhere."""
@@ -34,9 +40,13 @@ def check_writable(folder: str | Path, what: str, key: str) -> None:
     try:  # a real write, not os.access: root passes access() even where nothing can be created (/proc, read-only mounts)
         with tempfile.TemporaryFile(dir=path):
             pass
+        free = shutil.disk_usage(path).free
     except OSError as e:
         raise KdError(f"cannot write {what} {folder}: {path} is not writable ({e.strerror or e}); "
                       f"choose another location with {key}") from None
+    if free < MIN_FREE_BYTES:
+        raise KdError(f"cannot write {what} {folder}: the disk holding {path} is full ({free // 1024} kB free); "
+                      f"free some space or choose another location with {key}")
 
 
 def remove_abandoned_writes(folder: Path) -> None:

@@ -294,6 +294,19 @@ def test_refused_before_anything_is_written(tmp_path, monkeypatch, overrides, me
     assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]
 
 
+def test_a_full_disk_is_refused_before_hydra_writes_the_run_folder(tmp_path, monkeypatch):
+    import shutil
+
+    from kd_cli.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
+    with pytest.raises(KdError, match=r"cannot write the run folder outputs/run: the disk holding \. is full \(4 kB "
+                                      r"free\); free some space or choose another location with hydra.run.dir=PATH"):
+        preflight("distill", [*TINY, "hydra.run.dir=outputs/run"], config_dir())
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_only_a_command_that_stores_models_needs_a_writable_store(tmp_path, monkeypatch, kd):
     """`kd train` is refused up front; `kd distill` may read a store it cannot write to (a colleague's),
     and is stopped only before training a model it would have to store there."""
