@@ -93,9 +93,12 @@ def resume_target(command: str, args: list[str]) -> list[str]:
     The previous run's folder is reused: a job with complete results is skipped, a job with a
     training state continues from it, a failed or missing one runs again.
     """
+    from kd_cli.preflight import split_args
+
+    flags, args = split_args(args)
     if "resume=true" not in (a.lower() for a in args) or any(a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in args):
         return []
-    multirun = "-m" in args or "--multirun" in args
+    multirun = "--multirun" in flags
     root = Path("outputs") / (f"{command}-multirun" if multirun else command)
     for folder in sorted(root.glob("*"), reverse=True):
         overrides = _overrides_of(folder, multirun)
@@ -107,40 +110,6 @@ def resume_target(command: str, args: list[str]) -> list[str]:
         return [f"hydra.{'sweep' if multirun else 'run'}.dir={folder}"]
     print(f"kd: no unfinished run of this command line under {root}; starting a new one", file=sys.stderr)
     return []
-
-
-# Hydra runs one of these per command line; it refuses two with a traceback.
-_MODES = {"multirun": "-m", "cfg": "--cfg", "info": "--info", "shell_completion": "--shell-completion"}
-
-
-def hydra_argv(args: list[str]) -> list[str]:
-    """`args` for Hydra: its flags, each with its value, before the overrides. Hydra's argparse reads
-    no override after a flag, so `kd distill loss=at -m T=1,2` would stop at "unrecognized arguments:
-    T=1,2"; kd takes `-m` and `--cfg job` anywhere on the line."""
-    from hydra._internal.utils import get_args_parser
-
-    actions = {option: action for action in get_args_parser()._actions for option in action.option_strings}
-    flags, overrides, modes, i = [], [], [], 0
-    while i < len(args):
-        action = actions.get(args[i].split("=")[0])
-        if action is None:  # an override, or a flag Hydra does not know, which its parser reports
-            (flags if args[i].startswith("-") else overrides).append(args[i])
-            i += 1
-            continue
-        if action.dest in _MODES:
-            modes.append(_MODES[action.dest])
-        with_value = "=" not in args[i] and (action.nargs is None or (
-            action.nargs == "?" and i + 1 < len(args) and args[i + 1] in action.choices))
-        flags += args[i:i + 1 + with_value]
-        i += 1 + with_value
-    modes = list(dict.fromkeys(modes))
-    if len(modes) > 1:
-        if "-m" in modes:
-            other = next(m for m in modes if m != "-m")
-            raise KdError(f"-m and {other} do not combine: {other} is about one run; drop -m and give each key one "
-                          f"value (each job of a sweep saves its config in its .hydra/ folder)")
-        raise KdError(f"{' and '.join(modes)} do not combine; use one at a time")
-    return [*flags, *overrides]
 
 
 def command_help(command: str, overrides: list[str]) -> str:
@@ -223,18 +192,18 @@ def main() -> None:
         # Importing torch takes seconds: a Ctrl-C then also gets one line, not a traceback.
         from kd_cli import sweep
         from kd_cli.config import register_model_groups
-        from kd_cli.preflight import preflight
+        from kd_cli.preflight import preflight, split_args
 
         register_model_groups()
         try:
-            hydra_args = hydra_argv(args[1:])
-            if "--help" in hydra_args or "-h" in hydra_args:
-                overrides = [a for a in hydra_args if not a.startswith("-")]
+            flags, overrides = split_args(args[1:])
+            if "--help" in flags:
                 try:
                     print(command_help(command, overrides))
-                except HydraException:
-                    preflight(command, overrides, config_dir(), warn=False)  # raises the one-line explanation
-                    raise
+                except HydraException as e:
+                    preflight(command, overrides, config_dir(), warn=False)  # a bad override: its one-line explanation
+                    raise KdError(f"--help shows one run's config; drop -m and give each key one value "
+                                  f"({str(e).strip().splitlines()[0]})") from None
                 return
             cfg = preflight(command, args[1:], config_dir())
             if command == "distill":  # a seed experiment is several sweeps: kd_cli/experiments.py runs them
@@ -249,7 +218,8 @@ def main() -> None:
                 raise
             print(e, file=sys.stderr)
             sys.exit(1)
-        sys.argv = [f"kd {command}", *hydra_args, *resume_target(command, args[1:])]
+        # Hydra's argparse reads no override after a flag: its flags go first.
+        sys.argv = [f"kd {command}", *flags, *overrides, *resume_target(command, args[1:])]
         started = True
         hydra.main(config_path=config_dir(), config_name=command, version_base="1.3")(_task(command))()
     except KeyboardInterrupt as stop:

@@ -23,9 +23,10 @@ from kd_cli.engine import resolve_device
 from kd_cli.errors import KdError
 from kd_cli.losses import LOSSES
 
-# Hydra flags that do not run anything (or run with Hydra's own handling).
-_PASSIVE_FLAGS = ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--shell-completion", "-sc",
-                  "--package", "-p", "--resolve")
+# Hydra flags that do not run anything (or run with Hydra's own handling), as split_args names them.
+_PASSIVE_FLAGS = ("--help", "--hydra-help", "--version", "--info", "--cfg", "--shell-completion", "--package", "--resolve")
+# Hydra runs one of these per command line, and refuses two with a traceback; named as users type them.
+_MODES = {"run": "--run", "multirun": "-m", "cfg": "--cfg", "info": "--info", "shell_completion": "--shell-completion"}
 # Set for the sweeps a seed experiment runs as child processes: each runs as a plain sweep, and the
 # parent has already warned about its command line.
 EXPERIMENT_PART_ENV = "KD_EXPERIMENT_PART"
@@ -158,14 +159,63 @@ def _both(subject: str, other: str) -> str:
     return f"{key}={','.join(dict.fromkeys([*values.split(','), value]))}"
 
 
+def split_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra's flags, each with its value and under its long name, the overrides) of a command line.
+
+    kd takes `-m` and `--cfg job` anywhere on the line; Hydra's argparse reads no override after a
+    flag, so `kd distill loss=at -m T=1,2` would stop at "unrecognized arguments: T=1,2". A flag Hydra
+    does not know is kept for its parser to report.
+    """
+    from hydra._internal.utils import get_args_parser
+
+    actions = {option: action for action in get_args_parser()._actions for option in action.option_strings}
+    flags, overrides, modes, i = [], [], [], 0
+    while i < len(args):
+        arg, i = args[i], i + 1
+        if not arg.startswith("-"):
+            overrides.append(arg)
+            continue
+        typed, given, value = arg.partition("=")
+        # argparse also takes an unambiguous prefix of a long option (--multi for --multirun)
+        prefixed = {a for o, a in actions.items() if o.startswith("--") and o.startswith(typed) and typed.startswith("--")}
+        action = actions.get(typed) or (prefixed.pop() if len(prefixed) == 1 else None)
+        if action is None:
+            flags.append(arg)
+            continue
+        name = action.option_strings[0]
+        if action.dest in _MODES:
+            modes.append(_MODES[action.dest])
+        if given:
+            flags.append(f"{name}={value}")
+        elif action.nargs is None:  # exactly one value
+            if i == len(args) or "=" in args[i] or (action.choices and args[i] not in action.choices):
+                raise KdError(f"{typed} takes a value" + (f": {', '.join(action.choices)}" if action.choices else ""))
+            flags += [name, args[i]]
+            i += 1
+        elif action.nargs == "?" and i < len(args) and args[i] in action.choices:
+            flags += [name, args[i]]
+            i += 1
+        else:
+            flags.append(name)
+    modes = list(dict.fromkeys(modes))
+    if "-m" in modes and len(modes) > 1:
+        other = next(m for m in modes if m != "-m")
+        raise KdError(f"-m and {other} do not combine: {other} is about one run; drop -m and give each key one "
+                      f"value (each job of a sweep saves its config in its .hydra/ folder)")
+    if len(modes) > 1:
+        raise KdError(f"{' and '.join(modes)} do not combine; use one at a time")
+    return flags, overrides
+
+
 def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
     """Raise KdError (one line) if the command line cannot run; return its config (that of the last
     combination checked, for a sweep), or None for Hydra's flags that run nothing. With `warn`, print
     a warning for a setting the run ignores: an alpha or T that the chosen loss ignores, momentum with Adam."""
-    if any(a.split("=")[0] in _PASSIVE_FLAGS for a in args):
+    flags, overrides = split_args(args)
+    if any(f.split("=")[0] in _PASSIVE_FLAGS for f in flags):
         return None
-    multirun = "-m" in args or "--multirun" in args
-    parsed = _parse([a for a in args if not a.startswith("-")])
+    multirun = "--multirun" in flags
+    parsed = _parse(overrides)
     unused: dict[str, dict[str, str]] = {}  # "train" or a loss -> the settings no combination of it uses
     searched: set[str] = set()  # settings in hparams_search's space
     combinations = _combinations(parsed)

@@ -351,7 +351,7 @@ def no_match(records: list[dict], filters: list[str]) -> str:
     values = []
     for item in filters:
         key = item.partition("=")[0]
-        found = {str(hit[1]) for r in records if (hit := lookup(r, key))[0] and hit[1] is not None}
+        found = {_as_override(hit[1]) for r in records if (hit := lookup(r, key))[0] and hit[1] is not None}
         values.append(f"{key} {', '.join(sorted(found, key=_natural_order))}" if found else f"no {key}")
     return f"no run matches --filter {' --filter '.join(filters)} (the runs have {'; '.join(values)}); nothing written"
 
@@ -493,7 +493,9 @@ def build_report(runs: list[Run], filters: list[str] = (), sort: str | None = No
     """The report over `runs`; `sources`, the folders it was asked for, limit the not-started jobs it names."""
     every_record = build_records(runs)
     records = apply_filters(every_record, list(filters))
-    late = not_started(runs, list(filters), sources)
+    # With no row left, only the planned jobs whose own overrides set the filtered keys are named: a
+    # job says nothing of --filter loss=dkd when loss is not what its sweep varies.
+    late = not_started(runs, list(filters), sources, named=not records)
     if not records and not late:
         raise ReportError(no_match(every_record, list(filters)))
     swept = varying_keys(records)
@@ -503,7 +505,7 @@ def build_report(runs: list[Run], filters: list[str] = (), sort: str | None = No
             if name not in record and key in record["_config"]:
                 record[name] = record["_config"][key]
     keys = [_display_name(k) for k in swept]
-    keys += [k for k in DESCRIBE if k not in keys and any(k in r for r in records)]
+    keys += [k for k in DESCRIBE if k not in keys and any(r.get(k) is not None for r in records)]
 
     scratch_rows = [r for r in records if r["role"] == "student_scratch" and r["status"] == "ok"]
     scratch_by_checkpoint = {r["checkpoint"]: r for r in scratch_rows if r.get("checkpoint")}
@@ -563,12 +565,13 @@ def build_report(runs: list[Run], filters: list[str] = (), sort: str | None = No
                   problems=[r["_run"] for r in records if r["status"] != "ok"])
 
 
-def not_started(runs: list[Run], filters: list[str], sources: list[Path] | None = None) -> list[str]:
+def not_started(runs: list[Run], filters: list[str], sources: list[Path] | None = None, named: bool = False) -> list[str]:
     """The planned jobs that the runs' sweeps never reached, as `SWEEP/NUM: swept overrides`.
 
     Only for a sweep that is, or is inside, one of `sources` (all sweeps without them): a report on
     one job's folder is not about its sweep. The jobs have no folder and so no config: one is left
-    out only when one of its own overrides contradicts a filter (`--filter seed=0` drops seed 1's).
+    out only when one of its own overrides contradicts a filter (`--filter seed=0` drops seed 1's);
+    with `named`, also when its overrides do not set every filtered key.
     """
     given = None if sources is None else [Path(p).resolve() for p in sources]
     sweeps = sorted({run.sweep for run in runs if run.sweep is not None
@@ -585,13 +588,19 @@ def not_started(runs: list[Run], filters: list[str], sources: list[Path] | None 
         # The overrides that tell the sweep's jobs apart; all of them for a sweep of one job.
         swept = [key for key in keys if len({repr(job.get(key)) for job in plan}) > 1] or list(keys)
         for num, overrides in not_started_jobs(sweep).items():
-            if not any(_contradicts(overrides, key, value) for key, value in wanted):
+            if not any(_contradicts(overrides, key, value) for key, value in wanted) and not (
+                    named and not all(_override_name(overrides, key) for key, _ in wanted)):
                 lines.append(f"{sweep / num}: " + " ".join(f"{k}={overrides[k]}" for k in swept if k in overrides))
     return lines
 
 
+def _override_name(overrides: dict, key: str) -> str | None:
+    """The name under which a job's overrides set `key` (`loss` for loss.name), or None."""
+    return next((n for n in (key, _LONG.get(key), SHORT.get(key)) if n in overrides), None)
+
+
 def _contradicts(overrides: dict, key: str, value) -> bool:
-    name = next((n for n in (key, _LONG.get(key), SHORT.get(key)) if n in overrides), None)
+    name = _override_name(overrides, key)
     return name is not None and not same(overrides[name], value)
 
 

@@ -176,17 +176,23 @@ def test_help_lists_commands_and_groups(kd):
 
 
 def test_hydra_flags_go_anywhere_on_the_line(kd):
-    from kd_cli.cli import hydra_argv
+    from kd_cli.preflight import split_args
 
-    assert hydra_argv(["a=1", "--cfg", "job", "b=2", "--resolve", "--package=train", "c=3"]) == [
-        "--cfg", "job", "--resolve", "--package=train", "a=1", "b=2", "c=3"]
-    assert hydra_argv(["a=1", "-m", "b=1,2"]) == ["-m", "a=1", "b=1,2"]
-    assert hydra_argv(["--info", "defaults", "a=1", "--info"]) == ["--info", "defaults", "--info", "a=1"]
-    with pytest.raises(KdError, match="--cfg and --info do not combine; use one at a time"):
-        hydra_argv(["--cfg", "job", "--info"])
+    assert split_args(["a=1", "--cfg", "job", "b=2", "--resolve", "-p=train", "c=3"]) == (
+        ["--cfg", "job", "--resolve", "--package=train"], ["a=1", "b=2", "c=3"])
+    assert split_args(["a=1", "-m", "b=1,2", "--config-dir", "./my conf"]) == (
+        ["--multirun", "--config-dir", "./my conf"], ["a=1", "b=1,2"])
+    assert split_args(["--cf=job", "a=1", "--res"]) == (["--cfg=job", "--resolve"], ["a=1"])  # argparse's prefixes
+    for line, message in ((["--cfg", "job", "--info"], "--cfg and --info do not combine; use one at a time"),
+                          (["a=1", "--multi", "--cfg", "job"], "-m and --cfg do not combine"),
+                          (["alpha=0.3", "--cfg"], "--cfg takes a value: job, hydra, all")):
+        with pytest.raises(KdError, match=message):
+            split_args(line)
     assert "alpha: 0.3" in kd("distill", "alpha=0.3", "--cfg", "job", "T=2").stdout
     line = one_line_error(kd("distill", "alpha=0.1,0.2", "--cfg", "job", "-m", check=False))
     assert line.startswith("kd: error: -m and --cfg do not combine: --cfg is about one run; drop -m")
+    line = one_line_error(kd("distill", "-m", "alpha=0.1,0.2", "--help", check=False))
+    assert line.startswith("kd: error: --help shows one run's config; drop -m and give each key one value (")
 
 
 def test_runs_without_a_torchvision_model_do_not_import_torchvision():

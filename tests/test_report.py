@@ -424,6 +424,10 @@ def test_an_empty_alpha_or_T_is_not_filled_in_from_the_config(tmp_path):
     frame = report.build_report(report.find_runs([tmp_path])).frame.set_index("loss")
     assert "T" in frame and frame.loc["kd", "T"] == 2.0 and math.isnan(frame.loc["at", "T"])
     assert list(frame["alpha"]) == [0.9, 0.5]
+    # Nor does an empty alpha or T make a column of its own: not in a report of `kd train` runs.
+    train = tmp_path / "train"
+    write_run(train, config("train", 0), [row("teacher", "mnist_teacher", 0, 85.0), row("student_scratch", "mnist_student", 0, 80.0)])
+    assert report.build_report(report.find_runs([train])).keys == []
 
 
 def test_sentences_write_values_as_they_are_typed_and_count_in_words():

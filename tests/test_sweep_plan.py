@@ -168,9 +168,12 @@ def test_the_report_of_a_stopped_sweep_names_the_jobs_it_never_reached(tmp_path,
     # A report on one job's folder is not a report on its sweep.
     assert report.build_report(report.find_runs([tmp_path / "0"]), sources=[tmp_path / "0"]).not_started == []
     assert len(report.build_report(report.find_runs([tmp_path]), sources=[tmp_path]).not_started) == 4
-    # A filter that leaves no rows still names the planned jobs it matches.
+    # A filter that leaves no rows still names the planned jobs it matches; those whose overrides do
+    # not set the key are not matches, and then there is nothing to report.
     report.print_report(report.build_report(report.find_runs([tmp_path]), ["alpha=0.9"]), "t")
     assert capsys.readouterr().out.count("not finished: not started") == 2
+    with pytest.raises(report.ReportError, match="no run matches --filter seed=5 "):
+        report.build_report(report.find_runs([tmp_path]), ["seed=5"])
 
     report.report_sweep(tmp_path)
     out = " ".join(capsys.readouterr().out.split())

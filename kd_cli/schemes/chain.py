@@ -67,8 +67,9 @@ def distill_chain(run, first, first_cfg, links: list, role: str):
     uses = build_loss(cfg, link_alpha, link_T).uses - ({"T"} if link_alpha == 0 else set())
     for number, link_cfg in enumerate(links, 1):
         name = f"{role}_{number}"
+        # What the link's training reads, no more: a T it ignores would make a sweep over T train it again.
         lineage = {"teacher_sha256": checksum(teacher.state_dict()), "loss": OmegaConf.to_container(cfg.loss, resolve=True),
-                   "alpha": link_alpha, "T": link_T}
+                   "alpha": link_alpha, "T": link_T if "T" in uses else None}
         path = store_path(cfg, link_cfg, lineage)
         if path.exists():
             model, meta = run.load(link_cfg, path)
@@ -79,7 +80,7 @@ def distill_chain(run, first, first_cfg, links: list, role: str):
             model, meta, _ = run.distill(link_cfg, teacher, build_loss(cfg, link_alpha, link_T), name, path,
                                          lineage=lineage, taught_by=model_label(teacher_cfg))
         rows.append(run.row(name, model, link_cfg, meta, path, scheme=cfg.scheme.name, loss=cfg.loss.name,
-                            alpha=link_alpha if "alpha" in uses else None, T=link_T if "T" in uses else None,
+                            alpha=link_alpha if "alpha" in uses else None, T=lineage["T"],
                             taught_by=model_label(teacher_cfg)))
         histories[name] = meta["history"]
         teacher, teacher_cfg, teacher_path = model, link_cfg, path
