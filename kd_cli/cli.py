@@ -79,21 +79,13 @@ def _overrides_of(folder: Path, multirun: bool) -> list[str] | None:
         return None
 
 
-def _effective(overrides: list[str]) -> dict[str, str]:
-    """What a command line sets, in any order: each key's last value (`a=1 a=2` sets a to 2). Hydra's
-    own overrides (hydra/launcher=..., hydra.launcher.n_jobs=...) are not among a run's recorded task
-    overrides and do not change what it computes."""
-    kept = (o for o in overrides if not o.startswith(("resume=", "-", "hydra/", "hydra.")))
-    return {key: value for key, _, value in (o.partition("=") for o in kept)}
-
-
 def resume_target(command: str, args: list[str]) -> list[str]:
     """With resume=true, point Hydra at the newest unfinished run (or sweep) of the same command line.
 
     The previous run's folder is reused: a job with complete results is skipped, a job with a
     training state continues from it, a failed or missing one runs again.
     """
-    from kd_cli.preflight import split_args
+    from kd_cli.preflight import settings_of, split_args
 
     flags, args = split_args(args)
     if "resume=true" not in (a.lower() for a in args) or any(a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in args):
@@ -102,7 +94,7 @@ def resume_target(command: str, args: list[str]) -> list[str]:
     root = Path("outputs") / (f"{command}-multirun" if multirun else command)
     for folder in sorted(root.glob("*"), reverse=True):
         overrides = _overrides_of(folder, multirun)
-        if overrides is None or _effective(overrides) != _effective(args):
+        if overrides is None or settings_of(overrides) != settings_of(args):
             continue
         if not multirun and (folder / "results.json").exists():
             continue

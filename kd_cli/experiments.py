@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from kd_cli.atomic import atomic_write_text
 from kd_cli.errors import KdError, Terminated
-from kd_cli.preflight import EXPERIMENT_PART_ENV, preflight
+from kd_cli.preflight import EXPERIMENT_PART_ENV, preflight, settings_of
 from kd_cli.report import build_records, build_report, find_runs, lookup, same, varying_keys, write_report
 from kd_cli.results import csv_text, markdown_table, print_table
 
@@ -49,14 +49,14 @@ def preset_of(args: list[str], cfg):
 
 def _folder(name: str, args: list[str]) -> Path:
     """A new folder for this experiment, or with resume=true the newest one of the same command line."""
-    same_line = sorted(a for a in args if not a.lower().startswith("resume="))
+    same_line = settings_of(args)
     if "resume=true" in (a.lower() for a in args):
         for folder in sorted((ROOT / name).glob("*"), reverse=True):
             try:
                 recorded = json.loads((folder / "experiment.json").read_text())["args"]
             except (OSError, ValueError, KeyError):
                 continue
-            if sorted(a for a in recorded if not a.lower().startswith("resume=")) == same_line:
+            if settings_of(recorded) == same_line:
                 print(f"kd: resuming {folder}", file=sys.stderr)
                 return folder
         print(f"kd: no earlier run of this experiment line under {ROOT / name}; starting a new one", file=sys.stderr)

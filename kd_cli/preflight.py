@@ -207,6 +207,14 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
     return flags, overrides
 
 
+def settings_of(args: list[str]) -> dict[str, str]:
+    """What a command line sets, whatever the order of its words: each key's last value (`a=1 a=2`
+    sets a to 2). resume=, Hydra's flags and Hydra's own overrides (hydra/launcher=...,
+    hydra.launcher.n_jobs=...) do not change what a run computes."""
+    kept = (o for o in split_args(args)[1] if not o.lower().startswith(("resume=", "hydra/", "hydra.")))
+    return {key: value for key, _, value in (o.partition("=") for o in kept)}
+
+
 def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
     """Raise KdError (one line) if the command line cannot run; return its config (that of the last
     combination checked, for a sweep), or None for Hydra's flags that run nothing. With `warn`, print

@@ -114,3 +114,15 @@ def test_quick_preset_runs_end_to_end(kd, shared_store, name):
     command = " ".join(["kd distill", f"experiment={name}", f"store_dir={shared_store}", *extra])
     assert f"Command: `{command}`" in (folder / "experiment.md").read_text()
     assert "published" in proc.stdout and "measured" in proc.stdout
+
+
+def test_resume_finds_the_experiment_of_the_same_line_in_any_order(tmp_path, monkeypatch, capsys):
+    from kd_cli import experiments
+
+    monkeypatch.chdir(tmp_path)
+    earlier = experiments.ROOT / "quick_mnist" / "2026-01-01_00-00-00"
+    earlier.mkdir(parents=True)
+    (earlier / "experiment.json").write_text(json.dumps({"args": ["experiment=quick_mnist", "seed=1", "seed=2"]}))
+    assert experiments._folder("quick_mnist", ["seed=2", "experiment=quick_mnist", "resume=true"]) == earlier
+    assert experiments._folder("quick_mnist", ["seed=2", "seed=1", "experiment=quick_mnist", "resume=true"]) != earlier
+    assert "no earlier run of this experiment line" in capsys.readouterr().err
