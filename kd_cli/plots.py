@@ -89,6 +89,7 @@ def _two_key_plots(kd: pd.DataFrame, keys: list[str], out: Path) -> list[Path]:
     if pair is None:
         return []
     row_key, col_key = pair
+    kd = kd.dropna(subset=list(pair))  # rows of a loss that reads no T (loss=cosine beside an alpha x T grid)
     others = [k for k in ["model", *keys] if k not in pair and len(_distinct(kd, k)) > 1]
     paths = []
     facets = kd.groupby(others, dropna=False) if others else [((), kd)]

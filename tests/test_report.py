@@ -435,3 +435,14 @@ def test_sentences_write_values_as_they_are_typed_and_count_in_words():
     assert report._describe_config(entry, ["scheme.teachers", "alpha", "T", "loss"]) == (
         "scheme.teachers=[deepnn,light6], alpha=0.5, loss=kd")
     assert report._count(1, "planned job") == "1 planned job" and report._count(2, "run") == "2 runs"
+
+
+def test_a_heatmap_of_alpha_and_T_leaves_out_rows_without_a_T(tmp_path):
+    """An alpha x T grid reported beside a loss that reads no T: the grid gets its heatmap, no crash."""
+    for job, (loss, alpha, T) in enumerate([("kd", 0.25, 2.0), ("kd", 0.25, 4.0), ("kd", 0.75, 2.0), ("kd", 0.75, 4.0),
+                                            ("at", 0.25, None)]):
+        cfg = config("distill", 0, alpha=alpha, T=T or 4.0)
+        cfg["loss"]["name"] = loss
+        write_run(tmp_path / str(job), cfg, [row("student_kd", "mnist_student", 0, 80.0 + job, loss=loss, alpha=alpha, T=T)])
+    written = report.write_report(report.build_report(report.find_runs([tmp_path])), tmp_path, [tmp_path])
+    assert (tmp_path / "report_alpha_T.png") in written
