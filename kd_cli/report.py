@@ -233,6 +233,13 @@ def _unread_settings(config: dict) -> set[str]:
         return set()
 
 
+def _as_trained(flat: dict) -> dict:
+    """A run's settings as its teacher was trained: `teacher_recipe`'s data.* and train.* values in
+    place of the run's (a teacher that saw all the data is not the one of the run's 10%)."""
+    recipe = {k.removeprefix("teacher_recipe."): v for k, v in flat.items() if k.startswith("teacher_recipe.")}
+    return {k: v for k, v in flat.items() if not k.startswith("teacher_recipe")} | recipe
+
+
 def build_records(runs: list[Run]) -> list[dict]:
     """One record per model a run reports (stored models once), plus one per failed or unfinished run."""
     records, seen_stored = [], set()
@@ -251,8 +258,9 @@ def build_records(runs: list[Run]) -> list[dict]:
                     if key in seen_stored:
                         continue
                     seen_stored.add(key)
+                settings = _as_trained(flat) if role == "teacher" else flat
                 # An empty alpha or T stays empty (the loss does not read it); build_report would fill it from the config.
-                record = {"_run": run, "_config": {k: v for k, v in flat.items() if _in_scope(k, role)},
+                record = {"_run": run, "_config": {k: v for k, v in settings.items() if _in_scope(k, role)},
                           **{k: v for k, v in row.items() if v is not None or k in ("alpha", "T")}, "status": "ok"}
                 if role == "student_kd":
                     record["_scratch"] = by_role.get("student_scratch")

@@ -446,3 +446,17 @@ def test_a_heatmap_of_alpha_and_T_leaves_out_rows_without_a_T(tmp_path):
         write_run(tmp_path / str(job), cfg, [row("student_kd", "mnist_student", 0, 80.0 + job, loss=loss, alpha=alpha, T=T)])
     written = report.write_report(report.build_report(report.find_runs([tmp_path])), tmp_path, [tmp_path])
     assert (tmp_path / "report_alpha_T.png") in written
+
+
+def test_a_teacher_trained_with_teacher_recipe_is_reported_at_its_own_recipe(tmp_path):
+    """Distilled on 5% of the data from a teacher that saw 10% (teacher_recipe): that teacher is not
+    the 5% teacher of another run with the same seed, and its row says 10%."""
+    distill_run(tmp_path / "plain", 0, 0.5, 80.0, 78.0, 85.0, fraction=0.05)
+    cfg = config("distill", 0, fraction=0.05, teacher_recipe={"data": {"fraction": 0.1}})
+    rows = [row("teacher", "mnist_teacher", 0, 88.0, checkpoint="store/teacher-10pc.pt"),
+            row("student_kd", "mnist_student", 0, 81.0, loss="kd", scheme="offline", alpha=0.5, T=4.0)]
+    write_run(tmp_path / "recipe", cfg, rows)
+    built = report.build_report(report.find_runs([tmp_path]))
+    teachers = rows_of(built.frame, role="teacher").set_index("data.fraction")
+    assert teachers["accuracy"].to_dict() == {0.05: 85.0, 0.1: 88.0} and list(teachers["n"]) == [1, 1]
+    assert built.repeats == []
