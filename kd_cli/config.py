@@ -63,6 +63,9 @@ FLAGS = ("data.download", "data.augment", "overwrite", "resume", "deterministic"
          "train_missing")
 
 
+CACHE_NEEDS_FIXED_INPUTS = "train.teacher_cache=on needs fixed inputs; set data.augment=false or train.teacher_cache=auto"
+
+
 def validate(cfg) -> None:
     """Reject values that would fail late or silently give a wrong table."""
     for key, choices in CHOICES.items():
@@ -84,6 +87,8 @@ def validate(cfg) -> None:
         _integer(cfg, "measure.latency_warmup", 0)
     if OmegaConf.select(cfg, "train.threads") is not None:
         _integer(cfg, "train.threads", 1)
+    if cfg.get("command") == "distill" and cfg.train.teacher_cache == "on" and cfg.data.augment:
+        raise KdError(CACHE_NEEDS_FIXED_INPUTS)  # engine.Teacher would say so only once the models are in place
     for key in ("train.teacher_cache_max_mb", "train.teacher_cache_disk_mb"):
         if OmegaConf.select(cfg, key) is not None and _number(cfg, key) < 0:
             raise KdError(f"{key} must be >= 0 (megabytes), got {OmegaConf.select(cfg, key)}")

@@ -24,7 +24,7 @@ from torch import nn
 
 from kd_cli import teacher_outputs as kept_outputs
 from kd_cli.atomic import atomic_torch_save
-from kd_cli.config import run_identity
+from kd_cli.config import CACHE_NEEDS_FIXED_INPUTS, run_identity
 from kd_cli.data import ImageData, epoch_batches, normalize, random_crop_flip
 from kd_cli.errors import KdError
 from kd_cli.features import FeatureTaps
@@ -179,7 +179,7 @@ class Teacher:
         self.seconds_reused = 0.0  # what computing a cache kept by an earlier fit cost
         mode = str(cfg.train.teacher_cache)
         if mode == "on" and augment:
-            raise KdError("train.teacher_cache=on needs fixed inputs; set data.augment=false or train.teacher_cache=auto")
+            raise KdError(CACHE_NEEDS_FIXED_INPUTS)
         if mode != "off" and not augment:
             # On a CPU a training batch at a time, whatever the C library: with glibc's default
             # allocator DeepNN's pass over 2,048 images took 0.51 s this way and 0.82 s in chunks of 1000
@@ -232,8 +232,11 @@ class Teacher:
             log.info("teacher cache: off (it would take %.0f MB, over train.teacher_cache_max_mb=%s)",
                      mb, train_cfg.teacher_cache_max_mb)
             return None
+        # The CPU thread count changes the last bits of the outputs (how sums are split), and kept outputs
+        # must equal this pass's bit for bit: 1-thread workers of a parallel sweep share theirs.
+        threads = torch.get_num_threads() if data.train_x.device.type == "cpu" else None
         key = kept_outputs.key(self.model, data, self.layers, self.precision, self.channels_last, chunk,
-                               str(data.train_x.device))
+                               str(data.train_x.device), threads)
         found = kept_outputs.find(key, folder, first, n)
         if found:
             cache, self.seconds_reused, where = found

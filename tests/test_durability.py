@@ -278,6 +278,7 @@ REFUSED_UPFRONT = [
     (["data.fraction=1.2"], "data.fraction must be in (0, 1], got 1.2"),
     (["data.test_fraction=-1"], "data.test_fraction must be in (0, 1], got -1"),
     (["device=cuda"], "device=cuda was asked for but no CUDA GPU is visible"),
+    (["data.augment=true", "train.teacher_cache=on"], "train.teacher_cache=on needs fixed inputs; set data.augment=false"),
     (["hydra.run.dir=results.csv/run"], "cannot write the run folder results.csv/run: results.csv is a file"),
 ]
 

@@ -96,6 +96,16 @@ def test_another_teacher_other_images_or_other_layers_get_their_own_teacher_outp
     assert fitted(cfg, change)[1] == STEPS
 
 
+def test_another_thread_count_gets_its_own_teacher_outputs(cifar, tmp_path, caplog):
+    """The thread count changes the outputs' last bits, and kept outputs must equal a new pass's bit for
+    bit: 1-thread workers of a parallel sweep and a 2-thread run each keep their own."""
+    with caplog.at_level("INFO"):
+        for threads in (2, 1, 2):
+            fitted(config(cifar, f"train.threads={threads}"), folder=tmp_path)
+            teacher_outputs.forget()
+    assert len(list(tmp_path.glob("*.pt"))) == 2 and "differ from this teacher's" not in caplog.text
+
+
 def test_an_ensemble_at_another_temperature_gets_its_own_teacher_outputs(cifar):
     """`scheme=multi_teacher T=1,4` as a sweep: same members and buffers, another temperature."""
     cfg = config(cifar)
