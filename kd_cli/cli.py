@@ -91,6 +91,12 @@ def resume_target(command: str, args: list[str]) -> list[str]:
     if "resume=true" not in (a.lower() for a in args) or any(a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in args):
         return []
     multirun = "--multirun" in flags
+    if multirun and settings_of(args).get("hparams_search") not in (None, "null"):
+        # Its trials come from the study, which lives in the sweeper's memory unless it has a storage.
+        print("kd: resume=true does not continue an hparams_search sweep; starting a new one "
+              "(hydra.sweeper.storage=sqlite:///optuna.db keeps its study, and a sweep with it continues it)",
+              file=sys.stderr)
+        return []
     root = Path("outputs") / (f"{command}-multirun" if multirun else command)
     for folder in sorted(root.glob("*"), reverse=True):
         overrides = _overrides_of(folder, multirun)

@@ -766,7 +766,8 @@ def gain_sentences(report: Report) -> list[str]:
                          f"(`kd train` with the same overrides stores one)")
         elif math.isnan(g["low"]):
             lines.append(f"{what}: gain over scratch {_fmt(g['gain'], sign=True)} points from a single seed; "
-                         f"run more seeds (-m seed=0,1,2) for a confidence interval")
+                         f"run more seeds for a confidence interval (-m seed=0,1,2; a seed experiment: run it again with "
+                         f"seed=1, and `kd report outputs/experiments/NAME` pools its folders)")
         else:
             lines.append(f"{what}: gain over scratch {_fmt(g['gain'], sign=True)} points, 95% CI "
                          f"[{_fmt(g['low'], sign=True)}, {_fmt(g['high'], sign=True)}] ({g['method']}, n={g['n']}): "

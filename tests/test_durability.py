@@ -369,7 +369,7 @@ def test_full_traceback_on_request(kd):
     assert env_proc.returncode != 0 and "Traceback" in env_proc.stderr
 
 
-def test_resume_finds_the_sweep_whatever_launcher_ran_it(tmp_path, monkeypatch):
+def test_resume_finds_the_sweep_whatever_launcher_ran_it(tmp_path, monkeypatch, capsys):
     import yaml
 
     from kd_cli.cli import resume_target
@@ -386,6 +386,10 @@ def test_resume_finds_the_sweep_whatever_launcher_ran_it(tmp_path, monkeypatch):
     # In any order, but a key given twice takes its last value: T=3 T=2 is this sweep, T=2 T=3 is not.
     assert resume_target("distill", ["T=3", "T=2", "-m", "alpha=0.1,0.5", "resume=true"]) == same_sweep_dir
     assert resume_target("distill", ["T=2", "T=3", "-m", "alpha=0.1,0.5", "resume=true"]) == []
+    # An Optuna search is not a plan of jobs to finish: its next trials come from the study.
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": ["hparams_search=optuna"]}}}))
+    assert resume_target("distill", ["-m", "hparams_search=optuna", "resume=true"]) == []
+    assert "resume=true does not continue an hparams_search sweep" in capsys.readouterr().err
 
 
 def test_written_files_get_the_mode_new_files_get_not_owner_only(tmp_path):
