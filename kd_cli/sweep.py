@@ -163,7 +163,8 @@ def _job_rows(job: Path, overrides: dict) -> list[dict]:
         rows = payload["rows"]
         if payload.get("command") == "distill":  # the distilled student is the job's result
             rows = [r for r in rows if r["role"] == "student_kd"]
-        return [{**base, "status": "ok", **r} for r in rows]
+        # A swept value the loss did not read is empty in the row (alpha=0 T=1,2); the job still had it.
+        return [{**base, "status": "ok", **{k: v for k, v in r.items() if v is not None or k not in base}} for r in rows]
     error = job / "error.txt"
     if error.exists():
         return [{**base, "status": "failed", "error": error.read_text().strip().splitlines()[-1]}]

@@ -68,6 +68,17 @@ def test_a_resumed_sweep_that_finished_has_one_row_per_job(tmp_path, capsys):
     assert "2 jobs" in out and "not started" not in out
 
 
+def test_a_swept_value_the_loss_did_not_read_still_names_its_job(tmp_path, capsys):
+    """alpha=0 T=1,2: each row leaves T empty (it was not read), and the summary keeps the job's T."""
+    for num, T in enumerate((1, 2)):
+        _job(tmp_path, num, ["alpha=0", f"T={T}"], accuracy=80.0)
+        payload = json.loads((tmp_path / str(num) / "results.json").read_text())
+        payload["rows"][1] |= {"alpha": 0.0, "T": None}
+        (tmp_path / str(num) / "results.json").write_text(json.dumps(payload))
+    sweep.summarize(tmp_path)
+    assert pd.read_csv(tmp_path / "summary.csv")["T"].tolist() == [1, 2]
+
+
 def test_without_a_plan_only_started_jobs_are_listed(tmp_path):
     """An Optuna sweep (its trials are not known in advance) or a sweep started by an older kd."""
     _job(tmp_path, 0, ["alpha=0.3"], accuracy=80.0)
