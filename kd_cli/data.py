@@ -213,6 +213,9 @@ def load_data(cfg) -> ImageData:
         val = {"val_x": train_x[val_idx], "val_y": train_y[val_idx]}
         keep = torch.ones(len(train_y), dtype=torch.bool)
         keep[val_idx] = False
+        if not keep.any():
+            raise KdError(f"data.val_fraction={data.val_fraction} holds out all {len(keep)} training images of "
+                          f"{ds.name}; lower it (0.1 holds out a tenth)")
         train_x, train_y = train_x[keep], train_y[keep]
     train_idx = stratified_subset(train_y, data.fraction, cfg.seed)
     test_idx = stratified_subset(test_y, data.test_fraction, 0)

@@ -227,9 +227,9 @@ class Teacher:
         mb = sum(t[0].numel() * t.element_size() for t in first.values()) * n / 2**20
         if mb > train_cfg.teacher_cache_max_mb:
             if strict:
-                raise KdError(f"the teacher cache would take {mb:.0f} MB, over train.teacher_cache_max_mb="
+                raise KdError(f"the teacher cache would take {mb:.3g} MB, over train.teacher_cache_max_mb="
                               f"{train_cfg.teacher_cache_max_mb}; raise it or use train.teacher_cache=auto")
-            log.info("teacher cache: off (it would take %.0f MB, over train.teacher_cache_max_mb=%s)",
+            log.info("teacher cache: off (it would take %.3g MB, over train.teacher_cache_max_mb=%s)",
                      mb, train_cfg.teacher_cache_max_mb)
             return None
         # The CPU thread count changes the last bits of the outputs (how sums are split), and kept outputs

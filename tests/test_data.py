@@ -150,6 +150,8 @@ def test_validation_split_is_held_out_of_training_and_fixed(fashion_mnist):
     val_images = {bytes(x.numpy()) for x in with_val.val_x}
     assert not any(bytes(x.numpy()) in val_images for x in with_val.train_x[:3000])
     assert load_data(cfg_for("fashion_mnist", "/nonexistent")).val_y is None
+    with pytest.raises(KdError, match="data.val_fraction=0.99999 holds out all 60000 training images of fashion_mnist"):
+        load_data(cfg_for("fashion_mnist", "/nonexistent", "data.val_fraction=0.99999"))
 
 
 def test_a_failed_download_is_one_line_and_leaves_no_empty_folders_behind(tmp_path, monkeypatch):
