@@ -155,11 +155,12 @@ class Run:
         save_checkpoint(path, model, meta)
         return model, meta
 
-    def stored(self, model_cfg, role: str, required: bool = True):
+    def stored(self, model_cfg, role: str, required: bool = True, alone: bool = False):
         """(model, meta, path) of `model_cfg` trained from labels with this recipe, or None.
 
         Found in the model store; when missing, trained into it if `train_missing=true`, else an
-        error naming the `kd train` command (or None when not `required`).
+        error naming the `kd train` command (or None when not `required`); with `alone`, one that
+        trains no student beside it (a teacher_recipe's: a student of that recipe is no run's baseline).
         """
         path = store_path(self.cfg, model_cfg)
         if path.exists():
@@ -175,9 +176,10 @@ class Run:
                      "or pass train_missing=true", model_label(model_cfg), train_command(self.cfg))
             return None
         other = None if model_spec(model_cfg) == model_spec(self.cfg.teacher) else model_cfg
+        command = train_command(self.cfg, other) + (" '~student'" if alone and other is None else "")
         raise KdError(
             f"no trained {role} {model_label(model_cfg)} for {self.cfg.dataset.name} (seed {self.cfg.seed}, this recipe) "
-            f"at {path}; run `{train_command(self.cfg, other)}` first, pass train_missing=true to train it here, "
+            f"at {path}; run `{command}` first, pass train_missing=true to train it here, "
             f"or pass teacher.checkpoint=PATH"
         )
 
@@ -192,7 +194,7 @@ class Run:
                 return self.stored(self.cfg.teacher, "teacher")
             cfg = teacher_config(self.cfg)
             data = load_data(cfg).to(self.device) if recipe(cfg) != recipe(self.cfg) else self.data
-            return Run(cfg, self.run_dir, self.device, data).stored(cfg.teacher, "teacher")
+            return Run(cfg, self.run_dir, self.device, data).stored(cfg.teacher, "teacher", alone=True)
         path = Path(self.cfg.teacher.checkpoint)
         if not path.exists():
             raise KdError(f"teacher.checkpoint={path} does not exist; check the path")

@@ -99,6 +99,10 @@ def test_missing_teacher_gives_the_train_command(kd):
     line = one_line_error(proc)
     assert line.startswith("kd: error: no trained teacher mnist_teacher for fashion_mnist")
     assert f"run `kd train {' '.join(TINY)}` first, pass train_missing=true to train it here, or pass teacher.checkpoint=PATH" in line
+    # A teacher of another recipe: the line trains it alone (a student of that recipe is no baseline).
+    line = one_line_error(kd("distill", *TINY, "teacher_recipe={data:{fraction:0.1}}", check=False))
+    recipe = [o.replace("data.fraction=0.05", "data.fraction=0.1") for o in TINY]
+    assert f"run `kd train {' '.join(recipe)} '~student'` first" in line
 
 
 def test_train_command_keeps_the_recipe_and_drops_what_only_distill_takes(monkeypatch):
