@@ -141,6 +141,12 @@ _READ_UNDER = {"train.momentum": ("train.optimizer", "sgd"), "train.nesterov": (
                "train.milestones": ("train.schedule", "multistep"), "train.gamma": ("train.schedule", "multistep")}
 
 
+def settings_read(uses, alpha) -> set[str]:
+    """Which of alpha and T a loss reads (its `uses`) at this alpha. Every loss is (1 - alpha) * CE +
+    alpha * term: at alpha 0 the labels alone train the student, and T goes unread."""
+    return set(uses) - ({"T"} if alpha == 0 else set())
+
+
 def ignored_settings(cfg) -> dict[str, str]:
     """The settings this run does not read, each with what makes it so: {"T": "loss=at"},
     {"T": "loss=kd with alpha=0"}, {"train.momentum": "train.optimizer=adam"}."""
@@ -155,8 +161,7 @@ def ignored_settings(cfg) -> dict[str, str]:
     scheme = cfg.scheme
     if scheme.name == "multi_teacher":
         used.add("T")  # the teachers' soft targets are averaged at T, whatever the loss (the ensemble's row too)
-    elif cfg.alpha == 0 and "T" in used:
-        # Every loss is (1 - alpha) * CE + alpha * term: at alpha 0 the labels alone train the student.
+    elif "T" in used and "T" not in settings_read(used, cfg.alpha):
         # A chain's links read T when they have an alpha of their own and no T of their own.
         links_read_T = scheme.get("link_T") is None and scheme.get("link_alpha") not in (None, 0)
         if not links_read_T:

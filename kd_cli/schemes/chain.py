@@ -13,6 +13,7 @@ import logging
 from omegaconf import OmegaConf
 
 from kd_cli.atomic import check_writable
+from kd_cli.config import settings_read
 from kd_cli.losses import build_loss
 from kd_cli.models import model_label
 from kd_cli.schemes import model_config, scheme
@@ -63,8 +64,7 @@ def distill_chain(run, first, first_cfg, links: list, role: str):
     run.scratch_row(rows, histories)
     teacher_cfg = first_cfg
     link_alpha, link_T = _link_settings(cfg)
-    # As for the student's row: no T where the loss has none, nor at alpha 0, where labels alone teach a link.
-    uses = build_loss(cfg, link_alpha, link_T).uses - ({"T"} if link_alpha == 0 else set())
+    uses = settings_read(build_loss(cfg, link_alpha, link_T).uses, link_alpha)  # as for the student's row
     for number, link_cfg in enumerate(links, 1):
         name = f"{role}_{number}"
         # What the link's training reads, no more: a T it ignores would make a sweep over T train it again.
