@@ -6,6 +6,7 @@ every combination of a grid sweep included, and checked by `config.validate`.
 """
 
 import difflib
+import functools
 import itertools
 import os
 import sys
@@ -159,6 +160,14 @@ def _both(subject: str, other: str) -> str:
     return f"{key}={','.join(dict.fromkeys([*values.split(','), value]))}"
 
 
+@functools.cache
+def _hydra_options() -> dict:
+    """Hydra's command-line options, each name (-m, --multirun) -> its argparse action."""
+    from hydra._internal.utils import get_args_parser
+
+    return {option: action for action in get_args_parser()._actions for option in action.option_strings}
+
+
 def split_args(args: list[str]) -> tuple[list[str], list[str]]:
     """(Hydra's flags, each with its value and under its long name, the overrides) of a command line.
 
@@ -166,9 +175,7 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
     flag, so `kd distill loss=at -m T=1,2` would stop at "unrecognized arguments: T=1,2". A flag Hydra
     does not know is kept for its parser to report.
     """
-    from hydra._internal.utils import get_args_parser
-
-    actions = {option: action for action in get_args_parser()._actions for option in action.option_strings}
+    actions = _hydra_options()
     flags, overrides, modes, i = [], [], [], 0
     while i < len(args):
         arg, i = args[i], i + 1
@@ -176,9 +183,10 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
             overrides.append(arg)
             continue
         typed, given, value = arg.partition("=")
-        # argparse also takes an unambiguous prefix of a long option (--multi for --multirun)
-        prefixed = {a for o, a in actions.items() if o.startswith("--") and o.startswith(typed) and typed.startswith("--")}
-        action = actions.get(typed) or (prefixed.pop() if len(prefixed) == 1 else None)
+        action = actions.get(typed)
+        if action is None and typed.startswith("--"):  # argparse takes an unambiguous prefix: --multi for --multirun
+            prefixed = {a for o, a in actions.items() if o.startswith(typed)}
+            action = prefixed.pop() if len(prefixed) == 1 else None
         if action is None:
             flags.append(arg)
             continue
