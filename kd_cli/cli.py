@@ -165,8 +165,7 @@ def _until_the_reader_stops(command) -> int:
 def main() -> None:
     args = sys.argv[1:]
     if not args or args[0] in ("-h", "--help", "help"):
-        print(usage())
-        return
+        sys.exit(_until_the_reader_stops(lambda: print(usage()) or 0))
     if args[0] == "--version":
         print(__version__)
         return
@@ -197,12 +196,12 @@ def main() -> None:
             flags, overrides = split_args(args[1:])
             if "--help" in flags:
                 try:
-                    print(command_help(command, overrides))
+                    text = command_help(command, overrides)
                 except HydraException as e:
                     preflight(command, overrides, config_dir(), warn=False)  # a bad override: its one-line explanation
                     raise KdError(f"--help shows one run's config; drop -m and give each key one value "
                                   f"({str(e).strip().splitlines()[0]})") from None
-                return
+                sys.exit(_until_the_reader_stops(lambda: print(text) or 0))
             cfg = preflight(command, args[1:], config_dir())
             if command == "distill":  # a seed experiment is several sweeps: kd_cli/experiments.py runs them
                 from kd_cli.experiments import preset_of, run_experiment

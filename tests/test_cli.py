@@ -1,11 +1,12 @@
 """End to end through the installed `kd` command on real Fashion-MNIST subsets."""
 
+import subprocess
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from conftest import TINY
+from conftest import TINY, kd_executable
 from kd_cli.errors import KdError
 
 pytestmark = pytest.mark.usefixtures("fashion_mnist")
@@ -175,6 +176,9 @@ def test_help_lists_commands_and_groups(kd):
     assert one_line_error(kd("train", "loss=at", check=False)) == (
         "kd: error: 'loss' is a setting of kd distill, not of kd train, which trains the teacher and the student "
         "from labels alone")
+    for line in ("--help", "distill --help"):  # a reader that stops early (| head) gets no traceback
+        piped = subprocess.run(f"{kd_executable()} {line} | head -1", shell=True, capture_output=True, text=True)
+        assert piped.stdout.startswith("kd") and piped.stderr == ""
     unknown = kd("distil", check=False)
     assert unknown.returncode == 2 and "unknown command 'distil'" in unknown.stderr
 
@@ -201,7 +205,6 @@ def test_hydra_flags_go_anywhere_on_the_line(kd):
 
 def test_runs_without_a_torchvision_model_do_not_import_torchvision():
     """Importing it costs about 0.9 s at the start of every command (a typo's error included)."""
-    import subprocess
     import sys
 
     modules = "kd_cli.cli kd_cli.sweep kd_cli.preflight kd_cli.run kd_cli.schemes kd_cli.data kd_cli.measure"
