@@ -29,12 +29,11 @@ def run_train(cfg, run_dir: Path) -> float | None:
             continue
         model_cfg = cfg[key]
         path = store_path(cfg, model_cfg)
-        if path.exists() and not cfg.overwrite:
-            model, meta = run.load(model_cfg, path)
+        model, meta, made = run.load_or_make(model_cfg, path, lambda: run.train_from_labels(model_cfg, role, path),
+                                             remake=cfg.overwrite)
+        if not made:
             log.info("%s: %s is already in the model store (%s); reusing it, overwrite=true retrains it",
                      role, model_label(model_cfg), path)
-        else:
-            model, meta = run.train_from_labels(model_cfg, role, path)
         histories[role] = meta["history"]
         rows.append(run.row(role, model, model_cfg, meta, path, loss="ce"))
     run.finish(rows, histories)

@@ -29,7 +29,8 @@ from kd_cli.measure import model_costs
 from kd_cli.models import build_model, model_label
 from kd_cli.provenance import record_run
 from kd_cli.results import add_comparisons, print_table, results_frame, write_results
-from kd_cli.store import STUDENT_FILE, load_checkpoint, load_into, model_spec, recipe, save_checkpoint, store_path
+from kd_cli.store import (STUDENT_FILE, load_checkpoint, load_into, making, model_spec, recipe, save_checkpoint,
+                           store_path)
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +145,21 @@ class Run:
         meta = load_into(model, load_checkpoint(path), path, model_cfg, self.cfg)
         return model.to(self.device), meta
 
+    def load_or_make(self, model_cfg, path: Path, make, remake: bool = False):
+        """(model, meta, made): the model the store holds at `path`, or the one `make()` trains and stores
+        there (also with `remake`). Making holds the entry's lock, so that parallel jobs needing the
+        same model wait and load it rather than train it again."""
+        if path.exists() and not remake:
+            return *self.load(model_cfg, path), False
+        check_writable(path.parent, "the model store", "store_dir=PATH")  # before the training it would lose
+        with making(path) as waited:
+            if path.exists() and (waited or not remake):  # made meanwhile by the job it waited for
+                log.info("%s was made meanwhile by another job; loading it", path)
+                return *self.load(model_cfg, path), False
+            return *make(), True
+
     def train_from_labels(self, model_cfg, role: str, path: Path):
         """Train `model_cfg` with cross-entropy alone and store it at `path`."""
-        check_writable(path.parent, "the model store", "store_dir=PATH")  # before the training it would lose
         model = self.new_model(model_cfg)
         # One state file per model: a multi-teacher run trains several teachers one after another.
         state = self.state_path(f"{role}-{model_label(model_cfg)}")
@@ -163,14 +176,16 @@ class Run:
         trains no student beside it (a teacher_recipe's: a student of that recipe is no run's baseline).
         """
         path = store_path(self.cfg, model_cfg)
-        if path.exists():
-            model, meta = self.load(model_cfg, path)
-            log.info("%s: %s from the model store (%s)", role, model_label(model_cfg), path)
+        if path.exists() or self.cfg.get("train_missing"):
+            def train():
+                log.info("%s: %s is not in the model store; training it from labels (train_missing=true)",
+                         role, model_label(model_cfg))
+                return self.train_from_labels(model_cfg, role, path)
+
+            model, meta, made = self.load_or_make(model_cfg, path, train)
+            if not made:
+                log.info("%s: %s from the model store (%s)", role, model_label(model_cfg), path)
             return model, meta, path
-        if self.cfg.get("train_missing"):
-            log.info("%s: %s is not in the model store; training it from labels (train_missing=true)",
-                     role, model_label(model_cfg))
-            return (*self.train_from_labels(model_cfg, role, path), path)
         if not required:
             log.info("no scratch %s in the store for this recipe; `%s` adds it (and gain_vs_scratch), "
                      "or pass train_missing=true", model_label(model_cfg), train_command(self.cfg))

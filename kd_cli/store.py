@@ -8,8 +8,14 @@ the same recipe. A checkpoint is a plain dict of tensors and built-in types, loa
 
 import hashlib
 import json
+import logging
+import os
 import pickle
+import socket
+import threading
+import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -19,6 +25,8 @@ import kd_cli
 from kd_cli.atomic import atomic_torch_save
 from kd_cli.errors import KdError
 from kd_cli.models import model_label
+
+log = logging.getLogger(__name__)
 
 FORMAT = "kd-checkpoint/1"
 STUDENT_FILE = "student.pt"  # the distilled student in a `kd distill` run folder, what `kd deploy run=` reads
@@ -40,13 +48,88 @@ def model_spec(model_cfg) -> dict:
     return {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if k != "checkpoint"}
 
 
+def _numbers_as_floats(value):
+    """`data.fraction=1` typed on a command line is the int 1, the config's default the float 1.0:
+    one recipe, so one key."""
+    if isinstance(value, dict):
+        return {k: _numbers_as_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers_as_floats(v) for v in value]
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+def _digest(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def store_path(cfg, model_cfg, lineage: dict | None = None) -> Path:
     """Where the store keeps `model_cfg` trained with this recipe: from labels, or as `lineage` says
     (a teacher-assistant link or a born-again generation: which teacher, loss, alpha and T)."""
-    identity = {"recipe": recipe(cfg), "model": model_spec(model_cfg)}
-    key = json.dumps(identity | ({"lineage": lineage} if lineage else {}), sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-    return Path(cfg.store_dir) / cfg.dataset.name / model_label(model_cfg) / f"seed{cfg.seed}-{digest}.pt"
+    identity = {"recipe": recipe(cfg), "model": model_spec(model_cfg)} | ({"lineage": lineage} if lineage else {})
+    folder = Path(cfg.store_dir) / cfg.dataset.name / model_label(model_cfg)
+    path = folder / f"seed{cfg.seed}-{_digest(_numbers_as_floats(identity))}.pt"
+    # Earlier kd hashed numbers as typed: a model stored so keeps serving its recipe typed that way.
+    as_typed = folder / f"seed{cfg.seed}-{_digest(identity)}.pt"
+    return as_typed if not path.exists() and as_typed.exists() else path
+
+
+# The process making a store entry touches its lock file this often; a lock untouched for
+# LOCK_STALE_S was left by a killed process (or one on a machine that went down) and is taken over.
+LOCK_REFRESH_S = 10
+LOCK_STALE_S = 120
+LOCK_POLL_S = 1.0
+
+
+@contextmanager
+def making(path: Path):
+    """Hold the lock of store entry `path` while making it, so that parallel jobs that need the same
+    model (a sweep with train_missing=true on a parallel launcher) wait for it and then load it
+    instead of training it again. Yields True if it had to wait for another process.
+
+    A lock file beside the entry, created exclusively, works on any file system the store can live
+    on, shared ones included. Two waiters taking over the same stale lock at the same moment could
+    both train; the entry is written atomically either way, so that costs time, not correctness.
+    """
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    waited = False
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            break
+        except FileExistsError:
+            try:
+                age, holder = time.time() - lock.stat().st_mtime, lock.read_text().strip() or "another process"
+            except FileNotFoundError:  # released meanwhile
+                continue
+            if age > LOCK_STALE_S:
+                log.warning("%s was last touched %.0f s ago by %s, which must have stopped; taking it over",
+                            lock, age, holder)
+                lock.unlink(missing_ok=True)
+                continue
+            if not waited:
+                log.info("waiting for %s: %s is making it (lock %s)", path.name, holder, lock)
+                waited = True
+            time.sleep(LOCK_POLL_S)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"kd pid {os.getpid()} on {socket.gethostname()}\n")
+    done = threading.Event()
+
+    def keep_fresh():
+        while not done.wait(LOCK_REFRESH_S):
+            try:
+                os.utime(lock)
+            except OSError:  # removed by hand: the training goes on regardless
+                pass
+
+    refresher = threading.Thread(target=keep_fresh, name=f"lock {path.name}", daemon=True)
+    refresher.start()
+    try:
+        yield waited
+    finally:
+        done.set()
+        refresher.join()
+        lock.unlink(missing_ok=True)
 
 
 def tensor_bytes(tensor: torch.Tensor):

@@ -151,3 +151,105 @@ def test_trained_with_reads_the_loss_a_checkpoint_records():
     assert trained_with({"history": []}) == "ce"  # `kd train`: from labels
     assert trained_with({"loss": "dkd", "alpha": 0.5}) == "dkd"  # a `kd distill` student used as a teacher
     assert trained_with({"lineage": {"loss": {"name": "kd"}, "alpha": 0.9}}) == "kd"  # a teacher-assistant link
+
+
+@pytest.fixture
+def quick_locks(monkeypatch):
+    monkeypatch.setattr("kd_cli.store.LOCK_POLL_S", 0.02)
+    monkeypatch.setattr("kd_cli.store.LOCK_REFRESH_S", 0.02)
+
+
+def hold_then_store(path, holding):
+    """Another job: holds `path`'s lock, stores the model a moment later, releases the lock."""
+    import threading
+    import time
+
+    from kd_cli.store import making
+
+    def job():
+        with making(path):
+            holding.set()
+            time.sleep(0.3)
+            path.write_bytes(b"the model")
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    assert holding.wait(5)
+    return thread
+
+
+def test_a_job_needing_a_model_another_job_is_making_waits_then_loads_it(tmp_path, quick_locks):
+    import threading
+
+    from kd_cli.run import Run
+
+    path = tmp_path / "store" / "seed0-abc.pt"
+    other = hold_then_store(path, threading.Event())
+    made = []
+
+    class Loader:  # stands in for a Run: load_or_make uses only its load()
+        def load(self, model_cfg, path):
+            return "model", {"path": str(path)}
+
+    model, meta, trained = Run.load_or_make(Loader(), MODEL, path, lambda: made.append(1) or ("new", {}))
+    other.join()
+    assert (model, meta, trained, made) == ("model", {"path": str(path)}, False, [])  # waited, loaded, never trained
+    assert not path.with_name(path.name + ".lock").exists()
+
+
+def test_a_lock_says_whether_it_waited_and_is_released_on_errors(tmp_path, quick_locks):
+    import threading
+
+    from kd_cli.store import making
+
+    path = tmp_path / "seed0-abc.pt"
+    lock = path.with_name(path.name + ".lock")
+    with pytest.raises(RuntimeError):
+        with making(path) as waited:
+            assert not waited and f"kd pid {os.getpid()}" in lock.read_text()
+            raise RuntimeError("training failed")
+    assert not lock.exists()
+    other = hold_then_store(path, threading.Event())
+    with making(path) as waited:
+        assert waited and path.read_bytes() == b"the model"
+    other.join()
+    assert not lock.exists()
+
+
+def test_a_held_lock_stays_fresh_and_a_stale_one_is_taken_over(tmp_path, quick_locks, caplog):
+    import time
+
+    from kd_cli.store import LOCK_STALE_S, making
+
+    path = tmp_path / "seed0-abc.pt"
+    lock = path.with_name(path.name + ".lock")
+    with making(path):
+        os.utime(lock, (0, 0))
+        time.sleep(0.2)
+        assert time.time() - lock.stat().st_mtime < LOCK_STALE_S  # touched again while held
+    lock.write_text("kd pid 99999 on gone-host\n")
+    os.utime(lock, (time.time() - LOCK_STALE_S - 5,) * 2)  # a killed job's
+    with making(path) as waited:
+        assert not waited and "gone-host" not in lock.read_text()
+    assert "by kd pid 99999 on gone-host, which must have stopped; taking it over" in caplog.text
+
+
+def test_a_number_typed_without_its_decimal_point_is_the_same_recipe(tmp_path):
+    cfg = OmegaConf.merge(CFG, {"store_dir": str(tmp_path)})
+    as_config = store_path(cfg, MODEL)
+    assert store_path(OmegaConf.merge(cfg, {"data": {"fraction": 1}}), MODEL) == as_config  # `data.fraction=1`
+    assert store_path(OmegaConf.merge(cfg, {"train": {"lr": 1}}), MODEL) != as_config
+
+
+def test_a_model_stored_under_a_key_of_numbers_as_typed_is_still_found(tmp_path):
+    from kd_cli.store import _digest, model_spec, recipe
+
+    cfg = OmegaConf.merge(CFG, {"store_dir": str(tmp_path), "data": {"fraction": 1}})
+    now = store_path(cfg, MODEL)
+    earlier = now.with_name(f"seed0-{_digest({'recipe': recipe(cfg), 'model': model_spec(MODEL)})}.pt")
+    assert earlier != now
+    earlier.parent.mkdir(parents=True)
+    earlier.write_bytes(b"stored by an earlier kd")
+    assert store_path(cfg, MODEL) == earlier
+    now.write_bytes(b"stored since")
+    assert store_path(cfg, MODEL) == now

@@ -12,7 +12,6 @@ import logging
 
 from omegaconf import OmegaConf
 
-from kd_cli.atomic import check_writable
 from kd_cli.config import settings_read
 from kd_cli.losses import build_loss
 from kd_cli.models import model_label
@@ -71,14 +70,12 @@ def distill_chain(run, first, first_cfg, links: list, role: str):
         lineage = {"teacher_sha256": checksum(teacher.state_dict()), "loss": OmegaConf.to_container(cfg.loss, resolve=True),
                    "alpha": link_alpha, "T": link_T if "T" in uses else None}
         path = store_path(cfg, link_cfg, lineage)
-        if path.exists():
-            model, meta = run.load(link_cfg, path)
+        model, meta, made = run.load_or_make(link_cfg, path, lambda: run.distill(
+            link_cfg, teacher, build_loss(cfg, link_alpha, link_T), name, path, lineage=lineage,
+            taught_by=model_label(teacher_cfg))[:2])
+        if not made:
             log.info("%s: %s taught by %s, from the model store (%s)", name, model_label(link_cfg),
                      model_label(teacher_cfg), path)
-        else:
-            check_writable(path.parent, "the model store", "store_dir=PATH")  # before the training it would lose
-            model, meta, _ = run.distill(link_cfg, teacher, build_loss(cfg, link_alpha, link_T), name, path,
-                                         lineage=lineage, taught_by=model_label(teacher_cfg))
         rows.append(run.row(name, model, link_cfg, meta, path, scheme=cfg.scheme.name, loss=cfg.loss.name,
                             alpha=link_alpha if "alpha" in uses else None, T=lineage["T"],
                             taught_by=model_label(teacher_cfg)))
