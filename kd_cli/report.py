@@ -285,19 +285,26 @@ def build_records(runs: list[Run]) -> list[dict]:
 
 def varying_keys(records: list[dict]) -> list[str]:
     """Config keys whose value differs between records of one role: the swept keys, in config order."""
-    order, values = {}, {}
+    order, values = [], {}
     for record in records:
+        # A key only some records have (a `kd train` run has no alpha) goes where those records put
+        # it, so the columns keep one order whichever record comes first.
+        position = -1
         for key, value in record["_config"].items():
             if not _counts(key):
                 continue
-            order.setdefault(key, len(order))
+            if key in order:
+                position = order.index(key)
+            else:
+                position += 1
+                order.insert(position, key)
             values.setdefault((record["role"], key), set()).add(_hashable(value))
     for record in records:  # a key missing from some records of a role also varies
         for (role, key), seen in values.items():
             if role == record["role"] and key not in record["_config"]:
                 seen.add(None)
     keys = {key for (role, key), seen in values.items() if len(seen) > 1}
-    return sorted(keys, key=order.__getitem__)
+    return [key for key in order if key in keys]
 
 
 def _hashable(value):
@@ -512,8 +519,12 @@ def build_report(runs: list[Run], filters: list[str] = (), sort: str | None = No
             name = _display_name(key)
             if name not in record and key in record["_config"]:
                 record[name] = record["_config"][key]
-    keys = [_display_name(k) for k in swept]
-    keys += [k for k in DESCRIBE if k not in keys and any(r.get(k) is not None for r in records)]
+    # loss, alpha and T stay together in that order, swept or not: a --filter that fixes alpha moves no column.
+    names = [_display_name(k) for k in swept]
+    described = [k for k in DESCRIBE if k in names or any(r.get(k) is not None for r in records)]
+    first = next((i for i, k in enumerate(names) if k in DESCRIBE), len(names))
+    others = [k for k in names if k not in DESCRIBE]
+    keys = others[:first] + described + others[first:]
 
     scratch_rows = [r for r in records if r["role"] == "student_scratch" and r["status"] == "ok"]
     scratch_by_checkpoint = {r["checkpoint"]: r for r in scratch_rows if r.get("checkpoint")}
@@ -872,7 +883,9 @@ def write_report(report: Report, out: Path, sources: list[Path], plots: bool = T
     return [out / "report.csv", out / "report.md", out / "report.json", *report.plots]
 
 
-def print_report(report: Report, title: str) -> None:
+def print_report(report: Report, title: str, summarized: bool = False) -> None:
+    """Print the table and its sentences; `summarized`: a sweep's summary, just printed, already
+    gave each unfinished job's status and error, which are then counted, not repeated."""
     from kd_cli.results import print_table
 
     shown = display_frame(report)
@@ -881,8 +894,11 @@ def print_report(report: Report, title: str) -> None:
     else:
         # display_frame chose the columns (a swept dataset among them); the keys tell apart rows of one model
         print_table(shown, title=title, hide=(), keys=["role", "model", *report.keys])
+    problems = problem_lines(report)
+    if summarized and problems:
+        problems = [f"{_count(len(problems), 'job')}, each with its status and error in the summary above"]
     for heading, lines in (("KD gain", gain_sentences(report)), ("search", optuna_lines(report)),
-                           ("not finished", problem_lines(report)), ("left out", repeat_lines(report))):
+                           ("not finished", problems), ("left out", repeat_lines(report))):
         for line in lines:
             print(f"{heading}: {line}")
 
@@ -941,6 +957,6 @@ def report_sweep(sweep_dir: Path) -> Report | None:
         return None
     report = build_report(runs)
     write_report(report, Path(sweep_dir), [Path(sweep_dir)])
-    print_report(report, title=f"report of sweep {sweep_dir}: {runs_title(report)}")
+    print_report(report, title=f"report of sweep {sweep_dir}: {runs_title(report)}", summarized=True)
     log.info("report: %s (.csv, .json) and %d plots", Path(sweep_dir) / "report.md", len(report.plots))
     return report

@@ -111,7 +111,7 @@ def test_numbers_match_hand_computation(sweep, capsys):
     assert report.main([str(sweep), "--format", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
     frame = pd.DataFrame(out["rows"])
-    assert out["keys"] == ["alpha", "loss", "T"]
+    assert out["keys"] == ["loss", "alpha", "T"]
 
     teacher = rows_of(frame, role="teacher").iloc[0]
     # 85, 86, 87: mean 86, sample std 1; one teacher per seed although 6 jobs report it
@@ -164,7 +164,7 @@ def test_printed_table_and_sentences(sweep, capsys):
     assert f"unfinished {sweep / '7'}" in printed
 
     md = (sweep / "report.md").read_text()
-    assert "| student_kd      | mnist_student | 0.5     | kd     | 4   | 3   | 0,1,2   | 81.17 ± 1.26 | 81.50 ± 1.32    | 693,962 " in md
+    assert "| student_kd      | mnist_student | kd     | 0.5     | 4   | 3   | 0,1,2   | 81.17 ± 1.26 | 81.50 ± 1.32    | 693,962 " in md
     assert f"- failed {sweep / '6'}: kd: error: student_kd: the loss became NaN or inf in epoch 2, step 7" in md
     csv = pd.read_csv(sweep / "report.csv")
     assert set(csv["status"]) == {"ok", "failed", "unfinished"} and len(csv) == 6
@@ -428,6 +428,18 @@ def test_an_empty_alpha_or_T_is_not_filled_in_from_the_config(tmp_path):
     train = tmp_path / "train"
     write_run(train, config("train", 0), [row("teacher", "mnist_teacher", 0, 85.0), row("student_scratch", "mnist_student", 0, 80.0)])
     assert report.build_report(report.find_runs([train])).keys == []
+
+
+def test_a_filter_that_fixes_alpha_keeps_the_columns_in_their_order(tmp_path):
+    for alpha in (0.1, 0.9):
+        for T in (1.0, 4.0):
+            cfg = config("distill", 0, alpha=alpha, T=T, fraction=0.5 if T == 1.0 else 1.0)
+            rows = [row("student_kd", "mnist_student", 0, 80.0 + alpha + T, loss="kd", alpha=alpha, T=T)]
+            write_run(tmp_path / f"{alpha}-{T}", cfg, rows)
+    runs = report.find_runs([tmp_path])
+    assert report.build_report(runs).keys == ["data.fraction", "loss", "alpha", "T"]
+    assert report.build_report(runs, ["alpha=0.9"]).keys == ["data.fraction", "loss", "alpha", "T"]
+    assert report.build_report(runs, ["T=4"]).keys == ["loss", "alpha", "T"]
 
 
 def test_sentences_write_values_as_they_are_typed_and_count_in_words():
