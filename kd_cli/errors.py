@@ -14,7 +14,7 @@ class KdError(CompactHydraException):
     def reason(self) -> str:
         """The message alone, for another message that gives it context. Always one line: a message
         may quote another library's error, and torchvision's download errors span several."""
-        return " ".join(super().__str__().split())
+        return " ".join(line.strip() for line in super().__str__().splitlines() if line.strip())
 
     def __str__(self) -> str:
         return f"kd: error: {self.reason}"

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from kd_cli.atomic import atomic_write_text
 from kd_cli.errors import KdError, Terminated
-from kd_cli.preflight import EXPERIMENT_PART_ENV, preflight, settings_of
+from kd_cli.preflight import EXPERIMENT_PART_ENV, preflight, settings_of, split_args
 from kd_cli.report import build_records, build_report, find_runs, lookup, same, varying_keys, write_report
 from kd_cli.results import csv_text, markdown_table, print_table
 
@@ -41,7 +41,7 @@ def preset_of(args: list[str], cfg):
     preset = cfg.get("preset")
     if preset is None or not preset.get("runs"):
         return None
-    if any(a in ("-m", "--multirun") for a in args):  # Hydra would run one plain job per value instead
+    if {"-m", "--multirun"} & set(split_args(args)[0]):  # Hydra would run one plain job per value instead
         raise KdError(f"experiment={chosen[-1]} runs its own sweeps: drop -m (and any list of values); to repeat it "
                       f"with another seed, run `kd distill experiment={chosen[-1]} seed=1`")
     return preset

@@ -170,3 +170,8 @@ def test_a_failed_download_is_one_line_and_leaves_no_empty_folders_behind(tmp_pa
         load_data(cfg)
     assert "\n" not in str(error.value) and "Tried https://a/, got: <urlopen error" in str(error.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+
+
+def test_an_error_joins_the_lines_it_quotes_and_keeps_the_spaces_it_quotes():
+    error = KdError("cannot read 'my  data.csv':\n  torch says:\n\nbad header\n")
+    assert str(error) == "kd: error: cannot read 'my  data.csv': torch says: bad header"

@@ -6,9 +6,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from kd_cli.cli import config_dir
 from kd_cli.config import register_model_groups
+from kd_cli.errors import KdError
 from kd_cli.experiments import published_table
 from kd_cli.preflight import preflight
 
@@ -60,6 +62,14 @@ def test_a_preset_with_its_own_sweeps_under_m_is_refused(kd):
     assert proc.stderr.strip() == ("kd: error: experiment=quick_tutorial runs its own sweeps: drop -m (and any list of "
                                    "values); to repeat it with another seed, run `kd distill experiment=quick_tutorial seed=1`")
     assert not (kd.cwd / "outputs").exists()
+
+
+@pytest.mark.parametrize("flag", ["-m", "--multirun", "--multi"])  # argparse reads a prefix of --multirun as it
+def test_every_spelling_of_m_is_refused_with_a_preset(flag):
+    from kd_cli.experiments import preset_of
+
+    with pytest.raises(KdError, match="runs its own sweeps: drop -m"):
+        preset_of(["experiment=quick_tutorial", flag, "seed=0,1"], OmegaConf.create({"preset": {"runs": [{}]}}))
 
 
 def record(role, accuracy, **config):
