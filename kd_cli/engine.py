@@ -238,22 +238,29 @@ class Teacher:
         key = kept_outputs.key(self.model, data, self.layers, self.precision, self.channels_last, chunk,
                                str(data.train_x.device), threads)
         found = kept_outputs.find(key, folder, first, n)
-        if found:
-            cache, self.seconds_reused, where = found
-            log.info("teacher cache: on (teacher outputs for %d images in %s, %.1f MB, taken from %s: same teacher "
-                     "and training images; its %.1f s count in this fit's train_time_s)",
-                     n, self.precision, mb, where, self.seconds_reused)
-            cache = {k: t.to(data.train_x.device) for k, t in cache.items()}
-            kept_outputs.keep(key, cache, self.seconds_reused)  # the next fit of this process finds them in memory
-            return cache
-        kept_outputs.forget()  # before the new pass: one cache in memory at a time
-        parts = [first] + [self._forward(normalize(data.train_x[i: i + chunk], data)) for i in range(chunk, n, chunk)]
-        cache = {k: torch.cat([p[k] for p in parts]) for k in first}
-        if data.train_x.device.type == "cuda":
-            torch.cuda.synchronize(data.train_x.device)
-        log.info("teacher cache: on (teacher outputs for %d images, computed and kept in %s, %.1f MB, reused every epoch)",
-                 n, self.precision, mb)
-        kept_outputs.keep(key, cache, time.perf_counter() - started, folder, train_cfg.get("teacher_cache_disk_mb", 0))
+        if not found:
+            disk_mb = train_cfg.get("teacher_cache_disk_mb") or 0
+            # A parallel job with this teacher and these images may be computing the same outputs, to be
+            # saved: wait for them rather than compute them twice (worth it only where they will be saved).
+            with kept_outputs.computing(key, folder if mb <= disk_mb else None) as waited:
+                found = kept_outputs.find(key, folder, first, n) if waited else None
+                if not found:
+                    kept_outputs.forget()  # before the new pass: one cache in memory at a time
+                    parts = [first] + [self._forward(normalize(data.train_x[i: i + chunk], data))
+                                       for i in range(chunk, n, chunk)]
+                    cache = {k: torch.cat([p[k] for p in parts]) for k in first}
+                    if data.train_x.device.type == "cuda":
+                        torch.cuda.synchronize(data.train_x.device)
+                    log.info("teacher cache: on (teacher outputs for %d images, computed and kept in %s, %.1f MB, "
+                             "reused every epoch)", n, self.precision, mb)
+                    kept_outputs.keep(key, cache, time.perf_counter() - started, folder, disk_mb)
+                    return cache
+        cache, self.seconds_reused, where = found
+        log.info("teacher cache: on (teacher outputs for %d images in %s, %.1f MB, taken from %s: same teacher "
+                 "and training images; its %.1f s count in this fit's train_time_s)",
+                 n, self.precision, mb, where, self.seconds_reused)
+        cache = {k: t.to(data.train_x.device) for k, t in cache.items()}
+        kept_outputs.keep(key, cache, self.seconds_reused)  # the next fit of this process finds them in memory
         return cache
 
     def _forward(self, x: torch.Tensor) -> dict:

@@ -10,7 +10,8 @@ same outputs:
   (`kd distill -m alpha=... T=...`). One entry; a fit that does not use it drops it, so no job holds
   an earlier job's cache.
 - disk, when the caller gives a folder (`kd distill` gives `store_dir/teacher_outputs`): separate
-  `kd distill` commands, and the workers of a parallel sweep launcher. Files up to a total of
+  `kd distill` commands, and the workers of a parallel sweep launcher (while one computes outputs
+  it will save, the others wait for the file). Files up to a total of
   `train.teacher_cache_disk_mb`; the least recently used go first.
 
 Both are looked up by `key`, a digest of everything the outputs depend on. The caller also compares
@@ -22,6 +23,7 @@ that computes the teacher differently.
 import hashlib
 import logging
 import os
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -30,7 +32,7 @@ from torch import nn
 from kd_cli.atomic import atomic_torch_save, remove_abandoned_writes
 from kd_cli.data import ImageData
 from kd_cli.errors import KdError
-from kd_cli.store import checksum, safe_load, tensor_bytes
+from kd_cli.store import checksum, making, safe_load, tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,19 @@ def find(digest: str, folder: Path | None, first: dict, images: int) -> tuple[di
         except OSError:  # gone meanwhile, or another user's file in a shared store: the order is only a hint
             pass
     return found
+
+
+@contextmanager
+def computing(digest: str, folder: Path | None):
+    """Hold the lock of `digest`'s file in `folder` while computing the outputs to save there, so that
+    a parallel job after the same outputs waits and reads them; yields True if it waited. No lock
+    without a folder, or where none can be written (a colleague's store): each job computes its own."""
+    with ExitStack() as held:
+        try:
+            waited = held.enter_context(making(path)) if (path := _file(folder, digest)) else False
+        except OSError:
+            waited = False
+        yield waited
 
 
 def _read(path: Path, digest: str) -> tuple[dict, float, str] | None:

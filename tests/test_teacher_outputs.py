@@ -137,6 +137,36 @@ def test_a_later_run_takes_the_outputs_saved_on_disk_and_trains_the_same(cifar, 
     assert fitted(cfg, folder=tmp_path)[1] == 1  # and from memory in the same process
 
 
+def test_a_parallel_job_waits_for_the_outputs_another_is_computing_then_reads_them(cifar, tmp_path, monkeypatch, caplog):
+    """Two workers of a parallel sweep with the same teacher and images: one teacher pass, not two."""
+    import threading
+
+    monkeypatch.setattr("kd_cli.store.LOCK_POLL_S", 0.02)
+    cfg = config(cifar)
+    fitted(cfg, folder=tmp_path)
+    saved, = tmp_path.glob("*.pt")
+    content = saved.read_bytes()
+    saved.unlink()
+    teacher_outputs.forget()
+    holding = threading.Event()
+
+    def other_job():  # computing the same outputs: they reach the disk a moment after this job starts
+        with teacher_outputs.computing(saved.stem, tmp_path):
+            holding.set()
+            time.sleep(0.5)
+            saved.write_bytes(content)
+
+    other = threading.Thread(target=other_job)
+    other.start()
+    assert holding.wait(5)
+    with caplog.at_level("INFO"):
+        _, calls, _ = fitted(cfg, folder=tmp_path)
+    other.join()
+    assert calls == 1  # the first batch, to check what it read; no pass of its own
+    assert f"waiting for {saved.name}" in caplog.text and f"taken from {saved}" in caplog.text
+    assert list(tmp_path.iterdir()) == [saved]  # no lock file left
+
+
 def rewrite(path, change) -> None:
     """Save the payload at `path` again after `change(payload)`."""
     payload = torch.load(path, weights_only=True)
