@@ -161,3 +161,30 @@ def test_the_sweeps_of_a_seed_experiment_do_not_repeat_its_warnings(tmp_path, mo
     monkeypatch.setenv(EXPERIMENT_PART_ENV, "1")  # set by kd_cli.experiments for its child processes
     preflight("distill", ["loss=at", "T=2"], config_dir())
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("command, overrides", [
+    ("distill", ["loss=kd,at", "alpha=0.1,0.5", "T=1,4", "train.lr=0.1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]),
+    ("distill", ["experiment=quick_tutorial", "scheme=offline,multi_teacher", "scheme.teachers=[deepnn]", "+extra=1,2"]),
+    ("distill", ["loss=kd,dkd", "loss.nckd_weight=2"]),  # kd has no nckd_weight: Hydra's error, either way
+    ("train", ["teacher=deepnn,light6", "~student", "train.epochs=1,2", "seed=0,1"]),
+])
+def test_preflight_composes_each_combination_as_hydra_does(command, overrides):
+    """Combinations that choose the same config options share one composition (kd_cli.preflight._composed)."""
+    from kd_cli.preflight import _combinations, _composed, _parse
+
+    def as_composed(compose_it):
+        try:
+            cfg = OmegaConf.to_container(compose_it(), resolve=False)
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+        del cfg["hydra"]["overrides"], cfg["hydra"]["job"]["override_dirname"]  # the command line's own record
+        return cfg
+
+    register_model_groups()
+    compositions = {}
+    for combination in _combinations(_parse(overrides)):
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            expected = as_composed(lambda: compose(command, combination, return_hydra_config=True))
+        assert as_composed(lambda: _composed(command, combination, config_dir(), compositions)) == expected, combination
+    assert len(compositions) < len(_combinations(_parse(overrides)))
