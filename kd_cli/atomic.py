@@ -9,8 +9,6 @@ import time
 from pathlib import Path
 from typing import Callable, IO
 
-import torch
-
 from kd_cli.errors import KdError
 
 
@@ -99,6 +97,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_torch_save(path: Path, obj) -> None:
     """torch.save, atomically. Serialising to memory first makes a full disk an OSError on our write,
     instead of an opaque RuntimeError from inside torch's zip writer."""
+    import torch  # here, not at the top: `kd report` writes through this module and needs no torch (2 s to import)
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write(path, lambda f: f.write(buffer.getbuffer()))

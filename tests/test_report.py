@@ -472,3 +472,13 @@ def test_a_teacher_trained_with_teacher_recipe_is_reported_at_its_own_recipe(tmp
     teachers = rows_of(built.frame, role="teacher").set_index("data.fraction")
     assert teachers["accuracy"].to_dict() == {0.05: 85.0, 0.1: 88.0} and list(teachers["n"]) == [1, 1]
     assert built.repeats == []
+
+
+def test_kd_report_does_not_import_torch(tmp_path):
+    """Importing torch costs about 2 s: `kd report` and its --help read and write tables, no tensors."""
+    import sys
+
+    write_run(tmp_path / "run", config("train", 0), [row("teacher", "mnist_teacher", 0, 85.0)])
+    code = "import sys; from kd_cli.report import main; main(sys.argv[1:]); print('torch' in sys.modules, file=sys.stderr)"
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path), "--no-plots"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr.strip().splitlines()[-1] == "False", proc.stderr
