@@ -5,6 +5,7 @@ conf/distill.yaml, run with ARGS; `-m`, `--cfg job` and launchers work unchanged
 config groups of that command alone.
 """
 
+import logging
 import os
 import signal
 import sys
@@ -217,6 +218,10 @@ def main() -> None:
             sys.exit(1)
         # Hydra's argparse reads no override after a flag: its flags go first.
         sys.argv = [f"kd {command}", *flags, *overrides, *resume_target(command, args[1:])]
+        if any(flag.startswith("--info") for flag in flags):
+            # Hydra prints --info through logging, which answers a reader that stopped early (| head)
+            # with a traceback for every line still to come.
+            logging.raiseExceptions = False
         started = True
         hydra.main(config_path=config_dir(), config_name=command, version_base="1.3")(_task(command))()
     except KeyboardInterrupt as stop:

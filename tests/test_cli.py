@@ -179,6 +179,9 @@ def test_help_lists_commands_and_groups(kd):
     for line in ("--help", "distill --help"):  # a reader that stops early (| head) gets no traceback
         piped = subprocess.run(f"{kd_executable()} {line} | head -1", shell=True, capture_output=True, text=True)
         assert piped.stdout.startswith("kd") and piped.stderr == ""
+    # Nor does Hydra's --info, which it prints through logging; `true` reads nothing, so every line meets the closed pipe.
+    piped = subprocess.run(f"{kd_executable()} distill --info defaults | true", shell=True, capture_output=True, text=True)
+    assert piped.stderr == ""
     unknown = kd("distil", check=False)
     assert unknown.returncode == 2 and "unknown command 'distil'" in unknown.stderr
 
