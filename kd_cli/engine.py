@@ -246,11 +246,7 @@ class Teacher:
                 found = kept_outputs.find(key, folder, first, n) if waited else None
                 if not found:
                     kept_outputs.forget()  # before the new pass: one cache in memory at a time
-                    parts = [first] + [self._forward(normalize(data.train_x[i: i + chunk], data))
-                                       for i in range(chunk, n, chunk)]
-                    cache = {k: torch.cat([p[k] for p in parts]) for k in first}
-                    if data.train_x.device.type == "cuda":
-                        torch.cuda.synchronize(data.train_x.device)
+                    cache = self._whole_pass(first, data, chunk)
                     log.info("teacher cache: on (teacher outputs for %d images, computed and kept in %s, %.1f MB, "
                              "reused every epoch)", n, self.precision, mb)
                     kept_outputs.keep(key, cache, time.perf_counter() - started, folder, disk_mb)
@@ -261,6 +257,15 @@ class Teacher:
                  n, self.precision, mb, where, self.seconds_reused)
         cache = {k: t.to(data.train_x.device) for k, t in cache.items()}
         kept_outputs.keep(key, cache, self.seconds_reused)  # the next fit of this process finds them in memory
+        return cache
+
+    def _whole_pass(self, first: dict, data: ImageData, chunk: int) -> dict:
+        """The outputs for every training image, `first` being those of the first chunk."""
+        parts = [first] + [self._forward(normalize(data.train_x[i: i + chunk], data))
+                           for i in range(chunk, len(data.train_y), chunk)]
+        cache = {k: torch.cat([p[k] for p in parts]) for k in first}
+        if data.train_x.device.type == "cuda":
+            torch.cuda.synchronize(data.train_x.device)
         return cache
 
     def _forward(self, x: torch.Tensor) -> dict:
