@@ -77,6 +77,7 @@ def validate(cfg) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and not isinstance(value, bool):
             raise KdError(f"{key} must be true or false, got {value!r}")
+    _check_checkpoints(cfg)
     if cfg.get("command") == "train" and "teacher" not in cfg and "student" not in cfg:
         raise KdError("nothing to train: `~teacher` and `~student` remove both models; keep at least one")
     _integer(cfg, "seed", 0)
@@ -134,6 +135,21 @@ def validate(cfg) -> None:
         _integer(cfg, "qat.calibration_images", 1)
         if cfg.qat.lr is not None and _number(cfg, "qat.lr") <= 0:
             raise KdError(f"qat.lr must be > 0 (or null for train.lr / 10), got {cfg.qat.lr}")
+
+
+def _check_checkpoints(cfg) -> None:
+    """`kd train` trains both models and `kd distill` its student: a checkpoint given for one of them
+    would be ignored, and the table would not be about the model the user meant."""
+    command = cfg.get("command")
+    for role in ("teacher", "student"):
+        if command not in ("train", "distill") or not OmegaConf.select(cfg, f"{role}.checkpoint"):
+            continue
+        if command == "train":
+            raise KdError(f"kd train trains the {role} from labels and reads no {role}.checkpoint; to distil from a "
+                          f"teacher you have, run `kd distill teacher.checkpoint=PATH`")
+        if role == "student":
+            raise KdError("kd distill trains the student from its seed and reads no student.checkpoint; a trained "
+                          "student is read by `kd export|quantize|bench-model student.checkpoint=PATH`")
 
 
 # Training settings that only one value of another setting reads: key -> (that setting, the value).

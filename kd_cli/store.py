@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 import warnings
+import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -174,9 +175,25 @@ def _unreadable(path: Path, error: Exception) -> KdError:
     if head and not head.startswith((b"PK", b"\x80")):
         return KdError(f"{path} is not a checkpoint file (PyTorch writes zip archives; this one starts with {head!r}); "
                        f"point at a .pt file written by kd train / kd distill")
+    if head.startswith(b"PK") and (other := _other_torch_file(path)):
+        return KdError(f"{path} is {other}, not a kd checkpoint; point at the checkpoint it was made from "
+                       f"(a run's {STUDENT_FILE} or a .pt in the model store)")
     if isinstance(error, pickle.UnpicklingError):
         return KdError(f"{path} is not a kd checkpoint (it holds objects kd will not unpickle); point at a file kd wrote")
     return KdError(f"checkpoint {path} is truncated or corrupt ({type(error).__name__}); {_RETRAIN} or restore it from a backup")
+
+
+def _other_torch_file(path: Path) -> str | None:
+    """What kd's other outputs in a zip archive are, told by their entries; None for anything else."""
+    try:
+        names = zipfile.ZipFile(path).namelist()
+    except (OSError, zipfile.BadZipFile):
+        return None
+    if any("/code/" in name for name in names):
+        return "a TorchScript model (kd quantize writes its int8 models so)"
+    if any(name.endswith("/archive_format") for name in names):
+        return "a torch.export program (kd export writes it)"
+    return None
 
 
 def load_checkpoint(path: Path) -> dict:

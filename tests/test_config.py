@@ -1,5 +1,6 @@
 """Every config group option composes, for both commands, and bad values are refused."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,18 @@ def test_every_experiment_composes(command, experiment):
     cfg = composed(command, [f"experiment={experiment}"])
     validate(cfg)
 
+
+@pytest.mark.parametrize("command, override, message", [
+    ("train", "teacher.checkpoint=t.pt", "kd train trains the teacher from labels and reads no teacher.checkpoint; "
+                                         "to distil from a teacher you have, run `kd distill teacher.checkpoint=PATH`"),
+    ("train", "student.checkpoint=s.pt", "kd train trains the student from labels and reads no student.checkpoint"),
+    ("distill", "student.checkpoint=s.pt", "kd distill trains the student from its seed and reads no student.checkpoint; "
+                                           "a trained student is read by `kd export|quantize|bench-model student.checkpoint=PATH`"),
+])
+def test_a_checkpoint_the_command_would_ignore_is_refused(command, override, message):
+    with pytest.raises(KdError, match=re.escape(message)):
+        validate(composed(command, [override]))
+    validate(composed("distill", ["teacher.checkpoint=t.pt"]))  # read: the teacher to distil from
 
 def test_experiment_values_beat_primary_defaults():
     cfg = composed("distill", ["experiment=demo"])

@@ -264,6 +264,12 @@ def test_bad_inputs_give_one_line(tmp_path, distilled, capsys, monkeypatch):
     assert "did you mean 'calibration'" in error_line("quantize", f"run={distilled}", "calibraton=9")
     assert "neither an existing run folder" in error_line("bench-model", "no_such_model")
     assert "needs run=PATH" in error_line("export")
+    # A file where a folder belongs, and the other way round; a model named twice.
+    assert (f"run= takes a run folder and {distilled / 'student.pt'} is a file; pass "
+            f"student.checkpoint={distilled / 'student.pt'}") in error_line("export", f"run={distilled / 'student.pt'}")
+    assert f"student.checkpoint={distilled} is a folder; pass run={distilled}" in error_line(
+        "quantize", f"student.checkpoint={distilled}")
+    assert f"measures one model: light6 or run={distilled}; drop one" in error_line("bench-model", "light6", f"run={distilled}")
     assert not (tmp_path / "outputs").exists()
 
 
@@ -277,3 +283,14 @@ def test_qat_refuses_hooks_whose_feature_fusion_changes():
     # features.0-2 are Conv, BN, ReLU: fused into one ConvBnReLU2d at features.0
     verdicts = {path: _same_after_fusion(path, layers) for path in ("features.0", "features.0:in", "features.2", "features.5", "features.6")}
     assert verdicts == {"features.0": False, "features.0:in": True, "features.2": False, "features.5": True, "features.6": True}
+
+
+def test_a_student_distilled_without_a_teacher_keeps_its_role():
+    """scheme=online and scheme=self record no teacher; their student is still the run's student_kd."""
+    from kd_cli.deploy.source import Source
+
+    spec = {"arch": "lightnn"}
+    cfg = OmegaConf.create({"student": {"arch": "lightnn", "checkpoint": None}})
+    roles = [Source(None, cfg, {"model_cfg": spec, **meta}, Path("m.pt")).role
+             for meta in ({"loss": "dml"}, {"loss": "self"}, {"loss": "kd", "teacher": "t.pt"}, {})]
+    assert roles == ["student_kd", "student_kd", "student_kd", "student_scratch"]

@@ -253,3 +253,18 @@ def test_a_model_stored_under_a_key_of_numbers_as_typed_is_still_found(tmp_path)
     assert store_path(cfg, MODEL) == earlier
     now.write_bytes(b"stored since")
     assert store_path(cfg, MODEL) == now
+
+
+def test_kd_s_own_int8_and_export_files_are_named_when_given_as_a_checkpoint(tmp_path):
+    import warnings
+
+    linear, example = torch.nn.Linear(2, 2), torch.zeros(1, 2)
+    scripted, program = tmp_path / "m_int8.torchscript.pt", tmp_path / "m.pt2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit is deprecated; kd quantize still writes its int8 models with it
+        torch.jit.save(torch.jit.trace(linear, example), scripted)
+    torch.export.save(torch.export.export(linear, (example,)), program)
+    for path, what in ((scripted, "a TorchScript model"), (program, "a torch.export program")):
+        with pytest.raises(KdError, match=re.escape(f"{path} is {what}")) as error:
+            load_checkpoint(path)
+        assert "not a kd checkpoint; point at the checkpoint it was made from" in str(error.value)

@@ -36,7 +36,8 @@ KEYS = {
     "batch": "the larger batch size (default 64)",
     "runs": "timed passes per measurement (default 50)",
     "warmup": "untimed passes before them (default 10)",
-    "out": "output folder (default: RUN/bench-model, or outputs/bench-model/MODEL-DATASET)",
+    "out": "output folder (default: RUN/bench-model, outputs/bench-model/MODEL-CHECKPOINT_NAME for a checkpoint, "
+           "or outputs/bench-model/MODEL-DATASET)",
 }
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -93,6 +94,9 @@ def main(argv: list[str]) -> None:
                             positional="MODEL_OR_RUN")
     set_threads(options)
     batch, runs, warmup = integer(options, "batch", 64), integer(options, "runs", 50), integer(options, "warmup", 10, 0)
+    named = [key for key in ("run", "student.checkpoint") if options.get(key)]
+    if target and named:
+        raise KdError(f"kd bench-model measures one model: {target} or {named[0]}={options[named[0]]}; drop one of them")
     if target and Path(target).exists():
         options["run" if Path(target).is_dir() else "student.checkpoint"] = target
     if options.get("run") or options.get("student.checkpoint"):

@@ -88,7 +88,7 @@ class Source:
     @property
     def role(self) -> str:
         """The role this model had in its run's results table."""
-        if "teacher" in self.meta:  # only `kd distill` records the teacher it learnt from
+        if "loss" in self.meta:  # only `kd distill` records the loss of its student (online and self: no teacher)
             return "student_kd"
         student = self.cfg.get("student")
         return "student_scratch" if student is not None and model_spec(student) == self.meta["model_cfg"] else "teacher"
@@ -120,6 +120,9 @@ def load_source(options: dict, command: str) -> Source:
         raise KdError(f"kd {command} needs run=PATH (a `kd distill` run folder) or student.checkpoint=PATH, one of them")
     if run:
         folder = Path(run)
+        if folder.is_file():
+            raise KdError(f"run= takes a run folder and {folder} is a file; pass student.checkpoint={folder} "
+                          f"for a checkpoint file")
         if not folder.is_dir():
             raise KdError(f"run folder {folder} does not exist; pass run= a finished `kd distill` run folder "
                           f"(outputs/distill/<date_time>)")
@@ -133,6 +136,10 @@ def load_source(options: dict, command: str) -> Source:
                           f"or student.checkpoint=PATH for another checkpoint")
     else:
         path = Path(checkpoint)
+        if path.is_dir():
+            hint = (f"pass run={path} for a `kd distill` run folder" if (path / STUDENT_FILE).is_file()
+                    else "point at a checkpoint file (.pt) in it")
+            raise KdError(f"student.checkpoint={path} is a folder; {hint}")
         if not path.is_file():
             raise KdError(f"student.checkpoint={path} does not exist; check the path")
     source = _from_checkpoint(path, options.get("data.root"))
