@@ -139,7 +139,7 @@ def usage() -> str:
     lines = [f"kd {__version__}: knowledge-distillation experiments", "", "usage: kd COMMAND [OVERRIDES...] [-m]", ""]
     width = max(map(len, COMMANDS)) + 2
     lines += [f"  {name:<{width}}{text}" for name, text in COMMANDS.items()]
-    lines += ["", "kd COMMAND --help shows its config groups and options; kd COMMAND --cfg job shows the composed config.",
+    lines += ["", "kd COMMAND --help shows its options; kd train|distill --cfg job shows the composed config.",
               "examples:", "  kd train teacher=resnet18 student=light6", "  kd distill loss=kd alpha=0.6 T=4",
               "  kd distill -m alpha=0.1,0.5,0.9 T=1,2,4,8"]
     return "\n".join(lines)

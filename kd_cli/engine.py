@@ -158,8 +158,9 @@ def student_precision(train_cfg, device: torch.device) -> str:
         # README's performance section.
         supported = cpu_has_native_bf16()
         choice, why = ("bf16" if supported else "fp32"), f"this CPU {'has' if supported else 'lacks'} native bf16"
-    hint = "train.amp=false for fp32" if choice == "bf16" else "train.amp=true for bf16"
-    log.info("student precision: %s (%s; %s)", choice, why, hint)
+    # No hint after train.amp=false: set by the user, or by a caller that must train in fp32 (QAT).
+    hint = "" if mode is False else "; train.amp=false for fp32" if choice == "bf16" else "; train.amp=true for bf16"
+    log.info("student precision: %s (%s%s)", choice, why, hint)
     return choice
 
 

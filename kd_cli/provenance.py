@@ -32,7 +32,7 @@ def _git_revision() -> str | None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads"
+    return f"{platform.processor() or platform.machine()}, CPUs: {os.cpu_count()}, torch threads: {torch.get_num_threads()}"
 
 
 def record_run(run_dir: Path, device: torch.device) -> None:

@@ -134,7 +134,7 @@ def main(argv: list[str]) -> None:
     write_results(out, frame, {"command": "bench-model", "model": label, "torch": torch.__version__,
                                "threads": torch.get_num_threads()})
     print_table(frame, title=f"kd bench-model: {label} on {dataset.name}-shaped input "
-                             f"({runs} timed runs after {warmup} warm-up runs each)", hide=("dataset", "device_name"),
+                             f"(each: timed runs {runs}, after warm-up runs {warmup})", hide=("dataset", "device_name"),
                 keys=["model", "precision", "layout", "device"])
     for precision, device, name in dict.fromkeys((row["precision"], row["device"], row["device_name"]) for row in rows):
         print(f"{precision} on {device}: {name}")

@@ -68,11 +68,12 @@ def qat_rows(run, teacher, student, loss_fn, **columns) -> list[dict]:
                       f"pooling layers, or set quant=null")
     # Fake quantization has fp32 kernels only: no bf16 autocast for this fine-tuning.
     qat_cfg = OmegaConf.merge(cfg, {"train": {"epochs": epochs, "lr": lr, "amp": False}})
-    log.info("student_kd_qat: %d epoch(s) of quantization-aware training from the KD student, lr %g, in fp32 "
-             "(fake quantization has no bf16 kernels, so train.amp does not apply)", epochs, lr)
+    log.info("student_kd_qat: qat.epochs=%d of quantization-aware training from the KD student, lr %g, in fp32: "
+             "fake quantization has no bf16 kernels, so this fine-tuning runs with train.amp=false", epochs, lr)
     result = fit(fake_quantized, loss_fn, run.data, qat_cfg, run.device, teacher=teacher, label="student_kd_qat",
                  state_path=run.state_path("student_kd_qat"))
     int8 = convert(fake_quantized, calibration[0][:2])
-    # train_time_s is the fine-tuning's own: the fp32 KD student it starts from has its own row.
+    # train_time_s is the fine-tuning's own (teacher outputs it reuses count at their cost, as in any fit):
+    # the fp32 KD student it starts from has its own row.
     rows.append(row("student_kd_qat", int8, {"train_time_s": result.train_time_s, "train_img_per_s": result.train_img_per_s}))
     return rows

@@ -26,7 +26,8 @@ SOURCE_KEYS = {
 
 def parse(prog: str, description: str, argv: list[str], keys: dict[str, str], positional: str | None = None):
     """`kd PROG [POSITIONAL] key=value ...` -> (positional or None, {key: value}); --help lists the keys."""
-    epilog = "keys:\n" + "\n".join(f"  {key + '=...':<26}{text}" for key, text in keys.items())
+    width = max(len(key) for key in keys) + 6
+    epilog = "keys:\n" + "\n".join(f"  {key + '=...':<{width}}{text}" for key, text in keys.items())
     parser = argparse.ArgumentParser(prog=f"kd {prog}", description=description, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("tokens", nargs="*", metavar=f"{positional + ' ' if positional else ''}KEY=VALUE")
