@@ -54,6 +54,9 @@ def _task(name: str):
             objective = run(cfg, run_dir)
             (run_dir / "error.txt").unlink(missing_ok=True)  # an earlier failure of this job is history now
             return objective
+        except BrokenPipeError:  # stdout's reader has gone (| head): end as a shell tool killed by SIGPIPE
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise SystemExit(141) from None
         except KeyboardInterrupt:  # stopped, not failed: the sweep's summary lists the job as unfinished
             (run_dir / "error.txt").unlink(missing_ok=True)
             raise
@@ -164,6 +167,9 @@ def _until_the_reader_stops(command) -> int:
 
 
 def main() -> None:
+    # Log lines go to stdout (Hydra's --info too): once a reader stops early (| head), logging would
+    # print a traceback for every line still to come. Tests that call kd's functions keep the default.
+    logging.raiseExceptions = False
     args = sys.argv[1:]
     if not args or args[0] in ("-h", "--help", "help"):
         sys.exit(_until_the_reader_stops(lambda: print(usage()) or 0))
@@ -218,10 +224,6 @@ def main() -> None:
             sys.exit(1)
         # Hydra's argparse reads no override after a flag: its flags go first.
         sys.argv = [f"kd {command}", *flags, *overrides, *resume_target(command, args[1:])]
-        if any(flag.startswith("--info") for flag in flags):
-            # Hydra prints --info through logging, which answers a reader that stopped early (| head)
-            # with a traceback for every line still to come.
-            logging.raiseExceptions = False
         started = True
         hydra.main(config_path=config_dir(), config_name=command, version_base="1.3")(_task(command))()
     except KeyboardInterrupt as stop:

@@ -130,6 +130,13 @@ def _column_groups(frame: pd.DataFrame, columns: list[str], width: int, keys) ->
     return keys, groups
 
 
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        # rich exits with status 1 when stdout's reader has gone (| head); kd's commands end as a shell
+        # tool killed by SIGPIPE does, quietly with 141 (cli._until_the_reader_stops).
+        raise BrokenPipeError
+
+
 def print_table(frame: pd.DataFrame, title: str, hide=("checkpoint", "dataset"), console: Console | None = None,
                 keys: list[str] | None = None) -> None:
     """Print the frame with rich; empty columns and `hide` are left out.
@@ -141,9 +148,9 @@ def print_table(frame: pd.DataFrame, title: str, hide=("checkpoint", "dataset"),
     """
     shown = [c for c in frame.columns if c not in hide and not frame[c].isna().all()]
     if console is None:
-        console = Console()
+        console = _Console()
         if not console.is_terminal:
-            console = Console(width=220)
+            console = _Console(width=220)
     # The title on a line of its own: as a table's title, rich wraps it to the table's width.
     console.print(title, style="italic", markup=False, highlight=False)
     table = _table(frame, None, shown)

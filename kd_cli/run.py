@@ -271,9 +271,10 @@ class Run:
                    "device": str(self.device), "config": OmegaConf.to_container(self.cfg, resolve=True),
                    "histories": histories}
         write_results(self.run_dir, frame, details)
-        print_table(frame, title=f"kd {self.cfg.command}: {self.cfg.dataset.name}, seed {self.cfg.seed}")
-        log.info("results: %s (.csv, .md, .json)", self.run_dir / "results")
         state_dir = self.run_dir / "state"
         if state_dir.is_dir():  # the run is complete: its resumable training states are no longer needed
             # The whole folder: a state write killed by SIGKILL leaves its temporary file there too.
             shutil.rmtree(state_dir)
+        # Last, once every file is in place: a reader that stops early (| head) ends the printing only.
+        print_table(frame, title=f"kd {self.cfg.command}: {self.cfg.dataset.name}, seed {self.cfg.seed}")
+        log.info("results: %s (.csv, .md, .json)", self.run_dir / "results")

@@ -92,3 +92,15 @@ def test_off_a_terminal_wide_tables_are_split_at_220_columns(capsys, monkeypatch
     text = capsys.readouterr().out
     assert "…" not in text and len(headers(text)) > 1
     assert max(len(line) for line in text.splitlines()) <= 220
+
+
+def test_a_reader_that_stops_early_is_a_broken_pipe_not_an_exit():
+    """rich would exit with status 1; kd's commands end with 141, quietly, as a shell tool does (| head)."""
+    from kd_cli import results
+
+    class Closed(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    with pytest.raises(BrokenPipeError):
+        results.print_table(pd.DataFrame({"role": ["teacher"], "accuracy": [90.0]}), "t", console=results._Console(file=Closed()))
