@@ -270,6 +270,9 @@ def test_bad_inputs_give_one_line(tmp_path, distilled, capsys, monkeypatch):
     assert f"student.checkpoint={distilled} is a folder; pass run={distilled}" in error_line(
         "quantize", f"student.checkpoint={distilled}")
     assert f"measures one model: light6 or run={distilled}; drop one" in error_line("bench-model", "light6", f"run={distilled}")
+    (tmp_path / "a_file").write_text("")
+    assert "a_file is a file, not a folder; choose another location with out=PATH" in error_line(
+        "export", f"run={distilled}", "out=a_file")
     assert not (tmp_path / "outputs").exists()
 
 

@@ -18,6 +18,7 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
+from kd_cli.atomic import check_writable
 from kd_cli.deploy.quantize import quantize
 from kd_cli.deploy.source import SOURCE_KEYS, THREADS_KEY, integer, load_source, parse, set_threads
 from kd_cli.engine import resolve_device, seed_everything
@@ -111,6 +112,7 @@ def main(argv: list[str]) -> None:
     else:
         raise KdError("kd bench-model needs a catalogue model name (e.g. light6), a run folder or a checkpoint")
     out = Path(options.get("out") or out)
+    check_writable(out, "kd bench-model's output folder", "out=PATH")
     shape = (dataset.channels, dataset.image_size, dataset.image_size)
 
     layouts = ["nchw", "channels_last"] if has_conv(model) else ["nchw"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from kd_cli.atomic import check_writable
 from kd_cli.data import ImageData, load_data
 from kd_cli.errors import KdError
 from kd_cli.models import ImageSpec, build_model
@@ -146,6 +147,7 @@ def load_source(options: dict, command: str) -> Source:
     source = _from_checkpoint(path, options.get("data.root"))
     default_out = Path(run) / command if run else Path("outputs") / command / f"{source.label}-{path.stem}"
     source.out = Path(options.get("out") or default_out)
+    check_writable(source.out, f"kd {command}'s output folder", "out=PATH")  # before the work, not after it
     return source
 
 
