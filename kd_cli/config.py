@@ -172,9 +172,16 @@ def ignored_settings(cfg) -> dict[str, str]:
                if all(OmegaConf.select(recipe, decider) != value for recipe in recipes)}
     if "loss" not in cfg:
         return ignored
+    if cfg.get("quant") != "qat":
+        ignored |= {f"qat.{key}": "quant=null" for key in cfg.get("qat") or {}}
+    scheme = cfg.scheme
+    without_teacher = {"self": "scheme=self", "multi_teacher": "scheme=multi_teacher, which reads scheme.teachers,",
+                       "born_again": "scheme=born_again with scheme.start=scratch" if scheme.get("start") == "scratch" else None,
+                       "online": "scheme=online with scheme.peers" if scheme.get("peers") else None}.get(scheme.name)
+    if without_teacher:
+        ignored |= {key: without_teacher for key in ("teacher", "teacher.checkpoint", "teacher_recipe")}
     loss = f"loss={cfg.loss.name}"
     used = set(build_loss(cfg).uses)
-    scheme = cfg.scheme
     if scheme.name == "multi_teacher":
         used.add("T")  # the teachers' soft targets are averaged at T, whatever the loss (the ensemble's row too)
     elif "T" in used and "T" not in settings_read(used, cfg.alpha):

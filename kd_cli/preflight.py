@@ -140,7 +140,9 @@ def _explain(error: HydraException, command: str, conf_dir: str, overrides: list
         known = _all_keys(cfg)
         close = difflib.get_close_matches(key, known, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        return f"unknown key '{key}'{hint} (`kd {command} --cfg job` lists every key; +{key}=... adds a new one)"
+        # A new key is worth adding only to Hydra's own config (a launcher's option): kd would not read it.
+        new = f"; +{key}=... adds it" if root == "hydra" else ""
+        return f"unknown key '{key}'{hint} (`kd {command} --cfg job` lists every key{new})"
     return message.strip().splitlines()[0]
 
 

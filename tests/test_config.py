@@ -155,6 +155,13 @@ IGNORED = [
     # Over MAX_GRID only the first combination is checked: no warning that hangs on a swept setting.
     (["-m", "alpha=0,0.5", "T=1,4", f"train.lr={','.join(str(i / 1000) for i in range(1, 300))}"], []),
     (["-m", "train.optimizer=adam,sgd", "train.momentum=0.5,0.9", f"train.lr={','.join(str(i / 1000) for i in range(1, 300))}"], []),
+    (["qat.epochs=2"], ["kd: warning: quant=null does not use qat.epochs, so qat.epochs=2 changes nothing"]),
+    (["quant=qat", "qat.epochs=2"], []),
+    (["scheme=self", "teacher=resnet18"], ["kd: warning: scheme=self does not use teacher, so teacher=resnet18 changes nothing"]),
+    (["scheme=born_again", "teacher=deepnn"],
+     ["kd: warning: scheme=born_again with scheme.start=scratch does not use teacher, so teacher=deepnn changes nothing"]),
+    (["scheme=born_again", "scheme.start=teacher", "teacher=deepnn"], []),
+    (["scheme=online", "teacher=deepnn"], []),  # without scheme.peers the teacher is the peer
 ]
 
 
@@ -201,3 +208,13 @@ def test_preflight_composes_each_combination_as_hydra_does(command, overrides):
             expected = as_composed(lambda: compose(command, combination, return_hydra_config=True))
         assert as_composed(lambda: _composed(command, combination, config_dir(), compositions)) == expected, combination
     assert len(compositions) < len(_combinations(_parse(overrides)))
+
+
+def test_an_unknown_key_is_not_advised_to_be_added_unless_hydra_reads_it():
+    from kd_cli.preflight import preflight
+
+    with pytest.raises(KdError) as error:
+        preflight("distill", ["qat.epoch=2"], config_dir())
+    assert error.value.reason == "unknown key 'qat.epoch'; did you mean 'qat.epochs'? (`kd distill --cfg job` lists every key)"
+    with pytest.raises(KdError, match=re.escape("lists every key; +hydra.launcher.foo=... adds it)")):
+        preflight("distill", ["hydra.launcher.foo=1"], config_dir())
