@@ -70,9 +70,14 @@ def distill_chain(run, first, first_cfg, links: list, role: str):
         lineage = {"teacher_sha256": checksum(teacher.state_dict()), "loss": OmegaConf.to_container(cfg.loss, resolve=True),
                    "alpha": link_alpha, "T": link_T if "T" in uses else None}
         path = store_path(cfg, link_cfg, lineage)
-        model, meta, made = run.load_or_make(link_cfg, path, lambda: run.distill(
-            link_cfg, teacher, build_loss(cfg, link_alpha, link_T), name, path, lineage=lineage,
-            taught_by=model_label(teacher_cfg))[:2])
+
+        def train_link():
+            log.info("%s: %s taught by %s, not in the model store; training it into %s", name, model_label(link_cfg),
+                     model_label(teacher_cfg), path)
+            return run.distill(link_cfg, teacher, build_loss(cfg, link_alpha, link_T), name, path, lineage=lineage,
+                               taught_by=model_label(teacher_cfg))[:2]
+
+        model, meta, made = run.load_or_make(link_cfg, path, train_link)
         if not made:
             log.info("%s: %s taught by %s, from the model store (%s)", name, model_label(link_cfg),
                      model_label(teacher_cfg), path)
