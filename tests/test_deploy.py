@@ -98,6 +98,9 @@ def test_quantize_run_reports_size_accuracy_and_latency(distilled):
     out = distilled / "quantize"
     table = pd.read_csv(out / "results.csv").set_index("role")
     fp32, int8 = table.loc["student_kd"], table.loc["student_kd_ptq"]
+    recorded = pd.read_csv(distilled / "results.csv").set_index("role").loc["student_kd"]
+    for column in ("scheme", "loss", "alpha", "T"):  # as its row in the run's own table
+        assert fp32[column] == int8[column] == recorded[column], column
     assert fp32["size_mb"] / int8["size_mb"] >= 3.5
     assert fp32["params"] == int8["params"] == 693_962 and fp32["flops"] == int8["flops"]
     assert fp32["latency_ms"] > 0 and int8["latency_ms"] > 0

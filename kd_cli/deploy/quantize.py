@@ -21,6 +21,7 @@ from torch.ao.quantization import get_default_qat_qconfig_mapping, get_default_q
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
 from kd_cli.atomic import atomic_write
+from kd_cli.config import ignored_settings
 from kd_cli.data import normalize
 from kd_cli.deploy.source import SOURCE_KEYS, THREADS_KEY, integer, load_source, parse, set_threads
 from kd_cli.engine import evaluate
@@ -157,7 +158,10 @@ QUANTIZE_KEYS = {
 
 def table_row(source, role: str, model: nn.Module, checkpoint: Path, measure_cfg) -> dict:
     """A results-table row (kd_cli/results.py columns) of `model`, measured now on the CPU."""
-    how = {k: source.meta[k] for k in ("loss", "alpha", "T") if k in source.meta}
+    how = {}
+    if source.role == "student_kd":  # the columns of its row in the `kd distill` table, unread alpha or T left empty
+        cfg, unread = source.cfg, ignored_settings(source.cfg)
+        how = {"scheme": cfg.scheme.name, "loss": cfg.loss.name, **{k: None if k in unread else cfg[k] for k in ("alpha", "T")}}
     return {"role": role, "model": source.label, "dataset": source.cfg.dataset.name, "seed": source.cfg.seed, **how,
             "accuracy": round(evaluate(model, source.data), 2), **model_costs(model, source.shape, CPU, measure_cfg),
             "checkpoint": str(checkpoint)}
