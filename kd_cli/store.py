@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import socket
 import threading
 import time
@@ -81,6 +82,24 @@ LOCK_STALE_S = 120
 LOCK_POLL_S = 1.0
 
 
+_HOLDER = "kd pid {pid} on {host}"  # a lock file's content
+
+
+def _gone(holder: str) -> bool:
+    """Whether the process that wrote `holder` was on this machine and has ended (killed: no cleanup ran);
+    one on another machine can only go stale."""
+    written = re.fullmatch(_HOLDER.format(pid=r"(\d+)", host=r"(\S+)"), holder)
+    if not written or written[2] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(written[1]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process: alive
+        return False
+    return False
+
+
 @contextmanager
 def making(path: Path):
     """Hold the lock of store entry `path` while making it, so that parallel jobs that need the same
@@ -103,9 +122,8 @@ def making(path: Path):
                 age, holder = time.time() - lock.stat().st_mtime, lock.read_text().strip() or "another process"
             except FileNotFoundError:  # released meanwhile
                 continue
-            if age > LOCK_STALE_S:
-                log.warning("%s was last touched %.0f s ago by %s, which must have stopped; taking it over",
-                            lock, age, holder)
+            if age > LOCK_STALE_S or _gone(holder):
+                log.warning("%s was last touched %.0f s ago by %s, which has stopped; taking it over", lock, age, holder)
                 lock.unlink(missing_ok=True)
                 continue
             if not waited:
@@ -113,7 +131,7 @@ def making(path: Path):
                 waited = True
             time.sleep(LOCK_POLL_S)
     with os.fdopen(fd, "w") as f:
-        f.write(f"kd pid {os.getpid()} on {socket.gethostname()}\n")
+        f.write(_HOLDER.format(pid=os.getpid(), host=socket.gethostname()) + "\n")
     done = threading.Event()
 
     def keep_fresh():

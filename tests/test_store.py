@@ -228,10 +228,29 @@ def test_a_held_lock_stays_fresh_and_a_stale_one_is_taken_over(tmp_path, quick_l
         time.sleep(0.2)
         assert time.time() - lock.stat().st_mtime < LOCK_STALE_S  # touched again while held
     lock.write_text("kd pid 99999 on gone-host\n")
-    os.utime(lock, (time.time() - LOCK_STALE_S - 5,) * 2)  # a killed job's
+    os.utime(lock, (time.time() - LOCK_STALE_S - 5,) * 2)  # a killed job's, on a machine kd cannot look at
     with making(path) as waited:
         assert not waited and "gone-host" not in lock.read_text()
-    assert "by kd pid 99999 on gone-host, which must have stopped; taking it over" in caplog.text
+    assert "by kd pid 99999 on gone-host, which has stopped; taking it over" in caplog.text
+
+
+def test_a_lock_of_a_killed_process_on_this_machine_is_taken_over_at_once(tmp_path, quick_locks, caplog):
+    import socket
+    import subprocess
+    import sys
+
+    from kd_cli.store import _gone, making
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(ended.stdout)  # a process that has ended, as a SIGKILL leaves its lock
+    path = tmp_path / "seed0-abc.pt"
+    lock = path.with_name(path.name + ".lock")
+    lock.write_text(f"kd pid {pid} on {socket.gethostname()}\n")  # touched just now: not stale by its age
+    with making(path) as waited:
+        assert not waited
+    assert f"kd pid {pid} on {socket.gethostname()}, which has stopped" in caplog.text
+    assert not _gone(f"kd pid {os.getpid()} on {socket.gethostname()}")  # alive: waited for, until stale
+    assert not _gone(f"kd pid {pid} on another-host")  # not this machine's to look at
 
 
 def test_a_number_typed_without_its_decimal_point_is_the_same_recipe(tmp_path):
