@@ -23,7 +23,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from kd_cli.atomic import atomic_write_text
+from kd_cli.atomic import atomic_write_text, check_writable
+from kd_cli.errors import KdError
 from kd_cli.results import csv_text
 
 log = logging.getLogger(__name__)
@@ -132,14 +133,39 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else "(empty error.txt)"
 
 
+_NUMBERS = (*METRICS, *COSTS, "alpha", "T", "seed")
+
+
+def _as_written(payload):
+    """`payload` if it has the shape kd writes results.json in, else ValueError saying where it differs
+    (a file edited by hand, or another program's)."""
+    if not isinstance(payload, dict):
+        raise ValueError(f"{json.dumps(payload)[:30]} is not a JSON object")
+    rows = payload.get("rows")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("role"), str) for r in rows):
+        raise ValueError("'rows' is not a list of rows, each with a role")
+    for row in rows:
+        for key in _NUMBERS:
+            if row.get(key) is not None and (isinstance(row[key], bool) or not isinstance(row[key], int | float)):
+                raise ValueError(f"{row['role']}'s {key} is {row[key]!r}, not a number")
+    for key in ("config", "histories"):
+        if payload.get(key) is not None and not isinstance(payload[key], dict):
+            raise ValueError(f"'{key}' is not an object")
+    return payload
+
+
 def load_run(path: Path) -> Run:
     results = path / "results.json"
     if results.exists():
         try:
             payload = json.loads(results.read_text())
+            command = payload.get("command") if isinstance(payload, dict) else None
+            if command not in TRAINING_COMMANDS:  # kd quantize's or bench-model's measurements, in rows of their own
+                return Run(path, "ok", command, {}, [], {})
+            payload = _as_written(payload)
             config = payload.get("config") or _hydra_config(path)
             return Run(path, "ok", payload.get("command") or config.get("command"), config,
-                       list(payload["rows"]), payload.get("histories") or {})
+                       payload["rows"], payload.get("histories") or {})
         except (ValueError, KeyError, TypeError) as e:
             config = _hydra_config(path)
             return Run(path, "failed", config.get("command"), config, error=f"results.json is unreadable ({e})")
@@ -321,6 +347,11 @@ def _parse(text: str):
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no decimal point) as a string; Hydra and Python as 0.001
+        try:
+            return float(text)
+        except ValueError:
+            return value
     return value
 
 
@@ -580,7 +611,9 @@ def build_report(runs: list[Run], filters: list[str] = (), sort: str | None = No
             gains.append({**{k: row.get(k) for k in ("role", "model", *keys)}, "gain": row["gain"],
                           "low": row["gain_ci_low"], "high": row["gain_ci_high"], "n": int(row["gain_n"]),
                           "method": row["gain_method"], "verdict": row["gain_verdict"]})
-    return Report(frame, keys, gains, runs, optuna_results(runs), repeats, not_started=late,
+    # A filtered report is about the runs it kept: its count, its JSON and its training curves.
+    kept = [run for run in runs if any(r["_run"] is run for r in records)] if filters else runs
+    return Report(frame, keys, gains, kept, optuna_results(runs), repeats, not_started=late,
                   problems=[r["_run"] for r in records if r["status"] != "ok"])
 
 
@@ -838,7 +871,8 @@ def to_markdown(report: Report, sources: list[Path]) -> str:
             parts += [f"## {title}", "", *[f"- {line}" for line in lines], ""]
     if report.plots:
         parts += ["## Plots", ""]
-        base = report.plots[0].parent
+        # The report's folder: that of a plot outside report_curves/, or above the curves when they are all there is.
+        base = next((p.parent for p in report.plots if p.parent.name != "report_curves"), report.plots[0].parent.parent)
         curves = []
         for plot in report.plots:
             rel = plot.relative_to(base) if plot.is_relative_to(base) else plot
@@ -933,20 +967,27 @@ def main(argv: list[str] | None = None) -> int:
                               f"(a run folder has results.json, error.txt or .hydra/)")
         report = build_report(runs, args.filter, args.sort, sources=args.paths)
         first = args.paths[0]
-        out = args.out or (first if first.is_dir() else first.parent)
-        written = write_report(report, out, args.paths, plots=not args.no_plots)
-    except ReportError as e:
+        # A filtered report is a view: it goes where --out says, never over the report of the PATH itself.
+        out = args.out or (None if args.filter else first if first.is_dir() else first.parent)
+        if out is not None:
+            check_writable(out, "the report folder", "--out DIR")
+            written = write_report(report, out, args.paths, plots=not args.no_plots)
+    except (ReportError, KdError) as e:
         print(e, file=sys.stderr)
         return 1
+    if out is None:
+        note = "filtered: no file written (--out DIR writes the report files there)"
+    else:
+        note = f"report: {out / 'report.md'} (.csv, .json), {_count(len(written) - 3, 'plot')}"
     if args.format == "table":
         print_report(report, title=f"kd report: {runs_title(report)}")
-        print(f"report: {out / 'report.md'} (.csv, .json), {len(written) - 3} plots", file=sys.stderr)
     elif args.format == "csv":
         sys.stdout.write(csv_text(report.frame))
     elif args.format == "md":
         sys.stdout.write(to_markdown(report, args.paths))
     else:
         sys.stdout.write(to_json(report))
+    print(note, file=sys.stderr)  # what was written, with every format: stdout may be going into a file
     return 0
 
 

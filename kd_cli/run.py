@@ -208,7 +208,7 @@ class Run:
             if not self.cfg.get("teacher_recipe"):
                 return self.stored(self.cfg.teacher, "teacher")
             cfg = teacher_config(self.cfg)
-            log.info("teacher: %s trained with this run's recipe as teacher_recipe=%s changes it", model_label(cfg.teacher),
+            log.info("teacher: %s, trained with teacher_recipe=%s over this run's recipe", model_label(cfg.teacher),
                      json.dumps(OmegaConf.to_container(self.cfg.teacher_recipe, resolve=True)).replace(" ", ""))
             data = load_data(cfg).to(self.device) if recipe(cfg) != recipe(self.cfg) else self.data
             return Run(cfg, self.run_dir, self.device, data).stored(cfg.teacher, "teacher", alone=True)

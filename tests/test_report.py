@@ -173,12 +173,23 @@ def test_printed_table_and_sentences(sweep, capsys):
     assert not (sweep / "report_alpha_T.png").exists()  # T was not swept: no alpha x T grid to show
 
 
-def test_filter_sort_and_formats(sweep, capsys):
+def test_filter_sort_and_formats(sweep, capsys, tmp_path):
+    assert report.main([str(sweep), "--no-plots", "--format", "csv"]) == 0  # the sweep's own report
+    assert f"report: {sweep / 'report.md'} (.csv, .json), 0 plots" in capsys.readouterr().err
+    kept = {name: (sweep / name).read_bytes() for name in ("report.md", "report.csv", "report.json")}
     assert report.main([str(sweep), "--filter", "alpha=0.5", "--no-plots"]) == 0
-    printed = capsys.readouterr().out
-    assert f"unfinished {sweep / '7'}" in printed  # alpha=0.5
-    assert f"failed {sweep / '6'}" not in printed  # alpha=0.9: filtered out like its row
-    assert f"failed {sweep / '6'}" not in (sweep / "report.md").read_text()
+    captured = capsys.readouterr()
+    assert f"unfinished {sweep / '7'}" in captured.out  # alpha=0.5
+    assert f"failed {sweep / '6'}" not in captured.out  # alpha=0.9: filtered out like its row
+    # A filtered report is a view: the sweep's own report stays; --out writes the view's files.
+    assert "filtered: no file written (--out DIR writes the report files there)" in captured.err
+    assert {name: (sweep / name).read_bytes() for name in kept} == kept
+    assert report.main([str(sweep), "--filter", "alpha=0.5", "--no-plots", "--out", str(tmp_path / "view")]) == 0
+    assert f"failed {sweep / '6'}" not in (tmp_path / "view" / "report.md").read_text()
+    assert f"report: {tmp_path / 'view' / 'report.md'} (.csv, .json), 0 plots" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    assert report.main([str(sweep), "--no-plots", "--out", str(tmp_path / "a_file")]) == 1
+    assert "a_file is a file, not a folder; choose another location with --out DIR" in capsys.readouterr().err
 
     assert report.main([str(sweep), "--filter", "alpha=0.9", "--format", "csv", "--no-plots"]) == 0
     frame = pd.read_csv(io.StringIO(capsys.readouterr().out))
@@ -482,3 +493,28 @@ def test_kd_report_does_not_import_torch(tmp_path):
     code = "import sys; from kd_cli.report import main; main(sys.argv[1:]); print('torch' in sys.modules, file=sys.stderr)"
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path), "--no-plots"], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stderr.strip().splitlines()[-1] == "False", proc.stderr
+
+
+@pytest.mark.parametrize("change, reason", [
+    (lambda payload: [], "[] is not a JSON object"),
+    (lambda payload: None, "null is not a JSON object"),
+    (lambda payload: payload | {"rows": "x"}, "'rows' is not a list of rows, each with a role"),
+    (lambda payload: {}, "'rows' is not a list of rows, each with a role"),
+    (lambda payload: payload | {"rows": [{"accuracy": 80.0}]}, "'rows' is not a list of rows, each with a role"),
+    (lambda payload: payload | {"rows": [payload["rows"][0] | {"accuracy": "59.4%"}]}, "teacher's accuracy is '59.4%', not a number"),
+    (lambda payload: payload | {"histories": "x"}, "'histories' is not an object"),
+])
+def test_a_results_file_edited_into_another_shape_is_a_failed_run_not_a_traceback(tmp_path, change, reason):
+    write_run(tmp_path / "run", config("train", 0), [row("teacher", "mnist_teacher", 0, 85.0)])
+    results = tmp_path / "run" / "results.json"
+    results.write_text(json.dumps(change(json.loads(results.read_text()))))
+    (run,) = report.find_runs([tmp_path])
+    assert (run.status, run.error) == ("failed", f"results.json is unreadable ({reason})")
+    report.build_report([run])
+
+
+def test_a_filter_reads_numbers_as_python_does(tmp_path):
+    write_run(tmp_path / "run", config("train", 0), [row("teacher", "mnist_teacher", 0, 85.0)])
+    runs = report.find_runs([tmp_path])
+    for typed in ("train.lr=1e-3", "train.lr=1.0e-3", "train.lr=0.001"):  # YAML 1.1 reads 1e-3 as a string
+        assert len(report.build_report(runs, [typed]).frame) == 1, typed
