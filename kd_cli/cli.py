@@ -83,6 +83,12 @@ def _overrides_of(folder: Path, multirun: bool) -> list[str] | None:
         return None
 
 
+def _swept_keys(overrides: list[str]) -> list[str]:
+    from kd_cli.preflight import parse_overrides
+
+    return [o.get_key_element() for o in parse_overrides(overrides) if o.is_sweep_override()]
+
+
 def resume_target(command: str, args: list[str]) -> list[str]:
     """With resume=true, point Hydra at the newest unfinished run (or sweep) of the same command line.
 
@@ -108,6 +114,9 @@ def resume_target(command: str, args: list[str]) -> list[str]:
             continue
         if not multirun and (folder / "results.json").exists():
             continue
+        if multirun and _swept_keys(overrides) != _swept_keys(args):
+            raise KdError(f"resume=true: {folder} swept {', '.join(_swept_keys(overrides))} in that order, and Hydra "
+                          f"numbers a sweep's jobs by it; give the swept keys in that order to resume it")
         print(f"kd: resuming {folder}", file=sys.stderr)
         return [f"hydra.{'sweep' if multirun else 'run'}.dir={folder}"]
     print(f"kd: no unfinished run of this command line under {root}; starting a new one", file=sys.stderr)
@@ -217,13 +226,14 @@ def main() -> None:
                 if preset is not None:
                     started = True
                     sys.exit(run_experiment(args[1:], preset, config_dir()))
+            resumed = resume_target(command, args[1:])
         except KdError as e:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             print(e, file=sys.stderr)
             sys.exit(1)
         # Hydra's argparse reads no override after a flag: its flags go first.
-        sys.argv = [f"kd {command}", *flags, *overrides, *resume_target(command, args[1:])]
+        sys.argv = [f"kd {command}", *flags, *overrides, *resumed]
         started = True
         hydra.main(config_path=config_dir(), config_name=command, version_base="1.3")(_task(command))()
     except KeyboardInterrupt as stop:

@@ -36,7 +36,7 @@ EXPERIMENT_PART_ENV = "KD_EXPERIMENT_PART"
 MAX_GRID = 500  # combinations checked one by one; larger grids are checked on their first combination
 
 
-def _parse(overrides: list[str]) -> list:
+def parse_overrides(overrides: list[str]) -> list:
     try:
         return OverridesParser.create().parse_overrides(overrides)
     except OverrideParseException as e:
@@ -76,7 +76,7 @@ def _composed(command: str, combination: list[str], conf_dir: str, compositions:
     composed. So the combinations that choose the same options share one composition in
     `compositions`, and each gets a copy with its values set by Hydra's own step.
     """
-    parsed = _parse(combination)
+    parsed = parse_overrides(combination)
     base = next(iter(compositions.values()), None)
     plain = [o for o in parsed if base is not None and _sets_a_value(o, base)]
     choices = tuple(o.input_line for o in parsed if o not in plain)
@@ -265,7 +265,7 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
     if any(f.split("=")[0] in _PASSIVE_FLAGS for f in flags):
         return None
     multirun = "--multirun" in flags
-    parsed = _parse(overrides)
+    parsed = parse_overrides(overrides)
     unused: dict[str, dict[str, str]] = {}  # "train" or a loss -> the settings no combination of it uses
     searched: set[str] = set()  # settings in hparams_search's space
     combinations = _combinations(parsed)

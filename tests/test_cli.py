@@ -1,5 +1,6 @@
 """End to end through the installed `kd` command on real Fashion-MNIST subsets."""
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -213,3 +214,21 @@ def test_runs_without_a_torchvision_model_do_not_import_torchvision():
     modules = "kd_cli.cli kd_cli.sweep kd_cli.preflight kd_cli.run kd_cli.schemes kd_cli.data kd_cli.measure"
     code = f"import sys; import {', '.join(modules.split())}; print('torchvision' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_a_sweep_resumes_only_with_its_swept_keys_in_their_order(tmp_path, monkeypatch):
+    """Hydra numbers a sweep's jobs by the order of its swept keys: another order would pair each job
+    folder with another combination."""
+    import yaml
+
+    from kd_cli.cli import resume_target
+
+    monkeypatch.chdir(tmp_path)
+    sweep = tmp_path / "outputs" / "distill-multirun" / "2026-11-24_10-00-00"
+    sweep.mkdir(parents=True)
+    recorded = ["train.epochs=1", "alpha=0.15,0.25", "T=3", "seed=0,1"]
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": recorded}}}))
+    assert resume_target("distill", ["-m", "T=3", "alpha=0.15,0.25", "train.epochs=1", "seed=0,1", "resume=true"]) == [
+        f"hydra.sweep.dir={Path('outputs/distill-multirun/2026-11-24_10-00-00')}"]  # unswept keys in any order
+    with pytest.raises(KdError, match=re.escape("swept alpha, seed in that order, and Hydra numbers a sweep's jobs by it")):
+        resume_target("distill", ["-m", "seed=0,1", "T=3", "alpha=0.15,0.25", "train.epochs=1", "resume=true"])

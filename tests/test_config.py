@@ -191,7 +191,7 @@ def test_the_sweeps_of_a_seed_experiment_do_not_repeat_its_warnings(tmp_path, mo
 ])
 def test_preflight_composes_each_combination_as_hydra_does(command, overrides):
     """Combinations that choose the same config options share one composition (kd_cli.preflight._composed)."""
-    from kd_cli.preflight import _combinations, _composed, _parse
+    from kd_cli.preflight import _combinations, _composed, parse_overrides
 
     def as_composed(compose_it):
         try:
@@ -203,11 +203,11 @@ def test_preflight_composes_each_combination_as_hydra_does(command, overrides):
 
     register_model_groups()
     compositions = {}
-    for combination in _combinations(_parse(overrides)):
+    for combination in _combinations(parse_overrides(overrides)):
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             expected = as_composed(lambda: compose(command, combination, return_hydra_config=True))
         assert as_composed(lambda: _composed(command, combination, config_dir(), compositions)) == expected, combination
-    assert len(compositions) < len(_combinations(_parse(overrides)))
+    assert len(compositions) < len(_combinations(parse_overrides(overrides)))
 
 
 def test_an_unknown_key_is_not_advised_to_be_added_unless_hydra_reads_it():
