@@ -395,8 +395,7 @@ def apply_filters(records: list[dict], filters: list[str]) -> list[dict]:
 def no_match(records: list[dict], filters: list[str]) -> str:
     """Why the filters kept nothing: the values each filter's key takes in the runs."""
     values = []
-    for item in filters:
-        key = item.partition("=")[0]
+    for key in dict.fromkeys(item.partition("=")[0] for item in filters):  # a key filtered twice is listed once
         found = {_as_override(hit[1]) for r in records if (hit := lookup(r, key))[0] and hit[1] is not None}
         values.append(f"{key} {', '.join(sorted(found, key=_natural_order))}" if found else f"no {key}")
     return f"no run matches --filter {' --filter '.join(filters)} (the runs have {'; '.join(values)}); nothing written"

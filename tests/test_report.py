@@ -219,6 +219,8 @@ def test_filter_sort_and_formats(sweep, capsys, tmp_path):
     assert report.main([str(sweep), "--filter", "alpha=0.7", "--filter", "seed=1", "--no-plots"]) == 1
     assert capsys.readouterr().err.strip() == ("kd: error: no run matches --filter alpha=0.7 --filter seed=1 "
                                                "(the runs have alpha 0.5, 0.9; seed 0, 1, 2, 3); nothing written")
+    assert report.main([str(sweep), "--filter", "seed=0", "--filter", "seed=1"]) == 1
+    assert "(the runs have seed 0, 1, 2, 3); nothing written" in capsys.readouterr().err  # the key once
     assert (sweep / "report.md").read_text() == before
     assert report.main([str(sweep), "--sort", "nope"]) == 1
     assert report.main([str(sweep / "missing")]) == 2
