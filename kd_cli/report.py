@@ -953,6 +953,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep runs whose KEY (a column or any config key, e.g. data.fraction) equals VALUE; repeatable")
     parser.add_argument("--out", type=Path, help="folder for report.csv/.md/.json and the plots (default: the first PATH)")
     parser.add_argument("--no-plots", action="store_true", help="write the tables only")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, word in enumerate(argv[:-1]):  # `--sort -accuracy`: argparse would take -accuracy for an option
+        if word == "--sort" and argv[i + 1].startswith("-"):
+            argv[i: i + 2] = [f"--sort={argv[i + 1]}"]
+            break
     args = parser.parse_args(argv)
 
     missing = [str(p) for p in args.paths if not p.exists()]

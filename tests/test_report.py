@@ -202,10 +202,13 @@ def test_filter_sort_and_formats(sweep, capsys, tmp_path):
         ("teacher", 1, 85.0), ("student_scratch", 1, 79.0), ("student_kd", 1, 80.0), ("student_kd", 1, 83.0)]
     assert rows[2]["gain"] == pytest.approx(1.0) and rows[2]["gain_ci_low"] is None
 
+    assert report.main([str(sweep), "--sort", "-accuracy", "--format", "json", "--no-plots"]) == 0  # as --sort=-accuracy
+    spaced = json.loads(capsys.readouterr().out)["rows"]
     assert report.main([str(sweep), "--sort=-accuracy", "--format", "json", "--no-plots"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [r["accuracy"] for r in rows[:4]] == [pytest.approx(86.0), pytest.approx(83.5), pytest.approx(243.5 / 3),
                                                  pytest.approx(80.0)]
+    assert spaced == rows
 
     assert report.main([str(sweep), "--format", "md", "--no-plots"]) == 0
     assert capsys.readouterr().out.startswith("# kd report")
