@@ -802,6 +802,9 @@ def _describe_config(entry: dict, keys: list[str]) -> str:
 
 def gain_sentences(report: Report) -> list[str]:
     lines = []
+    # An experiment runs its sweeps itself (no -m): more seeds are more runs of it, which one report pools.
+    more_seeds = ("run the experiment again with seed=1, and `kd report outputs/experiments/NAME` pools its folders"
+                  if any("experiments" in run.path.parts for run in report.runs) else "-m seed=0,1,2")
     for g in report.gains:
         what = f"{g['model']} distilled ({_describe_config(g, report.keys)})"
         if math.isnan(g["gain"]):
@@ -809,8 +812,7 @@ def gain_sentences(report: Report) -> list[str]:
                          f"(`kd train` with the same overrides stores one)")
         elif math.isnan(g["low"]):
             lines.append(f"{what}: gain over scratch {_fmt(g['gain'], sign=True)} points from a single seed; "
-                         f"run more seeds for a confidence interval (-m seed=0,1,2; a seed experiment: run it again with "
-                         f"seed=1, and `kd report outputs/experiments/NAME` pools its folders)")
+                         f"run more seeds for a confidence interval ({more_seeds})")
         else:
             lines.append(f"{what}: gain over scratch {_fmt(g['gain'], sign=True)} points, 95% CI "
                          f"[{_fmt(g['low'], sign=True)}, {_fmt(g['high'], sign=True)}] ({g['method']}, n={g['n']}): "

@@ -523,3 +523,12 @@ def test_a_filter_reads_numbers_as_python_does(tmp_path):
     runs = report.find_runs([tmp_path])
     for typed in ("train.lr=1e-3", "train.lr=1.0e-3", "train.lr=0.001"):  # YAML 1.1 reads 1e-3 as a string
         assert len(report.build_report(runs, [typed]).frame) == 1, typed
+
+
+def test_the_single_seed_hint_fits_how_the_runs_were_made(tmp_path):
+    for folder in ("distill-multirun/s/0", "experiments/quick_mnist/2026-11-24_10-00-00/part1/0"):
+        distill_run(tmp_path / folder, 0, 0.5, 80.0, 78.0, 85.0)
+        (line,) = report.gain_sentences(report.build_report(report.find_runs([tmp_path / folder])))
+        more = ("run the experiment again with seed=1, and `kd report outputs/experiments/NAME` pools its folders"
+                if "experiments" in folder else "-m seed=0,1,2")
+        assert line.endswith(f"from a single seed; run more seeds for a confidence interval ({more})"), line
