@@ -134,6 +134,7 @@ def last_line(text: str) -> str:
 
 
 _NUMBERS = (*METRICS, *COSTS, "alpha", "T", "seed")
+_LAST = ("status", "error", "run")  # the report's last columns: how each row's run ended, and which run
 
 
 def _as_written(payload):
@@ -603,7 +604,10 @@ def build_report(runs: list[Run], filters: list[str] = (), sort: str | None = No
                          "n": 0, "seeds": str(record.get("seed")), "status": record["status"],
                          "error": record.get("error"), "run": record.get("run")})
 
-    frame = _sorted(pd.DataFrame(rows), keys, sort)
+    frame = pd.DataFrame(rows)
+    if not frame.empty:  # the same last columns whether or not a run failed, for scripts that read them
+        frame = frame.reindex(columns=[c for c in frame.columns if c not in _LAST] + list(_LAST))
+    frame = _sorted(frame, keys, sort)
     gains = []  # in the table's order
     if "gain_verdict" in frame:
         for _, row in frame[frame["gain_verdict"].notna()].iterrows():

@@ -532,3 +532,10 @@ def test_the_single_seed_hint_fits_how_the_runs_were_made(tmp_path):
         more = ("run the experiment again with seed=1, and `kd report outputs/experiments/NAME` pools its folders"
                 if "experiments" in folder else "-m seed=0,1,2")
         assert line.endswith(f"from a single seed; run more seeds for a confidence interval ({more})"), line
+
+
+def test_status_error_and_run_are_always_the_last_columns(sweep, tmp_path):
+    write_run(tmp_path / "ok", config("train", 0), [row("teacher", "mnist_teacher", 0, 85.0)])
+    for runs, filters in ((report.find_runs([sweep]), []), (report.find_runs([sweep]), ["role=student_kd"]),
+                          (report.find_runs([tmp_path / "ok"]), [])):  # the last: no run failed
+        assert list(report.build_report(runs, filters).frame.columns[-3:]) == ["status", "error", "run"], filters
