@@ -54,9 +54,8 @@ def _task(name: str):
             objective = run(cfg, run_dir)
             (run_dir / "error.txt").unlink(missing_ok=True)  # an earlier failure of this job is history now
             return objective
-        except BrokenPipeError:  # stdout's reader has gone (| head): end as a shell tool killed by SIGPIPE
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise SystemExit(141) from None
+        except BrokenPipeError:  # stdout's reader has gone (| head); Hydra's handler would call it a failure
+            raise SystemExit(_reader_gone()) from None
         except KeyboardInterrupt:  # stopped, not failed: the sweep's summary lists the job as unfinished
             (run_dir / "error.txt").unlink(missing_ok=True)
             raise
@@ -169,10 +168,14 @@ def _until_the_reader_stops(command) -> int:
     try:
         return command()
     except BrokenPipeError:
-        # As a shell tool killed by SIGPIPE: no traceback, status 128 + 13. Python's last flush at exit
-        # would meet the closed pipe again, so stdout now points at /dev/null.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """The exit status once stdout's reader has gone: as a shell tool killed by SIGPIPE, no traceback,
+    128 + 13. Python's last flush at exit would meet the closed pipe again, so stdout now points at /dev/null."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141
 
 
 def main() -> None:

@@ -165,7 +165,7 @@ def load_run(path: Path) -> Run:
                 return Run(path, "ok", command, {}, [], {})
             payload = _as_written(payload)
             config = payload.get("config") or _hydra_config(path)
-            return Run(path, "ok", payload.get("command") or config.get("command"), config,
+            return Run(path, "ok", command or config.get("command"), config,
                        payload["rows"], payload.get("histories") or {})
         except (ValueError, KeyError, TypeError) as e:
             config = _hydra_config(path)

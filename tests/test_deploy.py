@@ -300,3 +300,15 @@ def test_a_student_distilled_without_a_teacher_keeps_its_role():
     roles = [Source(None, cfg, {"model_cfg": spec, **meta}, Path("m.pt")).role
              for meta in ({"loss": "dml"}, {"loss": "self"}, {"loss": "kd", "teacher": "t.pt"}, {})]
     assert roles == ["student_kd", "student_kd", "student_kd", "student_scratch"]
+
+
+def test_bench_model_of_a_run_writes_where_out_says_whatever_the_run_folder_holds(distilled, tmp_path):
+    from kd_cli.deploy import bench_model
+
+    blocked = distilled / "bench-model"  # a file where the default output folder would go
+    blocked.write_text("")
+    try:
+        bench_model.main([f"run={distilled}", f"out={tmp_path / 'bench'}", "runs=1", "warmup=0", "batch=2", "device=cpu"])
+    finally:
+        blocked.unlink()
+    assert (tmp_path / "bench" / "results.csv").is_file()

@@ -103,16 +103,15 @@ def main(argv: list[str]) -> None:
     if options.get("run") or options.get("student.checkpoint"):
         if "dataset" in options:
             raise KdError("dataset= is for catalogue models; a trained model keeps the dataset it was trained on")
-        source = load_source({**options, "out": None}, "bench-model")
+        source = load_source(options, "bench-model")  # it checks the output folder too
         model, label, dataset, out = source.model, source.label, source.cfg.dataset, source.out
     elif target:
         dataset = _dataset(options.get("dataset", "cifar10"))
         model, label = _catalogue_model(target, dataset)
-        out = Path("outputs") / "bench-model" / f"{label}-{dataset.name}"
+        out = Path(options.get("out") or Path("outputs") / "bench-model" / f"{label}-{dataset.name}")
+        check_writable(out, "kd bench-model's output folder", "out=PATH")
     else:
         raise KdError("kd bench-model needs a catalogue model name (e.g. light6), a run folder or a checkpoint")
-    out = Path(options.get("out") or out)
-    check_writable(out, "kd bench-model's output folder", "out=PATH")
     shape = (dataset.channels, dataset.image_size, dataset.image_size)
 
     layouts = ["nchw", "channels_last"] if has_conv(model) else ["nchw"]
