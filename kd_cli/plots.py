@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import itertools
 import re
+import textwrap
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -34,8 +36,12 @@ def _plt():
 
 def _save(fig, path: Path) -> Path:
     plt = _plt()
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
+    with warnings.catch_warnings():
+        # Long annotations (a Pareto point's run label) can stick out of any layout; "tight" below widens
+        # the image to hold them, so matplotlib's complaint that the layout could not would only be noise.
+        warnings.filterwarnings("ignore", "Tight layout not applied", UserWarning)
+        fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
     plt.close(fig)
     return path
 
@@ -260,14 +266,15 @@ def _pareto_plots(ok: pd.DataFrame, keys: list[str], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         points = list(zip(part[cost].astype(float), part["accuracy"].astype(float)))
         front = pareto_front(points)
-        labels = [f"{r['role']} {r['model']}" + (f" ({_label(r, keys)})" if _label(r, keys) else "")
+        # Wrapped: a point's settings can run to hundreds of characters when the report mixes sweeps.
+        labels = ["\n".join(textwrap.wrap(f"{r['role']} {r['model']}" + (f" ({_label(r, keys)})" if _label(r, keys) else ""), 60))
                   for _, r in part.iterrows()]
         ax.scatter([p[0] for p in points], [p[1] for p in points],
                    c=[ROLE_COLORS.get(r, "tab:grey") for r in part["role"]], s=30, alpha=0.7)
         ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "o-", color="black",
                 markerfacecolor="none", markersize=10, drawstyle="steps-post", linewidth=1, label="Pareto front")
         for i in front:
-            ax.annotate(labels[i], points[i], fontsize=7, textcoords="offset points", xytext=(6, -10))
+            ax.annotate(labels[i], points[i], fontsize=7, textcoords="offset points", xytext=(6, -6), va="top")
         costs = [p[0] for p in points]
         if min(costs) > 0 and max(costs) / min(costs) > 20:  # a log axis only pays off over decades
             ax.set_xscale("log")

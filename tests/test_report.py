@@ -539,3 +539,19 @@ def test_status_error_and_run_are_always_the_last_columns(sweep, tmp_path):
     for runs, filters in ((report.find_runs([sweep]), []), (report.find_runs([sweep]), ["role=student_kd"]),
                           (report.find_runs([tmp_path / "ok"]), [])):  # the last: no run failed
         assert list(report.build_report(runs, filters).frame.columns[-3:]) == ["status", "error", "run"], filters
+
+
+def test_pareto_plot_of_runs_with_long_labels_warns_nothing(tmp_path):
+    """A report mixing sweeps labels a Pareto point with every key it varies; matplotlib must not complain."""
+    import warnings
+
+    from kd_cli.plots import _pareto_plots
+
+    keys = [f"train.some_long_setting_{i}" for i in range(8)]
+    frame = pd.DataFrame([{"role": role, "model": "lightnn", "size_mb": size, "flops": 1e6 * size, "accuracy": acc,
+                           **{k: 0.0005 for k in keys}} for role, size, acc in
+                          (("student_scratch", 0.8, 86.0), ("student_kd", 0.8, 85.0), ("teacher", 3.6, 82.0))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths = _pareto_plots(frame, keys, tmp_path)
+    assert [p.name for p in paths] == ["report_pareto_size.png", "report_pareto_flops.png"]
