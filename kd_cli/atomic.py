@@ -1,5 +1,6 @@
 """Files that are either the old version or the complete new one, never half written."""
 
+import errno
 import functools
 import io
 import os
@@ -76,18 +77,33 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        # The rename itself must reach the disk too, or a crash could bring back the old name.
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        tmp = None
     except OSError as e:
         kept = "; its previous version is intact" if path.exists() else ""
         raise KdError(f"cannot write {path}: {e.strerror or e}{kept}") from e
     finally:
         if tmp is not None and Path(tmp).exists():
             Path(tmp).unlink()
+    _fsync_folder(path)
+
+
+# What a file system that cannot fsync a folder (some network and FUSE ones) answers.
+_FOLDER_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES, errno.EPERM, errno.EBADF}
+
+
+def _fsync_folder(path: Path) -> None:
+    """The rename itself must reach the disk too, or a crash could bring back the old name."""
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        if e.errno in _FOLDER_FSYNC_UNSUPPORTED:  # the new file is in place; this file system promises no more
+            return
+        raise KdError(f"{path} is written, but its folder could not be synced to disk ({e.strerror or e}); "
+                      f"a crash now could bring back its previous version") from e
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -82,7 +82,7 @@ def validate(cfg) -> None:
         raise KdError("nothing to train: `~teacher` and `~student` remove both models; keep at least one")
     _integer(cfg, "seed", 0)
     _integer(cfg, "train.epochs", 1)
-    _integer(cfg, "train.batch_size", 1)
+    _integer(cfg, "train.batch_size", 2)  # a batch of one is never trained on: BatchNorm needs two images
     if "measure" in cfg:
         _integer(cfg, "measure.latency_runs", 1)
         _integer(cfg, "measure.latency_warmup", 0)
@@ -91,7 +91,8 @@ def validate(cfg) -> None:
     if cfg.get("command") == "distill" and cfg.train.teacher_cache == "on" and cfg.data.augment:
         raise KdError(CACHE_NEEDS_FIXED_INPUTS)  # engine.Teacher would say so only once the models are in place
     for key in ("train.teacher_cache_max_mb", "train.teacher_cache_disk_mb"):
-        if OmegaConf.select(cfg, key) is not None and _number(cfg, key) < 0:
+        # disk_mb may be null (nothing saved, as 0); the cache's own limit must be a number.
+        if (key.endswith("max_mb") or OmegaConf.select(cfg, key) is not None) and _number(cfg, key) < 0:
             raise KdError(f"{key} must be >= 0 (megabytes), got {OmegaConf.select(cfg, key)}")
     if _number(cfg, "train.lr") <= 0:
         raise KdError(f"train.lr must be > 0, got {cfg.train.lr}")

@@ -204,11 +204,10 @@ def load_data(cfg) -> ImageData:
     # Copies: the cached arrays stay untouched, and torch wants writable memory.
     train_x, test_x = torch.tensor(train_x), torch.tensor(test_x)
     train_y, test_y = torch.tensor(train_y, dtype=torch.int64), torch.tensor(test_y, dtype=torch.int64)
-    # The training subset follows the run's seed; the test subset is fixed so every run is scored alike.
     # The validation split is fixed (seed 0) so every configuration of a search is judged on the same
-    # images; the training subset follows the run's seed; the test subset is fixed as well.
+    # images; the training subset follows the run's seed; the test subset is fixed so every run is scored alike.
     val = {}
-    if data.get("val_fraction", 0) > 0:
+    if (data.get("val_fraction") or 0) > 0:  # null: no validation split, as 0
         val_idx = stratified_subset(train_y, data.val_fraction, 0)
         val = {"val_x": train_x[val_idx], "val_y": train_y[val_idx]}
         keep = torch.ones(len(train_y), dtype=torch.bool)

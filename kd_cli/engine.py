@@ -175,10 +175,10 @@ class Teacher:
         self.channels_last = use_channels_last(self.model, cfg.train, device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.precision = self._choose_precision(cfg.train, device, cached=not augment)
+        mode = str(cfg.train.teacher_cache)
+        self.precision = self._choose_precision(cfg.train, device, cached=mode != "off" and not augment)
         self.cache = None
         self.seconds_reused = 0.0  # what computing a cache kept by an earlier fit cost
-        mode = str(cfg.train.teacher_cache)
         if mode == "on" and augment:
             raise KdError(CACHE_NEEDS_FIXED_INPUTS)
         if mode != "off" and not augment:
@@ -435,6 +435,10 @@ def _fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, de
         if state["config"] != run_identity(cfg):
             raise KdError(f"{state_path} holds the training state of a different config; use another hydra.run.dir "
                           f"or delete that file to start over")
+        saved_on = state.get("device", device.type)  # states written before kd recorded it: assume this device
+        if saved_on != device.type:  # a device's random streams (augmentation, dropout) do not carry over to another
+            raise KdError(f"{state_path} was saved by a run on {saved_on}; resume it with device={saved_on}, "
+                          f"or delete that file to start over on {device.type}")
         student.load_state_dict(state["model"])
         loss_fn.load_state_dict(state["helpers"])
         optimizer.load_state_dict(state["optimizer"])
@@ -442,10 +446,14 @@ def _fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, de
         _restore_rng(state["rng"], generators)
         history, step_seconds, images_seen = state["history"], state["step_seconds"], state["images_seen"]
         first_epoch = state["epoch"] + 1
-        started -= state["elapsed_s"]
+        # The time before the interruption, which includes the teacher's pass and setup once; this
+        # process's own setup is left out, so train_time_s stays that of an uninterrupted fit.
+        started = time.perf_counter() - state["elapsed_s"]
         log.info("%s: resuming after epoch %d from %s", label, state["epoch"], state_path)
 
     n = len(data.train_y)
+    if n < 2:  # epoch_batches drops a batch of one, so an epoch would see nothing
+        raise KdError(f"{label}: {n} training image{'' if n == 1 else 's'}; at least 2 are needed (raise data.fraction)")
     progress = _Progress(label, train_cfg.epochs, math.ceil(n / train_cfg.batch_size), first_epoch)
     try:
         for epoch in range(first_epoch, train_cfg.epochs + 1):
@@ -481,6 +489,7 @@ def _fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, de
                 first_bad_step = torch.where(bad, step, first_bad_step)
                 seen += len(idx)
                 progress.step()
+            lr = optimizer.param_groups[0]["lr"]  # the epoch's own, before the schedule moves it on
             schedule.step()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -493,13 +502,13 @@ def _fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, de
             images_seen += seen
             stats = {"epoch": epoch, "loss": (loss_sum / seen).item(), "train_accuracy": 100.0 * correct.item() / seen,
                      "test_accuracy": evaluate(student, data, channels_last=channels_last),
-                     "lr": optimizer.param_groups[0]["lr"], "img_per_s": seen / seconds}
+                     "lr": lr, "img_per_s": seen / seconds}
             if data.val_y is not None:
                 stats["val_accuracy"] = evaluate(student, data, channels_last=channels_last, split="val")
             history.append(stats)
             progress.epoch(stats)
             if state_path:
-                state = {"config": run_identity(cfg), "epoch": epoch, "model": student.state_dict(), "helpers": loss_fn.state_dict(),
+                state = {"config": run_identity(cfg), "device": device.type, "epoch": epoch, "model": student.state_dict(), "helpers": loss_fn.state_dict(),
                          "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                          "rng": _rng_state(generators), "history": history, "step_seconds": step_seconds,
                          "images_seen": images_seen, "elapsed_s": time.perf_counter() - started}

@@ -89,13 +89,15 @@ def test_alpha_and_T_are_top_level():
     ("T=-2", "T must be > 0"),
     ("train.epochs=0", "train.epochs must be a whole number >= 1"),
     ("train.epochs=2.5", "train.epochs must be a whole number >= 1"),
-    ("train.batch_size=0", "train.batch_size must be a whole number >= 1"),
+    ("train.batch_size=0", "train.batch_size must be a whole number >= 2"),
+    ("train.batch_size=1", "train.batch_size must be a whole number >= 2, got 1"),  # every batch would be dropped
     ("data.fraction=0", "data.fraction must be in (0, 1]"),
     ("data.fraction=1.5", "data.fraction must be in (0, 1]"),
     ("data.test_fraction=0", "data.test_fraction must be in (0, 1]"),
     ("train.lr=0", "train.lr must be > 0"),
     ("train.teacher_cache_disk_mb=-1", "train.teacher_cache_disk_mb must be >= 0 (megabytes), got -1"),
     ("train.teacher_cache_max_mb=lots", "train.teacher_cache_max_mb must be a number, got 'lots'"),
+    ("train.teacher_cache_max_mb=null", "train.teacher_cache_max_mb must be a number, got None"),
 ])
 def test_validation_refuses(override, message):
     with pytest.raises(KdError, match=message.replace("[", r"\[").replace("(", r"\(").replace("]", r"\]").replace(")", r"\)")):

@@ -175,3 +175,8 @@ def test_a_failed_download_is_one_line_and_leaves_no_empty_folders_behind(tmp_pa
 def test_an_error_joins_the_lines_it_quotes_and_keeps_the_spaces_it_quotes():
     error = KdError("cannot read 'my  data.csv':\n  torch says:\n\nbad header\n")
     assert str(error) == "kd: error: cannot read 'my  data.csv': torch says: bad header"
+
+
+def test_a_null_validation_fraction_holds_nothing_out(fashion_mnist):
+    data = load_data(cfg_for("fashion_mnist", "/nonexistent", "data.val_fraction=null", "data.fraction=0.1"))
+    assert data.val_y is None and len(data.train_y) == 6000

@@ -212,6 +212,30 @@ def test_disk_full_while_checkpointing_keeps_the_previous_state(tmp_path, monkey
     assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temporary file left behind
 
 
+@pytest.mark.parametrize("error, refused", [(errno.EINVAL, False), (errno.EIO, True)])
+def test_a_folder_that_cannot_be_synced_leaves_the_new_file_in_place(tmp_path, monkeypatch, error, refused):
+    """Some network and FUSE file systems refuse to fsync a folder (EINVAL): the write has succeeded
+    all the same. A real I/O error there is reported, without claiming the old version was kept."""
+    from kd_cli.atomic import atomic_write_text
+
+    real_fsync = os.fsync
+
+    def folder_fsync_fails(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(error, os.strerror(error))
+        real_fsync(fd)
+
+    path = tmp_path / "results.csv"
+    path.write_text("old\n")
+    monkeypatch.setattr("kd_cli.atomic.os.fsync", folder_fsync_fails)
+    if refused:
+        with pytest.raises(KdError, match=f"{path} is written, but its folder could not be synced to disk"):
+            atomic_write_text(path, "new\n")
+    else:
+        atomic_write_text(path, "new\n")
+    assert path.read_text() == "new\n" and [p.name for p in tmp_path.iterdir()] == ["results.csv"]
+
+
 # ------------------------------------------------------------------ bad input: one line, non-zero exit, nothing lost
 
 def _bad_checkpoint(kind: str, folder: Path, good: Path) -> Path:
@@ -266,7 +290,7 @@ REFUSED_UPFRONT = [
     (["-m", "alpha=0.5,-1"], "alpha must be in [0, 1] (the weight of the distillation term), got -1"),
     (["T=0"], "T must be > 0"),
     (["train.epochs=0"], "train.epochs must be a whole number >= 1, got 0"),
-    (["train.batch_size=0"], "train.batch_size must be a whole number >= 1, got 0"),
+    (["train.batch_size=0"], "train.batch_size must be a whole number >= 2, got 0"),
     (["train.weight_decay=-1"], "train.weight_decay must be >= 0, got -1"),
     (["train.momentum=2"], "train.momentum must be in [0, 1), got 2"),
     (["train.gamma=0"], "train.gamma must be > 0"),

@@ -1,0 +1,83 @@
+"""What `engine.fit` records per epoch and when resumed, and what it refuses, on tiny CIFAR-format files."""
+
+import dataclasses
+import time
+
+import pytest
+import torch
+from conftest import seeded_kd_setup, tutorial_config
+
+from kd_cli import engine
+from kd_cli.data import load_data
+from kd_cli.engine import fit, seed_everything
+from kd_cli.errors import KdError
+from kd_cli.losses.hinton import CrossEntropy
+from kd_cli.models import build_model
+
+STEPS, BATCH = 2, 8
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def fitted(cfg, data=None):
+    data = data or load_data(cfg)
+    seed_everything(0)
+    student = build_model(cfg.student, data.spec)
+    return fit(student, CrossEntropy(), data, cfg, torch.device("cpu"))
+
+
+def test_each_epoch_records_the_learning_rate_it_trained_with(cifar):
+    """Cosine over 3 epochs from 0.3: epochs 1-3 train at 0.3, 0.225 and 0.075 (the schedule steps after each)."""
+    cfg = tutorial_config(cifar, BATCH, "lightnn", epochs=3, extra=["train.schedule=cosine", "train.lr=0.3"])
+    lrs = [epoch["lr"] for epoch in fitted(cfg).history]
+    assert lrs == pytest.approx([0.3, 0.225, 0.075])
+
+
+def test_a_training_set_of_one_image_is_refused_in_one_line(cifar):
+    cfg = tutorial_config(cifar, BATCH, "lightnn")
+    data = load_data(cfg)
+    one = dataclasses.replace(data, train_x=data.train_x[:1], train_y=data.train_y[:1])
+    with pytest.raises(KdError, match=r"kd: error: student: 1 training image; at least 2 are needed \(raise data.fraction\)$"):
+        fitted(cfg, one)
+
+
+def _stopped_after_epoch_1(cfg, state_path, **changes):
+    """The training state a 2-epoch fit would have left had it stopped after epoch 1, with `changes`."""
+    data, student, teacher, loss_fn = seeded_kd_setup(cfg)
+    fit(student, loss_fn, data, cfg, torch.device("cpu"), teacher=teacher, state_path=state_path)
+    state = torch.load(state_path, weights_only=True)
+    state |= {"epoch": 1, "history": state["history"][:1], **changes}
+    torch.save(state, state_path)
+
+
+def resumed(cfg, state_path):
+    data, student, teacher, loss_fn = seeded_kd_setup(cfg)
+    return fit(student, loss_fn, data, cfg, torch.device("cpu"), teacher=teacher, state_path=state_path)
+
+
+def test_a_resumed_fit_counts_the_teachers_pass_once(cifar, tmp_path, monkeypatch):
+    """The time saved with the state already holds the teacher's pass: resuming must not add it again."""
+    cfg = tutorial_config(cifar, BATCH, "lightnn", teacher="lightnn", epochs=2)
+    state_path = tmp_path / "state.pt"
+    _stopped_after_epoch_1(cfg, state_path, elapsed_s=1000.0)
+    teacher_init = engine.Teacher.__init__
+
+    def a_kept_cache_that_cost_500_s(self, *args, **kwargs):
+        teacher_init(self, *args, **kwargs)
+        self.seconds_reused = 500.0
+
+    monkeypatch.setattr(engine.Teacher, "__init__", a_kept_cache_that_cost_500_s)
+    started = time.perf_counter()
+    result = resumed(cfg, state_path)
+    assert [epoch["epoch"] for epoch in result.history] == [1, 2]
+    assert 1000.0 <= result.train_time_s <= 1000.0 + (time.perf_counter() - started)
+
+
+def test_a_state_saved_on_another_device_is_refused_in_one_line(cifar, tmp_path):
+    cfg = tutorial_config(cifar, BATCH, "lightnn", teacher="lightnn", epochs=2)
+    state_path = tmp_path / "state.pt"
+    _stopped_after_epoch_1(cfg, state_path, device="cuda")
+    kept = state_path.read_bytes()
+    with pytest.raises(KdError, match=rf"kd: error: {state_path} was saved by a run on cuda; resume it with device=cuda, "
+                                      r"or delete that file to start over on cpu$"):
+        resumed(cfg, state_path)
+    assert state_path.read_bytes() == kept
