@@ -179,10 +179,12 @@ def ignored_settings(cfg) -> dict[str, str]:
     without_teacher = {"self": "scheme=self", "multi_teacher": "scheme=multi_teacher, which reads scheme.teachers,",
                        "born_again": "scheme=born_again with scheme.start=scratch" if scheme.get("start") == "scratch" else None,
                        "online": "scheme=online with scheme.peers" if scheme.get("peers") else None}.get(scheme.name)
+    loss_fn, loss = build_loss(cfg), f"loss={cfg.loss.name}"
+    if scheme.name == "offline" and not loss_fn.needs_teacher:
+        without_teacher = loss + (" with loss.virtual=true" if cfg.loss.name == "tf_kd" else "")
     if without_teacher:
         ignored |= {key: without_teacher for key in ("teacher", "teacher.checkpoint", "teacher_recipe")}
-    loss = f"loss={cfg.loss.name}"
-    used = set(build_loss(cfg).uses)
+    used = set(loss_fn.uses)
     if scheme.name == "multi_teacher":
         used.add("T")  # the teachers' soft targets are averaged at T, whatever the loss (the ensemble's row too)
     elif "T" in used and "T" not in settings_read(used, cfg.alpha):

@@ -95,8 +95,16 @@ def _optimizer(params, train_cfg, device: torch.device) -> torch.optim.Optimizer
     # instead of 0.42 ms, for ResNet-18 23 ms instead of 94 ms (SGD: 2.7x and 2x faster).
     fused = True if device.type == "cpu" else None
     if name == "sgd":
-        return torch.optim.SGD(params, lr=train_cfg.lr, momentum=train_cfg.momentum,
-                               weight_decay=train_cfg.weight_decay, nesterov=train_cfg.nesterov, fused=fused)
+        params = list(params)
+        sgd = torch.optim.SGD(params, lr=train_cfg.lr, momentum=train_cfg.momentum,
+                              weight_decay=train_cfg.weight_decay, nesterov=train_cfg.nesterov, fused=fused)
+        if fused and train_cfg.momentum:
+            # Fused SGD takes momentum buffers for every parameter or for none, and fails when a parameter
+            # first gets a gradient after the others have buffers (the classifier, after a two-stage loss's
+            # first stage). A zero buffer gives the same first step as none (momentum * 0 + grad = grad).
+            for p in params:
+                sgd.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return sgd
     if name == "adam":
         return torch.optim.Adam(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, fused=fused)
     raise KdError(f"unknown train.optimizer '{name}'; choose sgd or adam")

@@ -89,6 +89,15 @@ def test_loss_ce_trains_with_labels_only_and_matches_scratch(kd):
     assert table.loc["student_kd", "accuracy"] == table.loc["student_scratch", "accuracy"]
 
 
+def test_a_loss_without_a_teacher_needs_none_trained(kd):
+    """tf_kd's virtual teacher (and ce) read no teacher: with an empty store, no teacher is asked for or trained."""
+    kd("distill", *TINY, "loss=tf_kd")
+    table = results(only_run_dir(kd.cwd / "outputs" / "distill"))
+    assert list(table["role"]) == ["student_kd"]  # no teacher row; no scratch row either, the store has none
+    assert table.loc[0, ["taught_by", "teacher_retained"]].isna().all()
+    assert not (kd.cwd / "outputs" / "store").exists()
+
+
 def one_line_error(proc) -> str:
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert proc.returncode != 0

@@ -81,3 +81,25 @@ def test_a_state_saved_on_another_device_is_refused_in_one_line(cifar, tmp_path)
                                       r"or delete that file to start over on cpu$"):
         resumed(cfg, state_path)
     assert state_path.read_bytes() == kept
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_trains_a_parameter_whose_first_gradient_comes_late_as_unfused_sgd_does(nesterov):
+    """A two-stage loss (fitnets, fsp) leaves the classifier without gradients in its first stage; fused
+    SGD with momentum failed on the step where it got its first one."""
+    from omegaconf import OmegaConf
+
+    train_cfg = OmegaConf.create({"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": nesterov})
+    torch.manual_seed(0)
+    kd_params = [torch.randn(4, 3, requires_grad=True), torch.randn(5, requires_grad=True)]
+    plain_params = [p.detach().clone().requires_grad_() for p in kd_params]
+    ours = engine._optimizer(kd_params, train_cfg, torch.device("cpu"))
+    reference = torch.optim.SGD(plain_params, lr=0.1, momentum=0.9, weight_decay=5e-4, nesterov=nesterov, foreach=False)
+    for step in range(4):
+        for params, optimizer in ((kd_params, ours), (plain_params, reference)):
+            optimizer.zero_grad(set_to_none=True)
+            used = params if step >= 2 else params[:1]  # the second parameter gets gradients from step 2 on
+            sum((p * (k + 1)).square().sum() for k, p in enumerate(used)).backward()
+            optimizer.step()
+    for ours_p, reference_p in zip(kd_params, plain_params):
+        torch.testing.assert_close(ours_p, reference_p, rtol=1e-6, atol=1e-7)

@@ -101,6 +101,7 @@ def test_distill_with_each_method(methods_run, method):
     log_text = (job / "distill.log").read_text()
     # tf_kd's virtual teacher needs no teacher network: the teacher never runs, so nothing is cached.
     assert ("teacher cache" in log_text) == (method not in ("tf_kd", "ce"))
+    assert ("teacher" in table.index) == (method not in ("tf_kd", "ce"))  # nor is it loaded for the table
 
 
 def test_crd_logs_and_checkpoints_its_memory(methods_run):

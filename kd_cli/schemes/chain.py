@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 
 @scheme("offline")
 def offline(run):
+    if not build_loss(run.cfg).needs_teacher:  # loss=ce, or tf_kd's virtual teacher: no teacher to train or load
+        rows, histories = [], {}
+        run.scratch_row(rows, histories)
+        return _student_rows(run, None, rows, histories)
     return distill_chain(run, run.teacher(), run.cfg.teacher, links=[], role="")
 
 
@@ -86,11 +90,19 @@ def distill_chain(run, first, first_cfg, links: list, role: str):
                             taught_by=model_label(teacher_cfg)))
         histories[name] = meta["history"]
         teacher, teacher_cfg, teacher_path = model, link_cfg, path
-    loss_fn = build_loss(cfg)
-    student, meta, result = run.distill_student(teacher, loss_fn, histories, teacher=str(teacher_path))
-    rows.append(run.student_kd_row(student, meta, loss_fn, taught_by=model_label(teacher_cfg)))
-    if cfg.get("quant") == "qat":  # the same student in int8: post-training quantized, and quantization-aware KD
+    return _student_rows(run, (teacher, teacher_cfg, teacher_path), rows, histories)
+
+
+def _student_rows(run, last_link, rows: list, histories: dict):
+    """The distilled student's rows after `rows`, taught by `last_link` (model, config, path), or by no teacher."""
+    teacher, teacher_cfg, teacher_path = last_link or (None, None, None)
+    taught = {"taught_by": model_label(teacher_cfg)} if teacher_cfg is not None else {}
+    loss_fn = build_loss(run.cfg)
+    student, meta, result = run.distill_student(teacher, loss_fn, histories,
+                                                **({"teacher": str(teacher_path)} if teacher_path else {}))
+    rows.append(run.student_kd_row(student, meta, loss_fn, **taught))
+    if run.cfg.get("quant") == "qat":  # the same student in int8: post-training quantized, and quantization-aware KD
         from kd_cli.deploy.qat import qat_rows
 
-        rows += qat_rows(run, teacher, student, loss_fn, taught_by=model_label(teacher_cfg))
+        rows += qat_rows(run, teacher, student, loss_fn, **taught)
     return rows, histories, result.val_accuracy
