@@ -18,22 +18,42 @@ class FeatureTaps:
 
     def __init__(self, model: nn.Module, paths: list[str], role: str):
         modules = dict(model.named_modules())
+        self.role = role
         self.features: dict = {}
+        self.versions: dict = {}  # each tensor's in-place version counter when it was taken
         self.handles = []
         for path in paths:
             name, _, side = path.partition(":")
             if name not in modules or side not in ("", "in"):
                 valid = ", ".join(layer_paths(model))
                 raise KdError(f"the {role} has no layer '{path}'; valid paths (add ':in' for a layer's input): {valid}")
-            self.handles.append(modules[name].register_forward_hook(self._recorder(path, side == "in")))
+            module = modules[name]
+            # An input is taken before the module runs: the module itself may overwrite it (an in-place ReLU).
+            register = module.register_forward_pre_hook if side == "in" else module.register_forward_hook
+            self.handles.append(register(self._hook(path, want_input=side == "in")))
 
-    def _recorder(self, path: str, want_input: bool):
-        def record(module, inputs, output):
-            self.features[path] = inputs[0] if want_input else output
+    def _hook(self, path: str, want_input: bool):
+        def keep(tensor):
+            # Inference tensors (the teacher's pass) keep no version counter; the check in
+            # DistillationLoss.attach, run under no_grad, has covered the teacher's paths already.
+            self.features[path], self.versions[path] = tensor, None if tensor.is_inference() else tensor._version
 
-        return record
+        if want_input:
+            return lambda module, inputs: keep(inputs[0])
+        return lambda module, inputs, output: keep(output)
 
     def pop(self) -> dict:
+        """The tensors of the last forward pass, as they were when taken.
+
+        A layer after a tapped one may overwrite it in place (a conv followed by ReLU(inplace=True)):
+        the tensor then holds that layer's result. Copying every tap would cost memory on every
+        step, so such a path is refused instead.
+        """
+        for path, tensor in self.features.items():
+            if self.versions[path] is not None and tensor._version != self.versions[path]:
+                raise KdError(f"the {self.role}'s layer '{path}' is overwritten in place by a layer after it (such as "
+                              f"ReLU(inplace=True)), so the loss would see that layer's result; take that layer's "
+                              f"output instead")
         features, self.features = self.features, {}
         return features
 

@@ -748,6 +748,17 @@ def test_a_layer_that_does_not_exist_lists_the_valid_paths():
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("side, path", [("teacher", "features.0"), ("student", "features.1"), ("student", "features.2:in")])
+def test_a_layer_a_later_one_overwrites_in_place_is_refused(side, path):
+    """DeepNN's first conv feeds ReLU(inplace=True), as does LightNN's first pooling: the tensor taken there
+    would hold the ReLU's result by the time the loss reads it."""
+    layers = {"student_layers": ["features.2"], "teacher_layers": ["features.4"]} | {f"{side}_layers": [path]}
+    with pytest.raises(KdError, match=rf"^kd: error: the {side}'s layer '{path}' is overwritten in place by a layer "
+                                      r"after it \(such as ReLU\(inplace=True\)\)") as err:
+        attached("at", **layers)
+    assert "\n" not in str(err.value)
+
+
 def test_default_layers_come_from_the_models():
     at, _, _ = attached("at")
     assert (at.student_layers, at.teacher_layers) == (["features.2", "features.5"], ["features.4", "features.9"])

@@ -113,7 +113,8 @@ class DistillationLoss(nn.Module):
             with torch.no_grad():
                 model(example)
             model.train(was_training)
-            shapes[role] = [tuple(taps.features[p].shape[1:]) for p in paths]
+            taken = taps.pop()  # refuses a path a later layer overwrites in place, before anything trains
+            shapes[role] = [tuple(taken[p].shape[1:]) for p in paths]
             taps.remove()
         self.setup(shapes.get("student", []), shapes.get("teacher", []), num_train)
 
