@@ -13,20 +13,28 @@ def layer_paths(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_modules() if name]
 
 
+def check_paths(model: nn.Module, paths: list[str], role: str) -> dict[str, nn.Module]:
+    """The model's modules by path, once every one of `paths` names one ("NAME" or "NAME:in")."""
+    modules = dict(model.named_modules())
+    for path in paths:
+        name, _, side = path.partition(":")
+        if name not in modules or side not in ("", "in"):
+            valid = ", ".join(layer_paths(model))
+            raise KdError(f"the {role} has no layer '{path}'; valid paths (add ':in' for a layer's input): {valid}")
+    return modules
+
+
 class FeatureTaps:
     """Records the tensors at `paths` during each forward pass of `model`; `pop()` hands them over."""
 
     def __init__(self, model: nn.Module, paths: list[str], role: str):
-        modules = dict(model.named_modules())
+        modules = check_paths(model, paths, role)
         self.role = role
         self.features: dict = {}
         self.versions: dict = {}  # each tensor's in-place version counter when it was taken
         self.handles = []
         for path in paths:
             name, _, side = path.partition(":")
-            if name not in modules or side not in ("", "in"):
-                valid = ", ".join(layer_paths(model))
-                raise KdError(f"the {role} has no layer '{path}'; valid paths (add ':in' for a layer's input): {valid}")
             module = modules[name]
             # An input is taken before the module runs: the module itself may overwrite it (an in-place ReLU).
             register = module.register_forward_pre_hook if side == "in" else module.register_forward_hook

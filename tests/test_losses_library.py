@@ -567,8 +567,8 @@ def test_combo_hooks_the_union_of_its_terms_layers_and_owns_their_helpers():
     combo = build_loss(OmegaConf.create({"loss": {"name": "combo", "terms": {"at": 1000, "fitnets": 100, "pkt": 30000}},
                                          "alpha": 0.5, "T": 4.0}))
     combo.attach(student, teacher, torch.zeros(2, 1, 28, 28), 100)
-    assert combo.student_layers == ["features.2", "features.5", "classifier.4:in"]
-    assert combo.teacher_layers == ["features.4", "features.9", "classifier.4:in"]
+    assert combo.student_layers == ["features.2", "features.5", "classifier.3:in"]
+    assert combo.teacher_layers == ["features.4", "features.9", "classifier.3:in"]
     assert sum(p.numel() for p in combo.parameters()) == sum(p.numel() for p in combo.terms["fitnets"].parameters()) > 0
     assert all(key.startswith("terms.fitnets.") for key in combo.state_dict())
 
@@ -759,13 +759,18 @@ def test_a_layer_a_later_one_overwrites_in_place_is_refused(side, path):
     assert "\n" not in str(err.value)
 
 
+def test_a_misspelt_path_on_one_side_is_named_not_the_layer_counts():
+    with pytest.raises(KdError, match="the student has no layer 'features.99'; valid paths"):
+        attached("at", student_layers=["features.99"])  # the teacher's defaults are two stages
+
+
 def test_default_layers_come_from_the_models():
     at, _, _ = attached("at")
     assert (at.student_layers, at.teacher_layers) == (["features.2", "features.5"], ["features.4", "features.9"])
     fitnets, _, _ = attached("fitnets")
     assert (fitnets.student_layers, fitnets.teacher_layers) == (["features.5"], ["features.9"])
     crd, _, _ = attached("crd")
-    assert (crd.student_layers, crd.teacher_layers) == (["classifier.4:in"], ["classifier.4:in"])
+    assert (crd.student_layers, crd.teacher_layers) == (["classifier.3:in"], ["classifier.3:in"])
 
 
 def test_unequal_stage_counts_pair_the_deepest_stages_unless_layers_are_given():
@@ -800,6 +805,15 @@ def test_a_misspelt_option_is_an_error_not_ignored():
     ({"name": "at", "p": 0}, "loss=at: loss.p must be > 0"),
     ({"name": "dkd", "warmup_epochs": -1}, "loss=dkd: loss.warmup_epochs must be a whole number of epochs >= 0, got -1"),
     ({"name": "fsp", "stage1_epochs": 1.5}, "loss=fsp: loss.stage1_epochs must be a whole number of epochs >= 0, got 1.5"),
+    ({"name": "nst", "degree": 2.5}, "loss=nst: loss.degree must be a whole number >= 1, got 2.5"),  # not truncated to 2
+    ({"name": "cc", "order": 1.9}, "loss=cc: loss.order must be a whole number >= 1, got 1.9"),
+    ({"name": "cc", "order": 0}, "loss=cc: loss.order must be a whole number >= 1, got 0"),  # a constant term
+    ({"name": "cc", "order": -1}, "loss=cc: loss.order must be a whole number >= 1, got -1"),  # was a traceback
+    ({"name": "cc", "gamma": 0}, "loss=cc: loss.gamma must be > 0"),
+    ({"name": "crd", "feat_dim": 0.5}, "loss=crd: loss.feat_dim must be a whole number >= 1, got 0.5"),
+    ({"name": "crd", "nce_k": 0}, "loss=crd: loss.nce_k must be a whole number >= 1, got 0"),
+    ({"name": "crd", "nce_t": 0}, "loss=crd: loss.nce_t must be > 0"),
+    ({"name": "crd", "momentum": 1}, "loss=crd: loss.momentum must be in [0, 1)"),
     ({"name": "combo", "terms": {"kd": -1}}, "loss.terms.kd: the weight must be >= 0, got -1"),
     ({"name": "combo", "terms": {"at": {"weight": 1, "p": 0}}}, "loss.terms.at: loss.p must be > 0"),
 ])

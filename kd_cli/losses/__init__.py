@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from kd_cli.errors import KdError
-from kd_cli.features import FeatureTaps, default_layers
+from kd_cli.features import FeatureTaps, check_paths, default_layers
 
 LOSSES: dict[str, type["DistillationLoss"]] = {}
 
@@ -94,6 +94,9 @@ class DistillationLoss(nn.Module):
                 self.student_layers, self.teacher_layers = student_default[-count:], teacher_default[-count:]
             else:  # one side given: the other side's defaults
                 defaulted = "student" if not self.student_layers else "teacher"
+                given = "teacher" if defaulted == "student" else "student"
+                # A misspelt path first: it, not the count it leads to, is what needs fixing.
+                check_paths(teacher if given == "teacher" else student, getattr(self, f"{given}_layers"), given)
                 self.student_layers = self.student_layers or self._deepest(default_layers(student, self.layer_kind))
                 self.teacher_layers = self.teacher_layers or self._deepest(default_layers(teacher, self.layer_kind))
             if len(self.student_layers) != len(self.teacher_layers):

@@ -41,10 +41,12 @@ class ContrastiveRD(WeightedTerm, name="crd"):
 
     def __init__(self, alpha, T, weight=0.8, feat_dim=128, nce_k=16384, nce_t=0.07, momentum=0.5, **options):
         super().__init__(alpha, T, weight, **options)
-        self.feat_dim, self.nce_k = int(feat_dim), int(nce_k)
+        self.feat_dim, self.nce_k = self.whole_option("feat_dim", feat_dim, 1), self.whole_option("nce_k", nce_k, 1)
         self.nce_t, self.momentum = float(nce_t), float(momentum)
-        if self.nce_k < 1 or self.feat_dim < 1:
-            raise KdError(f"loss.nce_k and loss.feat_dim must be >= 1, got {self.nce_k} and {self.feat_dim}")
+        if self.nce_t <= 0:
+            raise ValueError(f"loss.nce_t must be > 0 (the temperature of the scores), got {nce_t}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"loss.momentum must be in [0, 1) (the memory banks' share of the old entry), got {momentum}")
 
     def setup(self, student_shapes, teacher_shapes, num_train):
         if num_train < 2:
@@ -59,9 +61,12 @@ class ContrastiveRD(WeightedTerm, name="crd"):
         self.register_buffer("normalizers", torch.full((2,), -1.0))
         self._normalized = False
         mb = 2 * num_train * self.feat_dim * 4 / 2**20
-        log.info("crd: memory banks of 2 x %d x %d floats (%.1f MB); they grow with the training set, and each "
-                 "step scores every image against %d of them drawn at random (loss.nce_k)", num_train, self.feat_dim, mb,
-                 self.nce_k)
+        log.info("crd: memory banks of 2 x %d x %d floats (%.1f MB); they grow with the training set, and so does "
+                 "each step's cost: the batch is scored against the whole bank, of which it keeps %d negatives per "
+                 "image drawn at random (loss.nce_k)", num_train, self.feat_dim, mb, self.nce_k)
+        if self.nce_k >= num_train - 1:
+            log.warning("crd: loss.nce_k=%d is not below the %d other training images, so the same images are drawn "
+                        "as negatives again and again", self.nce_k, num_train - 1)
 
     def negatives(self, indices: torch.Tensor) -> torch.Tensor:
         """nce_k random indices per sample, uniform over the other training images."""

@@ -148,7 +148,7 @@ class NeuronSelectivity(WeightedTerm, name="nst"):
 
     def __init__(self, alpha, T, weight=50.0, degree=2, c=0.0, **options):
         super().__init__(alpha, T, weight, **options)
-        self.degree, self.c = int(degree), float(c)
+        self.degree, self.c = self.whole_option("degree", degree, 1), float(c)
 
     def setup(self, student_shapes, teacher_shapes, num_train):
         self.require_maps(student_shapes, teacher_shapes)

@@ -37,5 +37,6 @@ class HintonKD(DistillationLoss, name="kd"):
 
     def forward(self, student, teacher, targets, **_):
         hard = F.cross_entropy(student["logits"], targets)
-        soft = soft_target_kl(student["logits"], teacher["logits"], self.T)
+        # Detached, as in every method: a loss used outside the engine (tests, notebooks) must not train the teacher.
+        soft = soft_target_kl(student["logits"], teacher["logits"].detach(), self.T)
         return (1 - self.alpha) * hard + self.alpha * soft

@@ -172,7 +172,9 @@ class CorrelationCongruence(WeightedTerm, name="cc"):
 
     def __init__(self, alpha, T, weight=0.02, gamma=0.4, order=2, **options):
         super().__init__(alpha, T, weight, **options)
-        self.gamma, self.order = float(gamma), int(order)
+        self.gamma, self.order = float(gamma), self.whole_option("order", order, 1)  # order 0: a constant term
+        if self.gamma <= 0:
+            raise ValueError(f"loss.gamma must be > 0 (the kernel's width; at 0 the correlations are constant), got {gamma}")
 
     def correlation(self, x):
         x = F.normalize(flat(x), dim=1)

@@ -29,11 +29,16 @@ class WeightedTerm(DistillationLoss):
             raise ValueError(f"loss.weight must be >= 0 (a negative weight maximises the distillation term), got {weight}")
 
     @staticmethod
-    def epochs_option(name: str, value) -> int:
-        """A count of epochs from a loss.* option (stage1_epochs, warmup_epochs): a whole number >= 0."""
-        if int(value) != value or value < 0:
-            raise ValueError(f"loss.{name} must be a whole number of epochs >= 0, got {value}")
+    def whole_option(name: str, value, minimum: int, unit: str = "") -> int:
+        """A loss.* option that counts something (a degree, an order, a dimension): refused, not truncated."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < minimum:
+            raise ValueError(f"loss.{name} must be a whole number{unit} >= {minimum}, got {value}")
         return int(value)
+
+    @classmethod
+    def epochs_option(cls, name: str, value) -> int:
+        """A count of epochs from a loss.* option (stage1_epochs, warmup_epochs)."""
+        return cls.whole_option(name, value, 0, " of epochs")
 
     def term(self, student: dict, teacher: dict | None, targets: torch.Tensor, indices=None) -> torch.Tensor:
         raise NotImplementedError

@@ -33,7 +33,8 @@ class ConvNet(nn.Module):
     """`features` (convolutions) then `classifier` (flatten + fully connected).
 
     `kd_layers` names the default layers feature-based losses hook: the end of each convolution
-    stage, and the input of the last linear layer (the embedding).
+    stage, and the input of the last linear layer (the embedding), taken before dropout: the
+    teacher's, in eval mode, has none, and the student's would lose a tenth of its values each step.
     """
 
     def __init__(self, features: nn.Sequential, spec: ImageSpec, hidden: list[int], **head):
@@ -42,9 +43,12 @@ class ConvNet(nn.Module):
         widths = [_flat_size(features, spec), *hidden, spec.num_classes]
         self.classifier = nn.Sequential(nn.Flatten(), *_mlp(widths, **head))
         stage_ends = getattr(features, "stage_ends", [len(features) - 1])
+        embedding = len(self.classifier) - 1
+        if isinstance(self.classifier[embedding - 1], nn.Dropout):
+            embedding -= 1
         self.kd_layers = {
             "stages": [f"features.{i}" for i in stage_ends],
-            "embedding": [f"classifier.{len(self.classifier) - 1}:in"],
+            "embedding": [f"classifier.{embedding}:in"],
         }
 
     def forward(self, x):

@@ -14,7 +14,7 @@ from torch import nn
 
 from kd_cli.engine import evaluate
 from kd_cli.errors import KdError
-from kd_cli.features import FeatureTaps, default_layers
+from kd_cli.features import check_paths, default_layers
 from kd_cli.losses import DistillationLoss
 from kd_cli.losses.hinton import soft_target_kl
 from kd_cli.measure import count_params, size_mb
@@ -113,7 +113,7 @@ class EarlyExit(nn.Module):
 def exits_of(cfg, student: nn.Module) -> list[str]:
     """The layers of `student` that scheme=self puts exits after: `scheme.exits`, or its own stages."""
     stages = list(cfg.scheme.exits) if cfg.scheme.exits else default_layers(student, "stages")
-    FeatureTaps(student, stages, "student").remove()  # every path names a layer, or one line lists them
+    check_paths(student, stages, "student")
     if len(stages) < 2:
         raise KdError(f"scheme=self needs at least two stages to put exits after; {model_label(cfg.student)} has "
                       f"{stages}; choose a deeper student or set scheme.exits=[PATH,...] (the last is the deepest)")
