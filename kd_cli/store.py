@@ -24,7 +24,7 @@ import torch
 from omegaconf import OmegaConf
 
 import kd_cli
-from kd_cli.atomic import atomic_torch_save
+from kd_cli.atomic import atomic_torch_save, remove_abandoned_writes
 from kd_cli.errors import KdError
 from kd_cli.models import model_label
 
@@ -143,6 +143,8 @@ def making(path: Path):
 
     refresher = threading.Thread(target=keep_fresh, name=f"lock {path.name}", daemon=True)
     refresher.start()
+    # What an earlier write of a model in this folder left when it was killed mid-write: as large as a model.
+    remove_abandoned_writes(path.parent)
     try:
         yield waited
     finally:

@@ -3,6 +3,7 @@
 import os
 import pickle
 import re
+import time
 
 import pytest
 import torch
@@ -287,3 +288,20 @@ def test_kd_s_own_int8_and_export_files_are_named_when_given_as_a_checkpoint(tmp
         with pytest.raises(KdError, match=re.escape(f"{path} is {what}")) as error:
             load_checkpoint(path)
         assert "not a kd checkpoint; point at the checkpoint it was made from" in str(error.value)
+
+
+def test_making_a_model_clears_what_a_killed_write_left_in_its_folder(tmp_path, quick_locks):
+    """A write killed mid-way (SIGKILL, power cut) leaves a model-sized temporary file; an hour on, it is rubbish."""
+    from kd_cli.atomic import ABANDONED_AFTER_S
+    from kd_cli.store import making
+
+    folder = tmp_path / "fashion_mnist" / "deepnn"
+    folder.mkdir(parents=True)
+    abandoned, fresh = folder / ".seed1-abc.pt.x1.tmp", folder / ".seed2-abc.pt.x2.tmp"  # fresh: a write under way
+    for leftover in (abandoned, fresh):
+        leftover.write_bytes(b"half a model")
+    old = time.time() - ABANDONED_AFTER_S - 60
+    os.utime(abandoned, (old, old))
+    with making(folder / "seed0-abc.pt"):
+        pass
+    assert not abandoned.exists() and fresh.exists()
