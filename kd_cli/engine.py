@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import re
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -43,10 +44,11 @@ def resolve_device(name: str) -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name.startswith("cuda"):
+    cuda = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if cuda:
         if not torch.cuda.is_available():
             raise KdError(f"device={name} was asked for but no CUDA GPU is visible; use device=cpu or device=auto")
-        index = int(name.split(":")[1]) if ":" in name else 0
+        index = int(cuda.group(1) or 0)
         if index >= torch.cuda.device_count():
             raise KdError(f"device={name} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
     elif name == "mps" and not torch.backends.mps.is_available():

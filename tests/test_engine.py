@@ -1,6 +1,7 @@
-"""What `engine.fit` records per epoch and when resumed, and what it refuses, on tiny CIFAR-format files."""
+"""The engine: what a fit records per epoch and when resumed, what it refuses, its optimizer and devices (tiny CIFAR-format files)."""
 
 import dataclasses
+import re
 import time
 
 import pytest
@@ -103,3 +104,17 @@ def test_sgd_trains_a_parameter_whose_first_gradient_comes_late_as_unfused_sgd_d
             optimizer.step()
     for ours_p, reference_p in zip(kd_params, plain_params):
         torch.testing.assert_close(ours_p, reference_p, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("cuda:abc", "device=cuda:abc is not one of auto, cpu, cuda, cuda:N, mps"),
+    ("cudax", "device=cudax is not one of auto, cpu, cuda, cuda:N, mps"),
+    ("cuda:2", "device=cuda:2 does not exist; this machine has 1 GPU(s)"),
+])
+def test_a_device_name_a_gpu_machine_cannot_use_is_one_line(monkeypatch, name, message):
+    """As on a machine with one GPU (faked: these tests run on CPUs)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(KdError, match=re.escape(message)):
+        engine.resolve_device(name)
+    assert engine.resolve_device("cuda:0") == torch.device("cuda:0")
