@@ -1,4 +1,5 @@
-"""The engine: what a fit records per epoch and when resumed, what it refuses, its optimizer and devices (tiny CIFAR-format files)."""
+"""The engine: what a fit records per epoch and when resumed, what it refuses, its optimizer and its
+devices, on tiny CIFAR-format files."""
 
 import dataclasses
 import re
