@@ -393,6 +393,20 @@ def _num_threads(threads: int | None):
         torch.set_num_threads(previous)
 
 
+def _warn_if_at_chance(label: str, last_epoch: dict, num_classes: int) -> None:
+    """A model that ends where guessing would is a failed run the table alone would not explain.
+
+    Seen with kd's CIFAR recipe (SGD, lr 0.05) on networks without BatchNorm: LightNN distilled at
+    alpha=0.9, T=4 on Fashion-MNIST sat at 10.00% from its first epoch, its ReLUs dead.
+    """
+    chance = 100.0 / num_classes
+    if max(last_epoch["test_accuracy"], last_epoch["train_accuracy"]) <= 1.5 * chance:
+        log.warning("%s: ended at %.2f%% test accuracy, about chance for %d classes: its training collapsed or has barely "
+                    "started; lower train.lr (networks without BatchNorm train better with train.optimizer=adam "
+                    "train.lr=1e-3, the PyTorch KD tutorial's recipe) or train more epochs", label,
+                    last_epoch["test_accuracy"], num_classes)
+
+
 def fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, device: torch.device,
         teacher: nn.Module | None = None, label: str = "student", state_path: Path | None = None,
         teacher_outputs_folder: Path | None = None) -> FitResult:
@@ -530,6 +544,7 @@ def _fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, de
             teacher_outputs.close()
     student.to(memory_format=torch.contiguous_format)
     accuracies = [h["test_accuracy"] for h in history]
+    _warn_if_at_chance(label, history[-1], data.spec.num_classes)
     return FitResult(
         accuracy=accuracies[-1], best_accuracy=max(accuracies), val_accuracy=history[-1].get("val_accuracy"),
         train_time_s=time.perf_counter() - started, train_img_per_s=images_seen / step_seconds, history=history,
