@@ -82,18 +82,26 @@ def test_sigkill_then_resume_ends_exactly_like_an_uninterrupted_run(kd):
     assert not state.exists()  # a finished run drops its resumable state
 
 
+def _as_from_a_terminal():
+    """Signals as a command typed at a terminal gets them. A test suite started in the background (`&` in a
+    script, as some CI runners do) ignores SIGINT, and its children inherit that: kd, as any Python program,
+    then keeps running through Ctrl-C, as a background job should."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 @pytest.mark.parametrize("stop, status, how", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
                          ids=["ctrl-c", "sigterm"])
 def test_a_stopped_run_says_how_to_resume_in_one_line(kd, stop, status, how):
     env = {**os.environ, "CI": "1"}
     proc = subprocess.Popen([kd_executable(), "train", *TINY, "train.epochs=50", "~student"], cwd=kd.cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=_as_from_a_terminal)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None and not list(kd.cwd.glob("outputs/train/*/state/*.pt")):
         time.sleep(0.05)
     proc.send_signal(stop)
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == status
+    assert proc.returncode == status, stderr
     assert stderr.strip().splitlines() == [
         f"kd: {how}; rerun the same command with resume=true to continue from the last finished epoch"]
 
