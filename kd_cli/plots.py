@@ -253,6 +253,12 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
+def _point_label(row, keys: list[str]) -> str:
+    """Wrapped: a point's settings can run to hundreds of characters when the report mixes sweeps."""
+    settings = _label(row, keys)
+    return "\n".join(textwrap.wrap(f"{row['role']} {row['model']}" + (f" ({settings})" if settings else ""), 60))
+
+
 def _pareto_plots(ok: pd.DataFrame, keys: list[str], out: Path) -> list[Path]:
     paths = []
     for cost, xlabel, name in (("size_mb", "model size (MB, fp32)", "report_pareto_size.png"),
@@ -266,9 +272,7 @@ def _pareto_plots(ok: pd.DataFrame, keys: list[str], out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         points = list(zip(part[cost].astype(float), part["accuracy"].astype(float)))
         front = pareto_front(points)
-        # Wrapped: a point's settings can run to hundreds of characters when the report mixes sweeps.
-        labels = ["\n".join(textwrap.wrap(f"{r['role']} {r['model']}" + (f" ({_label(r, keys)})" if _label(r, keys) else ""), 60))
-                  for _, r in part.iterrows()]
+        labels = [_point_label(r, keys) for _, r in part.iterrows()]
         ax.scatter([p[0] for p in points], [p[1] for p in points],
                    c=[ROLE_COLORS.get(r, "tab:grey") for r in part["role"]], s=30, alpha=0.7)
         ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "o-", color="black",

@@ -206,7 +206,8 @@ def _unreadable(path: Path, error: Exception) -> KdError:
 def _other_torch_file(path: Path) -> str | None:
     """What kd's other outputs in a zip archive are, told by their entries; None for anything else."""
     try:
-        names = zipfile.ZipFile(path).namelist()
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
     except (OSError, zipfile.BadZipFile):
         return None
     if any("/code/" in name for name in names):

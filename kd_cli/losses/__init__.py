@@ -84,6 +84,10 @@ class DistillationLoss(nn.Module):
     def attach(self, student: nn.Module, teacher: nn.Module | None, example: torch.Tensor, num_train: int) -> None:
         """Resolve the layer paths, check they exist, and build helper modules for their shapes."""
         if self.layer_kind:
+            # A misspelt path first: it, not a layer count it leads to, is what needs fixing.
+            for role, model, given in (("student", student, self.student_layers), ("teacher", teacher, self.teacher_layers)):
+                if given:
+                    check_paths(model, given, role)
             defaulted = None  # the side whose layers are its defaults, when only the other was given
             if not self.student_layers and not self.teacher_layers:
                 # Models with different stage counts (ResNet-18's 4, light6's 3): pair the deepest stages
@@ -94,9 +98,6 @@ class DistillationLoss(nn.Module):
                 self.student_layers, self.teacher_layers = student_default[-count:], teacher_default[-count:]
             else:  # one side given: the other side's defaults
                 defaulted = "student" if not self.student_layers else "teacher"
-                given = "teacher" if defaulted == "student" else "student"
-                # A misspelt path first: it, not the count it leads to, is what needs fixing.
-                check_paths(teacher if given == "teacher" else student, getattr(self, f"{given}_layers"), given)
                 self.student_layers = self.student_layers or self._deepest(default_layers(student, self.layer_kind))
                 self.teacher_layers = self.teacher_layers or self._deepest(default_layers(teacher, self.layer_kind))
             if len(self.student_layers) != len(self.teacher_layers):
