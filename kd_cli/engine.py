@@ -478,6 +478,7 @@ def _fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, de
     n = len(data.train_y)
     if n < 2:  # epoch_batches drops a batch of one, so an epoch would see nothing
         raise KdError(f"{label}: {n} training image{'' if n == 1 else 's'}; at least 2 are needed (raise data.fraction)")
+    loss_fn.check_epochs(train_cfg.epochs)
     progress = _Progress(label, train_cfg.epochs, math.ceil(n / train_cfg.batch_size), first_epoch)
     try:
         for epoch in range(first_epoch, train_cfg.epochs + 1):

@@ -288,6 +288,18 @@ def test_dkd_warms_up_linearly():
     assert loss.term(student, teacher, torch.tensor(TARGETS)).item() == pytest.approx(full, rel=1e-12)
 
 
+@pytest.mark.parametrize("loss", [make("dkd", warmup_epochs=20), make("combo", terms={"dkd": {"warmup_epochs": 20}})],
+                         ids=["dkd", "combo"])
+def test_dkd_warns_when_the_run_ends_inside_its_warm_up(loss, caplog):
+    with caplog.at_level(logging.WARNING, logger="kd_cli.losses.response"):
+        loss.check_epochs(20)
+        assert not caplog.records
+        loss.check_epochs(5)
+    assert [r.getMessage() for r in caplog.records] == [
+        "dkd: train.epochs=5 ends before loss.warmup_epochs=20, so the DKD term reaches only 25% of its weight, "
+        "in the last epoch; set loss.warmup_epochs=5 or fewer (0 for no warm-up)"]
+
+
 def test_dist_value_and_gradient():
     loss = make("dist", inter_weight=2.0, intra_weight=0.5)
     student, teacher = outputs(loss, [], [])

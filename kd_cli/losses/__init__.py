@@ -131,6 +131,9 @@ class DistillationLoss(nn.Module):
     def set_epoch(self, epoch: int) -> None:
         """Called before each epoch (1-based), for methods with stages."""
 
+    def check_epochs(self, epochs: int) -> None:
+        """Called once before training: warn when a run of `epochs` is too short for the method's schedule."""
+
     def pairs(self, student: dict, teacher: dict):
         """The hooked (student, teacher) feature pairs, in layer order."""
         return [(student[s], teacher[t]) for s, t in zip(self.student_layers, self.teacher_layers)]

@@ -88,6 +88,10 @@ class Combo(WeightedTerm, name="combo"):
         for term in self.terms.values():
             term.set_epoch(epoch)
 
+    def check_epochs(self, epochs: int) -> None:
+        for term in self.terms.values():
+            term.check_epochs(epochs)
+
     def term(self, student, teacher, targets, indices=None):
         total = 0.0
         for term in self.terms.values():

@@ -4,6 +4,7 @@ Each is (1 - alpha) * CE + alpha * weight * term (kd_cli/losses/weighted.py); `T
 temperature wherever a method softens probabilities.
 """
 
+import logging
 import math
 
 import torch
@@ -12,6 +13,8 @@ import torch.nn.functional as F
 from kd_cli.errors import KdError
 from kd_cli.losses.hinton import soft_target_kl
 from kd_cli.losses.weighted import WeightedTerm
+
+log = logging.getLogger(__name__)
 
 
 class LogitsMSE(WeightedTerm, name="logits_mse"):
@@ -79,6 +82,12 @@ class DecoupledKD(WeightedTerm, name="dkd"):
 
     def set_epoch(self, epoch: int) -> None:
         self.ramp = min(epoch / self.warmup_epochs, 1.0) if self.warmup_epochs > 0 else 1.0
+
+    def check_epochs(self, epochs: int) -> None:
+        if epochs < self.warmup_epochs:
+            log.warning("dkd: train.epochs=%d ends before loss.warmup_epochs=%d, so the DKD term reaches only %d%% of "
+                        "its weight, in the last epoch; set loss.warmup_epochs=%d or fewer (0 for no warm-up)",
+                        epochs, self.warmup_epochs, 100 * epochs // self.warmup_epochs, epochs)
 
     def term(self, student, teacher, targets, indices=None):
         tckd, nckd = decoupled_kl(student["logits"], teacher["logits"].detach(), targets, self.T)
