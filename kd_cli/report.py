@@ -678,10 +678,13 @@ def newest_per_seed(group: list[dict]) -> tuple[list[dict], list[dict]]:
 def _sorted(frame: pd.DataFrame, keys: list[str], sort: str | None) -> pd.DataFrame:
     if frame.empty:
         return frame
-    if sort:
+    if sort is not None:
         columns, ascending = [], []
         for item in sort.split(","):
             name = item.strip().lstrip("-")
+            if not name:
+                raise ReportError(f"--sort takes column names, comma-separated, a leading - for descending "
+                                  f"(e.g. --sort=-accuracy), got {sort!r}")
             if name not in frame.columns:
                 raise ReportError(f"--sort {name}: not a column of the report; columns: {', '.join(frame.columns)}")
             columns.append(name)

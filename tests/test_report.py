@@ -226,6 +226,9 @@ def test_filter_sort_and_formats(sweep, capsys, tmp_path):
     assert "(the runs have seed 0, 1, 2, 3); nothing written" in capsys.readouterr().err  # the key once
     assert (sweep / "report.md").read_text() == before
     assert report.main([str(sweep), "--sort", "nope"]) == 1
+    for empty in ("", "accuracy,", "-"):
+        assert report.main([str(sweep), f"--sort={empty}", "--no-plots"]) == 1
+        assert f"--sort takes column names, comma-separated, a leading - for descending (e.g. --sort=-accuracy), got {empty!r}" in capsys.readouterr().err
     assert report.main([str(sweep / "missing")]) == 2
 
 
