@@ -64,6 +64,7 @@ FLAGS = ("data.download", "data.augment", "overwrite", "resume", "deterministic"
 
 
 CACHE_NEEDS_FIXED_INPUTS = "train.teacher_cache=on needs fixed inputs; set data.augment=false or train.teacher_cache=auto"
+COMPILE_WITH_HOOKS = "train.compile=true does not combine with losses that hook intermediate layers; set train.compile=false"
 
 
 def validate(cfg) -> None:
@@ -127,6 +128,9 @@ def validate(cfg) -> None:
     if hint_epochs and hint_epochs >= cfg.train.epochs:
         raise KdError(f"loss.stage1_epochs={hint_epochs} covers every epoch of train.epochs={cfg.train.epochs}, so the "
                       f"student would never learn from the labels; use fewer hint epochs or more train.epochs")
+    hooks_layers = loss_fn is not None and (loss_fn.hooks_layers or OmegaConf.select(cfg, "scheme.name") == "self")
+    if cfg.train.get("compile") and hooks_layers:
+        raise KdError(COMPILE_WITH_HOOKS)
     if "scheme" in cfg:
         _validate_scheme(cfg, loss_fn)
     if cfg.get("teacher_recipe"):
@@ -158,6 +162,19 @@ _READ_UNDER = {"train.momentum": ("train.optimizer", "sgd"), "train.nesterov": (
                "train.milestones": ("train.schedule", "multistep"), "train.gamma": ("train.schedule", "multistep")}
 
 
+def _unread_link_settings(cfg, loss_fn) -> dict[str, str]:
+    """scheme.link_alpha and link_T where a chain has no link before the student, or its links read no T."""
+    scheme = cfg.scheme
+    if scheme.name == "born_again" and scheme.generations == 1:
+        subject = "scheme=born_again with scheme.generations=1, which distils no generation before the student,"
+        return {key: subject for key in ("scheme.link_alpha", "scheme.link_T")}
+    alpha = cfg.alpha if scheme.link_alpha is None else scheme.link_alpha
+    if "T" in settings_read(loss_fn.uses, alpha):
+        return {}
+    name = "alpha" if scheme.link_alpha is None else "scheme.link_alpha"
+    return {"scheme.link_T": f"loss={cfg.loss.name}" + (f" with {name}={alpha}" if "T" in loss_fn.uses else "")}
+
+
 def settings_read(uses, alpha) -> set[str]:
     """Which of alpha and T a loss reads (its `uses`) at this alpha. Every loss is (1 - alpha) * CE +
     alpha * term: at alpha 0 the labels alone train the student, and T goes unread."""
@@ -184,6 +201,10 @@ def ignored_settings(cfg) -> dict[str, str]:
         without_teacher = loss + (" with loss.virtual=true" if cfg.loss.name == "tf_kd" else "")
     if without_teacher:
         ignored |= {key: without_teacher for key in ("teacher", "teacher.checkpoint", "teacher_recipe")}
+    elif scheme.name == "online":  # its peers have the teacher's architecture, trained with the student's recipe
+        ignored |= {key: "scheme=online, which trains its peers from scratch," for key in ("teacher.checkpoint", "teacher_recipe")}
+    if scheme.name in ("ta", "born_again"):
+        ignored |= _unread_link_settings(cfg, loss_fn)
     used = set(loss_fn.uses)
     if scheme.name == "multi_teacher":
         used.add("T")  # the teachers' soft targets are averaged at T, whatever the loss (the ensemble's row too)
@@ -279,6 +300,13 @@ def _validate_scheme(cfg, loss_fn) -> None:
         from kd_cli.schemes import logit_loss_only
 
         logit_loss_only(loss_fn, cfg)
+    if scheme.name in ("ta", "born_again") and loss_fn is not None and not loss_fn.needs_teacher:
+        raise KdError(f"scheme={scheme.name} distils each model of its chain from the one before it, and "
+                      f"loss={cfg.loss.name} learns from no teacher, so every link would be a scratch student; "
+                      f"choose a distillation loss such as loss=kd")
+    if scheme.name == "online" and OmegaConf.select(cfg, "teacher.checkpoint"):
+        raise KdError("scheme=online trains its peers from scratch alongside the student and loads no teacher.checkpoint; "
+                      "drop it (scheme=offline distils from a trained teacher)")
     if cfg.get("quant") == "qat" and scheme.name not in ("offline", "ta", "born_again"):
         raise KdError(f"quant=qat fine-tunes a student from its teacher: use it with scheme=offline, ta or born_again "
                       f"(not scheme={scheme.name}), or run `kd quantize run=PATH` on this run's student")
@@ -294,8 +322,15 @@ def _validate_scheme(cfg, loss_fn) -> None:
             raise KdError(f"scheme.start must be scratch or teacher, got {scheme.start!r}")
     elif scheme.name == "multi_teacher":
         teachers = _model_names(cfg, "scheme.teachers", required=True)
+        duplicate = next((name for name in teachers if teachers.count(name) > 1), None)
+        if duplicate:
+            raise KdError(f"scheme.teachers names {duplicate} twice; the store holds one {duplicate} per seed and recipe, "
+                          f"so the ensemble would count the same model twice; give each model once")
         weights = scheme.weights
         if weights is not None:
+            if not OmegaConf.is_list(weights):
+                raise KdError(f"scheme.weights must be a list of {len(teachers)} non-negative numbers, one per teacher, "
+                              f"such as 'scheme.weights=[{','.join(['1'] * len(teachers))}]'; got {weights!r}")
             if len(weights) != len(teachers) or any(isinstance(w, bool) or not isinstance(w, Real) or w < 0 for w in weights) or not sum(weights):
                 raise KdError(f"scheme.weights must be {len(teachers)} non-negative numbers (one per teacher, not all 0), got {list(weights)}")
             if scheme.confidence:

@@ -25,7 +25,7 @@ from torch import nn
 
 from kd_cli import teacher_outputs as kept_outputs
 from kd_cli.atomic import atomic_torch_save
-from kd_cli.config import CACHE_NEEDS_FIXED_INPUTS, run_identity
+from kd_cli.config import CACHE_NEEDS_FIXED_INPUTS, COMPILE_WITH_HOOKS, run_identity
 from kd_cli.data import ImageData, epoch_batches, normalize, random_crop_flip
 from kd_cli.errors import KdError
 from kd_cli.features import FeatureTaps
@@ -424,7 +424,7 @@ def _fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, de
          teacher: nn.Module | None, label: str, state_path: Path | None, teacher_outputs_folder: Path | None) -> FitResult:
     train_cfg, augment = cfg.train, bool(cfg.data.augment)
     if train_cfg.get("compile") and loss_fn.student_layers:  # before the teacher's pass, not after it
-        raise KdError("train.compile=true does not combine with losses that hook intermediate layers; set train.compile=false")
+        raise KdError(COMPILE_WITH_HOOKS)
     started = time.perf_counter()
     if device.type == "cpu":
         keep_freed_memory()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
+from hydra._internal.utils import create_config_search_path
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
 from omegaconf import OmegaConf
@@ -36,15 +37,51 @@ EXPERIMENT_PART_ENV = "KD_EXPERIMENT_PART"
 MAX_GRID = 500  # combinations checked one by one; larger grids are checked on their first combination
 
 
-def parse_overrides(overrides: list[str]) -> list:
+def parse_overrides(overrides: list[str], conf_dir: str | None = None) -> list:
+    """Hydra's parse of `overrides`; with `conf_dir`, a glob() sweep can list the config groups it picks from."""
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(conf_dir)) if conf_dir else None
     try:
-        return OverridesParser.create().parse_overrides(overrides)
+        return OverridesParser.create(config_loader=loader).parse_overrides(overrides)
     except OverrideParseException as e:
         raise KdError(f"cannot read the overrides: {str(e).splitlines()[0]}") from None
 
 
 # What ignored_settings' answers hang on: with one of these swept, each combination must be checked.
 _DECIDING = ("alpha", "loss", "scheme", "train.optimizer", "train.schedule", "teacher_recipe", "experiment")
+
+
+_PARAMS = "hydra.sweeper.params."
+
+
+def _with_sweeper_params(parsed: list, command: str, conf_dir: str, compositions: dict) -> list:
+    """`parsed` after the sweeper's `hydra.sweeper.params` that the command line does not set, as
+    Hydra's sweepers take them: an Optuna search space is checked at its ends like a range typed."""
+    try:
+        cfg = _composed(command, [o.input_line for o in parsed if not o.is_sweep_override()], conf_dir, compositions)
+    except HydraException:
+        return parsed  # the combinations meet the same error, and explain it
+    params = dict(OmegaConf.select(cfg, "hydra.sweeper.params") or {})
+    for override in parsed:  # `hydra.sweeper.params.T=interval(1,4)` sets a param (the shell took its quotes)
+        key, _, value = override.input_line.lstrip("+").partition("=")
+        if key.startswith(_PARAMS):
+            params[key.removeprefix(_PARAMS)] = value
+    given = {o.get_key_element().lstrip("+~") for o in parsed}
+    extra = [f"{key}={value}" for key, value in params.items() if key not in given]
+    try:
+        return parse_overrides(extra, conf_dir) + parsed
+    except KdError as e:
+        raise KdError(f"hydra.sweeper.params: {e.reason}") from None
+
+
+def _check_search(cfg, multirun: bool, command: str) -> None:
+    """An Optuna search needs -m to search at all, and a validation split to score its trials on."""
+    if "optuna" not in str(OmegaConf.select(cfg, "hydra.sweeper._target_") or "").lower():
+        return
+    if not multirun:
+        raise KdError(f"hparams_search runs many trials, each a run: add -m (kd {command} -m hparams_search=optuna ...)")
+    if not OmegaConf.select(cfg, "data.val_fraction"):
+        raise KdError("hparams_search scores each trial on a validation split held out of the training set; "
+                      "set data.val_fraction above 0 (hparams_search=optuna sets 0.1)")
 
 
 def _sweeps_a_deciding_key(parsed: list) -> bool:
@@ -129,6 +166,10 @@ def _explain(error: HydraException, command: str, conf_dir: str, overrides: list
                 return e.reason
         if key.startswith("scheme.") and "scheme" in cfg:  # the same for a scheme's options (its yaml's keys)
             return scheme_option_error(key.split(".", 1)[1], cfg.scheme.name)
+        if key.startswith(_PARAMS):  # the dots would nest the key's parts under params
+            param = key.removeprefix(_PARAMS)
+            return (f"'{key}' cannot be set from the command line; to search over {param}, give it a range: "
+                    f"{param}='interval(LOW, HIGH)' or {param}='tag(log, interval(LOW, HIGH))'")
         root = key.split(".")[0]
         if command == "train" and root not in cfg and root != "hydra":
             with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
@@ -265,13 +306,15 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
     if any(f.split("=")[0] in _PASSIVE_FLAGS for f in flags):
         return None
     multirun = "--multirun" in flags
-    parsed = parse_overrides(overrides)
+    parsed = parse_overrides(overrides, conf_dir)
     unused: dict[str, dict[str, str]] = {}  # "train" or a loss -> the settings no combination of it uses
     searched: set[str] = set()  # settings in hparams_search's space
-    combinations = _combinations(parsed)
-    # A grid over MAX_GRID is checked on its first combination, which cannot say what the others ignore.
-    warn = warn and not (len(combinations) == 1 and _sweeps_a_deciding_key(parsed))
     compositions: dict[tuple, object] = {}
+    # The sweeper's own params (hparams_search's space, say) are swept too.
+    swept = _with_sweeper_params(parsed, command, conf_dir, compositions) if multirun else parsed
+    combinations = _combinations(swept)
+    # A grid over MAX_GRID is checked on its first combination, which cannot say what the others ignore.
+    warn = warn and not (len(combinations) == 1 and _sweeps_a_deciding_key(swept))
     for combination in combinations:
         try:
             cfg = _composed(command, combination, conf_dir, compositions)
@@ -285,6 +328,7 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
         _unused_in_all(unused, cfg)
         if multirun:
             searched |= set(OmegaConf.select(cfg, "hydra.sweeper.params") or {})
+    _check_search(cfg, multirun, command)
     if warn and os.environ.get(EXPERIMENT_PART_ENV) != "1":
         for line in _ignored_warnings(unused, _settings_given(parsed), searched):
             print(line, file=sys.stderr)

@@ -14,6 +14,7 @@ import difflib
 import json
 import logging
 import math
+import re
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -41,8 +42,12 @@ IGNORED = {"seed", "device", "resume", "store_dir", "overwrite", "command", "dat
 IGNORED_PREFIXES = ("measure.", "hydra.", "preset.")
 # Which config keys can change a row of each role: the stored models do not depend on alpha, T, loss.
 _RECIPE = ("dataset.", "data.", "train.")
+# A multi_teacher member (teacher_1, ...) is named by its row; its ensemble depends on T and scheme.*.
 SCOPE = {"teacher": (*_RECIPE, "teacher."), "student_scratch": (*_RECIPE, "student."),
-         "train": (*_RECIPE, "teacher.", "student.")}
+         "train": (*_RECIPE, "teacher.", "student."), "member": _RECIPE, "ensemble": (*_RECIPE, "scheme.", "T")}
+# Models kept in the model store, reported by every run that uses them: the teacher and the scratch
+# student, multi_teacher's members, and the models in the middle of a ta or born_again chain.
+STORED_ROLES = re.compile(r"teacher|student_scratch|teacher_\d+|assistant_\d+|generation_\d+")
 SHORT = {"teacher.arch": "teacher", "student.arch": "student", "loss.name": "loss", "scheme.name": "scheme",
          "dataset.name": "dataset"}
 DESCRIBE = ("loss", "alpha", "T")  # always shown for distilled rows, swept or not
@@ -218,9 +223,16 @@ def _natural_key(path: Path):
 # ---------------------------------------------------------------- one record per (run, role)
 
 
-def _in_scope(key: str, role: str) -> bool:
-    prefixes = SCOPE.get(role)
+def _in_scope(key: str, kind: str) -> bool:
+    prefixes = SCOPE.get(kind)
     return prefixes is None or key.startswith(prefixes)
+
+
+def _kind(role: str, flat: dict) -> str:
+    """The SCOPE entry of a row: its role, or what a role stands for in some schemes."""
+    if role == "teacher" and flat.get("scheme.name") == "multi_teacher":
+        return "ensemble"  # made by the run from its members, not a stored model
+    return "member" if re.fullmatch(r"teacher_\d+", role) else role
 
 
 def _counts(key: str) -> bool:
@@ -279,15 +291,19 @@ def build_records(runs: list[Run]) -> list[dict]:
             teacher = by_role.get("teacher")
             for row in run.rows:
                 role = row["role"]
-                if role in ("teacher", "student_scratch"):
-                    # A stored model is reported by `kd train` and again by every `kd distill` that used it.
-                    key = (role, row.get("checkpoint"))
+                kind = _kind(role, flat)
+                settings = _as_trained(flat) if kind in ("teacher", "member", "ensemble") else flat
+                config = {k: v for k, v in settings.items() if _in_scope(k, kind)}
+                if STORED_ROLES.fullmatch(role):
+                    # A stored model is reported by `kd train` and again by every `kd distill` that used it;
+                    # an ensemble is made by each run, and its T and scheme.* settings make it another one.
+                    key = (role, row.get("checkpoint"), *(sorted((k, _hashable(v)) for k, v in config.items())
+                                                          if kind == "ensemble" else ()))
                     if key in seen_stored:
                         continue
                     seen_stored.add(key)
-                settings = _as_trained(flat) if role == "teacher" else flat
                 # An empty alpha or T stays empty (the loss does not read it); build_report would fill it from the config.
-                record = {"_run": run, "_config": {k: v for k, v in settings.items() if _in_scope(k, role)},
+                record = {"_run": run, "_config": config,
                           **{k: v for k, v in row.items() if v is not None or k in ("alpha", "T")}, "status": "ok"}
                 if role == "student_kd":
                     record["_scratch"] = by_role.get("student_scratch")

@@ -130,7 +130,6 @@ IGNORED = [
     (["-m", "hparams_search=optuna", "loss=at", "~hydra.sweeper.params.T"], []),
     (["-m", "hparams_search=optuna", "loss=at", "T=interval(1,8)"],
      ["kd: warning: loss=at does not use T, so searching it wastes trials; drop T=interval(1,8)"]),
-    (["hparams_search=optuna", "loss=at"], []),  # no -m: nothing is searched
     (["-m", "hparams_search=optuna", "loss=kd"], []),
     (["-m", "loss=at", "T=1,2", f"train.lr={','.join(str(i / 1000) for i in range(1, 300))}"],  # a grid over MAX_GRID
      ["kd: warning: loss=at does not use T, so T=1,2 trains the same student for every value"]),
@@ -164,6 +163,19 @@ IGNORED = [
      ["kd: warning: scheme=born_again with scheme.start=scratch does not use teacher, so teacher=deepnn changes nothing"]),
     (["scheme=born_again", "scheme.start=teacher", "teacher=deepnn"], []),
     (["scheme=online", "teacher=deepnn"], []),  # without scheme.peers the teacher is the peer
+    (["scheme=online", "teacher_recipe={data:{fraction:1.0}}"],
+     ["kd: warning: scheme=online, which trains its peers from scratch, does not use teacher_recipe, "
+      "so teacher_recipe={data:{fraction:1.0}} changes nothing"]),
+    # A chain's link settings: unread without links, and link_T where the links read no T.
+    (["-m", "scheme=born_again", "scheme.generations=1", "scheme.link_T=1,2"],
+     ["kd: warning: scheme=born_again with scheme.generations=1, which distils no generation before the student, does "
+      "not use scheme.link_T, so scheme.link_T=1,2 trains the same model for every value"]),
+    (["-m", "scheme=ta", "scheme.assistants=[conv6]", "scheme.link_alpha=0", "scheme.link_T=1,2"],
+     ["kd: warning: loss=kd with scheme.link_alpha=0 does not use scheme.link_T, so scheme.link_T=1,2 trains the same "
+      "model for every value"]),
+    (["scheme=ta", "scheme.assistants=[conv6]", "loss=at", "scheme.link_T=2"],
+     ["kd: warning: loss=at does not use scheme.link_T, so scheme.link_T=2 changes nothing"]),
+    (["-m", "scheme=ta", "scheme.assistants=[conv6]", "scheme.link_T=1,2"], []),
 ]
 
 
@@ -210,6 +222,65 @@ def test_preflight_composes_each_combination_as_hydra_does(command, overrides):
             expected = as_composed(lambda: compose(command, combination, return_hydra_config=True))
         assert as_composed(lambda: _composed(command, combination, config_dir(), compositions)) == expected, combination
     assert len(compositions) < len(_combinations(parse_overrides(overrides)))
+
+
+SCHEME_REFUSALS = [
+    (["scheme=multi_teacher", "scheme.teachers=[deepnn,lightnn]", "scheme.weights=5"],
+     "scheme.weights must be a list of 2 non-negative numbers, one per teacher, such as 'scheme.weights=[1,1]'; got 5"),
+    (["scheme=multi_teacher", "scheme.teachers=[deepnn,lightnn,deepnn]"], "scheme.teachers names deepnn twice"),
+    (["scheme=ta", "scheme.assistants=[conv6]", "loss=ce"],
+     "scheme=ta distils each model of its chain from the one before it, and loss=ce learns from no teacher"),
+    (["scheme=born_again", "loss=tf_kd"], "scheme=born_again distils each model of its chain"),
+    (["scheme=online", "teacher.checkpoint=teacher.pt"],
+     "scheme=online trains its peers from scratch alongside the student and loads no teacher.checkpoint"),
+    (["scheme=online", "loss=combo", "loss.terms={kd:1,at:1000}"], "scheme=online combines logits"),
+    (["scheme=self", "train.compile=true"], "train.compile=true does not combine with losses that hook"),
+    (["loss=at", "train.compile=true"], "train.compile=true does not combine with losses that hook"),
+    (["loss=combo", "loss.terms={kd:1,at:1000}", "train.compile=true"], "train.compile=true does not combine"),
+    # scheme=self's exits, traced on one image before anything trains.
+    (["scheme=self", "student=lightnn", "scheme.exits=[features.5,features.2]"],
+     "scheme.exits must list layers in the order the student runs them, the deepest last: scheme.exits=[features.2,features.5]"),
+    (["scheme=self", "student=lightnn", "scheme.exits=[features.2,features.2]"], "scheme.exits names 'features.2' twice"),
+    (["scheme=self", "student=lightnn", "scheme.exits=[features.2,classifier.3:in]"],
+     "but the student's layer 'classifier.3:in' gives shape (256,); choose convolutional layers for scheme.exits"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", SCHEME_REFUSALS, ids=[" ".join(o) for o, _ in SCHEME_REFUSALS])
+def test_scheme_settings_that_cannot_work_are_refused(overrides, message):
+    with pytest.raises(KdError, match=re.escape(message)):
+        validate(composed("distill", overrides))
+
+
+def test_exits_may_read_a_layers_input():
+    validate(composed("distill", ["scheme=self", "student=lightnn", "scheme.exits=[features.3:in,features.5]"]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["hparams_search=optuna"], "hparams_search runs many trials, each a run: add -m (kd distill -m hparams_search=optuna ...)"),
+    (["-m", "hparams_search=optuna", "data.val_fraction=0"], "set data.val_fraction above 0"),
+    # The search space is checked at its ends, however it was given (the shell has taken the quotes).
+    (["-m", "hparams_search=optuna", "hydra.sweeper.params.T=interval(-2.0, -1.0)"], "T must be > 0 (the softmax temperature), got -2.0"),
+    (["-m", "hparams_search=optuna", "hydra.sweeper.params.T=interval(2.0, 8.0)", "loss=kd", "alpha=2"], "alpha must be in [0, 1]"),
+    (["-m", "hparams_search=optuna", "hydra.sweeper.params.train.lr=interval(0.1, 0.2)"],
+     "'hydra.sweeper.params.train.lr' cannot be set from the command line; to search over train.lr, give it a range: "
+     "train.lr='interval(LOW, HIGH)'"),
+    (["-m", "loss=glob(k*)", "alpha=2"], "alpha must be in [0, 1]"),
+])
+def test_preflight_refuses_a_search_or_sweep_that_cannot_work(tmp_path, monkeypatch, overrides, message):
+    from kd_cli.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(KdError, match=re.escape(message)):
+        preflight("distill", overrides, config_dir())
+
+
+def test_a_glob_sweep_is_checked_over_the_configs_it_picks(tmp_path, monkeypatch):
+    from kd_cli.preflight import _combinations, parse_overrides, preflight
+
+    monkeypatch.chdir(tmp_path)
+    assert preflight("distill", ["-m", "loss=glob(d*)", "T=2"], config_dir()).loss.name == "dkd"  # the last checked
+    assert [c[0] for c in _combinations(parse_overrides(["loss=glob(d*)"], config_dir()))] == ["loss=dist", "loss=dkd"]
 
 
 def test_an_unknown_key_is_not_advised_to_be_added_unless_hydra_reads_it():

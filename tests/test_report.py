@@ -396,6 +396,30 @@ def test_schemes_without_the_configured_teacher_do_not_show_it(tmp_path):
     online = frame[frame["scheme"] == "online"].set_index("accuracy")["teacher"]
     assert online[78.0] == "mnist_teacher" and pd.isna(online[77.0])
 
+def test_each_ensemble_is_a_row_and_each_stored_member_or_link_one(tmp_path):
+    """A sweep over multi_teacher's weights makes two ensembles of the same stored members; a chain's
+    assistant, trained once with fixed link settings, serves every job of an alpha sweep."""
+    members = {"teacher_1": ("mnist_teacher", 85.0), "teacher_2": ("deepnn", 80.0)}
+    for job, (weights, ensemble) in enumerate((([1, 0], 85.0), ([0, 1], 80.0))):
+        cfg = config("distill", 0)
+        cfg["scheme"] = {"name": "multi_teacher", "teachers": ["mnist_teacher", "deepnn"], "weights": weights,
+                         "confidence": False}
+        rows = [row(role, model, 0, accuracy, checkpoint=f"store/{model}.pt") for role, (model, accuracy) in members.items()]
+        rows += [row("teacher", "mnist_teacher", 0, ensemble, checkpoint="store/mnist_teacher.pt+store/deepnn.pt"),
+                 row("student_kd", "mnist_student", 0, 79.0 + job, loss="kd", scheme="multi_teacher", alpha=0.5, T=4.0)]
+        write_run(tmp_path / "mt" / str(job), cfg, rows, overrides=[f"scheme.weights=[{weights[0]},{weights[1]}]"])
+    for job, alpha in enumerate((0.3, 0.7)):
+        cfg = config("distill", 0, alpha=alpha)
+        cfg["scheme"] = {"name": "ta", "assistants": ["deepnn"], "link_alpha": 0.5, "link_T": 4.0}
+        rows = [row("assistant_1", "deepnn", 0, 82.0, loss="kd", scheme="ta", alpha=0.5, T=4.0, checkpoint="store/ta.pt"),
+                row("student_kd", "mnist_student", 0, 78.0 + job, loss="kd", scheme="ta", alpha=alpha, T=4.0)]
+        write_run(tmp_path / "ta" / str(job), cfg, rows, overrides=[f"alpha={alpha}"])
+    frame = report.build_report(report.find_runs([tmp_path])).frame
+    assert sorted(rows_of(frame, role="teacher", scheme="multi_teacher")["accuracy"]) == [80.0, 85.0]
+    for role in ("teacher_1", "teacher_2", "assistant_1"):
+        assert len(rows_of(frame, role=role)) == 1, role
+
+
 def test_csv_floats_are_written_without_binary_noise():
     from kd_cli.results import csv_text, markdown_table
 

@@ -11,7 +11,8 @@ from torch import nn
 
 from conftest import TINY
 from kd_cli.losses.hinton import HintonKD
-from kd_cli.measure import count_flops
+from kd_cli.losses import build_loss
+from kd_cli.measure import count_flops, count_params
 from kd_cli.models import ImageSpec, build_model
 from kd_cli.schemes.ensemble import SoftTargetEnsemble
 from kd_cli.schemes.mutual import MutualLearning
@@ -84,6 +85,28 @@ def test_early_exit_runs_the_backbone_up_to_its_stage_only():
     assert size > params * 4 / 2**20  # BatchNorm running statistics count too
     # The backbone itself still runs whole once the exit has been used.
     assert model(x).shape == (3, 10)
+
+
+def test_an_exit_at_a_layers_input_stops_before_that_layer():
+    model = build_model(OmegaConf.create({"arch": "lightnn", "checkpoint": None}), SPEC).eval()
+    stages = ["features.3:in", "features.5"]
+    loss = SelfDistillation(0.5, 3.0, 0.1, stages, SPEC.num_classes)
+    loss.attach(model, None, torch.randn(2, 1, 28, 28), 100)
+    x = torch.randn(3, 1, 28, 28)
+    exit_logits = EarlyExit(model, stages[0], loss.heads[0]).eval()(x)
+    assert torch.equal(exit_logits, loss.heads[0](model.features[:3](x))[1])
+    params, _ = EarlyExit(model, stages[0], loss.heads[0]).used_size(x[:1])
+    assert params == model.features[0].weight.numel() + model.features[0].bias.numel() + count_params(loss.heads[0])
+
+
+def test_mutual_learning_passes_the_epoch_to_its_loss():
+    """dkd's warm-up ramps the peers' terms as it ramps a student's."""
+    base = build_loss(OmegaConf.create({"loss": {"name": "dkd", "warmup_epochs": 4}, "alpha": 0.5, "T": 4.0}))
+    mutual = MutualLearning(base, [nn.Linear(3, 10)])
+    mutual.set_epoch(1)
+    assert base.ramp == 0.25
+    mutual.set_epoch(6)
+    assert base.ramp == 1.0
 
 
 def test_self_distillation_loss_teaches_exits_from_the_final_exit_only():

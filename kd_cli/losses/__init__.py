@@ -55,6 +55,11 @@ class DistillationLoss(nn.Module):
         self.student_layers: list[str] = list(student_layers or [])
         self.teacher_layers: list[str] = list(teacher_layers or [])
 
+    @property
+    def hooks_layers(self) -> bool:
+        """Whether the method reads intermediate layers (known before attach(), which resolves them)."""
+        return bool(self.layer_kind or self.student_layers or self.teacher_layers)
+
     @classmethod
     def loss_name(cls) -> str:
         return next((name for name, klass in LOSSES.items() if klass is cls), cls.__name__)

@@ -43,6 +43,10 @@ class Combo(WeightedTerm, name="combo"):
         self.uses = self.uses.union(*(term.uses for term in built.values()))
         self.needs_teacher = any(term.needs_teacher for term in self.terms.values())
 
+    @property
+    def hooks_layers(self) -> bool:
+        return any(term.hooks_layers for term in self.terms.values())
+
     @classmethod
     def option_names(cls) -> list[str]:
         return ["terms"]

@@ -38,7 +38,7 @@ def model_config(name: str):
 
 def logit_loss_only(loss_fn, cfg) -> None:
     """Schemes that mix several models' logits cannot pair their intermediate features."""
-    if loss_fn.layer_kind or loss_fn.teacher_layers or list(loss_fn.parameters()) or not loss_fn.needs_teacher:
+    if loss_fn.hooks_layers or list(loss_fn.parameters()) or not loss_fn.needs_teacher:
         raise KdError(f"scheme={cfg.scheme.name} combines logits, so it takes a loss on the teacher's logits: "
                       f"kd, soft_ce, logits_mse, dkd or dist (not loss={cfg.loss.name})")
 

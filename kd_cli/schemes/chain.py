@@ -72,14 +72,17 @@ def distill_chain(run, first, first_cfg, links: list, role: str):
         name = f"{role}_{number}"
         # What the link's training reads, no more: a T it ignores would make a sweep over T train it again.
         lineage = {"teacher_sha256": checksum(teacher.state_dict()), "loss": OmegaConf.to_container(cfg.loss, resolve=True),
-                   "alpha": link_alpha, "T": link_T if "T" in uses else None}
+                   "alpha": link_alpha, "T": link_T if "T" in uses else None, "seed_offset": 1000 * number}
         path = store_path(cfg, link_cfg, lineage)
 
         def train_link():
             log.info("%s: %s taught by %s, not in the model store; training it into %s", name, model_label(link_cfg),
                      model_label(teacher_cfg), path)
-            return run.distill(link_cfg, teacher, build_loss(cfg, link_alpha, link_T), name, path, lineage=lineage,
-                               taught_by=model_label(teacher_cfg))[:2]
+            # Its own initial weights, as a new network of the paper's: a born-again generation started
+            # from its teacher's would follow it closely. The final student keeps the scratch student's,
+            # so that its gain over it is paired.
+            return run.distill(link_cfg, teacher, build_loss(cfg, link_alpha, link_T), name, path,
+                               seed_offset=lineage["seed_offset"], lineage=lineage, taught_by=model_label(teacher_cfg))[:2]
 
         model, meta, made = run.load_or_make(link_cfg, path, train_link)
         if not made:

@@ -25,6 +25,12 @@ class MutualLearning(DistillationLoss):
         self.base = base
         self.peers = nn.ModuleList(peers)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)  # dkd's warm-up ramps each peer's term as it ramps a student's
+
+    def check_epochs(self, epochs: int) -> None:
+        self.base.check_epochs(epochs)
+
     def forward(self, student, teacher, targets, inputs=None, **_):
         everyone = [student["logits"], *(peer(inputs) for peer in self.peers)]
         total = 0.0
@@ -50,8 +56,8 @@ def online(run):
         metrics = {"accuracy": evaluate(peer, run.data)}
         if run.data.val_y is not None:
             metrics["val_accuracy"] = evaluate(peer, run.data, split="val")
-        rows.append(run.row(f"peer_{number}", peer, peer_cfg, {"metrics": metrics}, None, scheme="online",
-                            loss=cfg.loss.name, alpha=cfg.alpha, T=cfg.T, taught_by="peers"))
+        rows.append(run.row(f"peer_{number}", peer, peer_cfg, {"metrics": metrics}, None, **run.distill_columns(),
+                            taught_by="peers"))
     # "peers: ...", not a bare model name: the teacher column of other schemes names a trained model,
     # and these peers started from scratch with the student.
     rows.append(run.student_kd_row(student, meta, loss_fn, taught_by="peers: " + "+".join(names)))

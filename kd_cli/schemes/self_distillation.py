@@ -14,11 +14,11 @@ from torch import nn
 
 from kd_cli.engine import evaluate
 from kd_cli.errors import KdError
-from kd_cli.features import check_paths, default_layers
+from kd_cli.features import FeatureTaps, check_paths, default_layers
 from kd_cli.losses import DistillationLoss
 from kd_cli.losses.hinton import soft_target_kl
 from kd_cli.measure import count_params, size_mb
-from kd_cli.models import model_label
+from kd_cli.models import ImageSpec, model_label
 from kd_cli.schemes import scheme
 
 
@@ -77,10 +77,15 @@ class EarlyExit(nn.Module):
         self.backbone, self.path, self.head = backbone, path, head
 
     def forward(self, x):
-        def stop(module, inputs, output):
-            raise _Exit(output)
+        def stop(features):
+            raise _Exit(features)
 
-        handle = self.backbone.get_submodule(self.path).register_forward_hook(stop)
+        name, _, side = self.path.partition(":")
+        layer = self.backbone.get_submodule(name)
+        if side == "in":  # the exit reads the layer's input, so the layer itself never runs
+            handle = layer.register_forward_pre_hook(lambda module, inputs: stop(inputs[0]))
+        else:
+            handle = layer.register_forward_hook(lambda module, inputs, output: stop(output))
         try:
             self.backbone(x)
         except _Exit as reached:
@@ -111,12 +116,37 @@ class EarlyExit(nn.Module):
 
 
 def exits_of(cfg, student: nn.Module) -> list[str]:
-    """The layers of `student` that scheme=self puts exits after: `scheme.exits`, or its own stages."""
+    """The layers of `student` that scheme=self puts exits after: `scheme.exits`, or its own stages.
+
+    Traced with one image, so that a bad list is refused before anything trains: each path must give a
+    feature map, and the paths must come in the order the student runs them, the deepest last.
+    """
     stages = list(cfg.scheme.exits) if cfg.scheme.exits else default_layers(student, "stages")
     check_paths(student, stages, "student")
     if len(stages) < 2:
         raise KdError(f"scheme=self needs at least two stages to put exits after; {model_label(cfg.student)} has "
                       f"{stages}; choose a deeper student or set scheme.exits=[PATH,...] (the last is the deepest)")
+    twice = next((path for path in stages if stages.count(path) > 1), None)
+    if twice:
+        raise KdError(f"scheme.exits names '{twice}' twice; give each layer once")
+    spec = ImageSpec.of(cfg.dataset)
+    taps = FeatureTaps(student, stages, "student")
+    try:
+        with torch.no_grad():
+            student.eval()(torch.zeros(1, spec.channels, spec.size, spec.size))
+        taken = taps.pop()
+    finally:
+        taps.remove()
+    idle = next((path for path in stages if path not in taken), None)
+    if idle:
+        raise KdError(f"the student's layer '{idle}' does not run in its forward pass; choose another for scheme.exits")
+    flat = next((path for path, features in taken.items() if features.dim() != 4), None)
+    if flat:
+        raise KdError(f"scheme=self puts its exits after feature maps (channels, height, width), but the student's "
+                      f"layer '{flat}' gives shape {tuple(taken[flat].shape[1:])}; choose convolutional layers for scheme.exits")
+    if list(taken) != stages:
+        raise KdError(f"scheme.exits must list layers in the order the student runs them, the deepest last: "
+                      f"scheme.exits=[{','.join(taken)}]")
     return stages
 
 
@@ -134,8 +164,8 @@ def self_distillation(run):
         early = EarlyExit(student, path, head).eval()
         metrics = {"accuracy": evaluate(early, run.data)}
         params, size = early.used_size(run.example())
-        row = run.row(f"exit_{number}", early, f"{label}@{path}", {"metrics": metrics}, None, scheme="self",
-                      alpha=cfg.alpha, T=cfg.T, taught_by="final exit")
+        row = run.row(f"exit_{number}", early, f"{label}@{path}", {"metrics": metrics}, None, **run.distill_columns(),
+                      taught_by="final exit")
         rows.append(row | {"params": params, "size_mb": round(size, 4)})
     rows.append(run.student_kd_row(student, meta, loss_fn))
     return rows, histories, result.val_accuracy
