@@ -85,7 +85,7 @@ def _load_idx_dataset(cfg_dataset, root: Path, download: bool):
             split_arrays = {s: (read_idx(x), read_idx(y)) for s, (x, y) in files.items()}
             return {s: (x[:, None, :, :], y) for s, (x, y) in split_arrays.items()}
     if download:
-        _torchvision_download(cfg_dataset, root)
+        _torchvision_download(cfg_dataset, root, folders[0])
         return _load_idx_dataset(cfg_dataset, root, download=False)
     looked = ", ".join(str(f) for f in folders)
     raise KdError(
@@ -129,7 +129,7 @@ def _load_cifar(cfg_dataset, root: Path, download: bool):
                 f"{cfg_dataset.name} not found in {folder}; set data.root=DIR to a folder that has "
                 f"'{cfg_dataset.folder}', or data.download=true with internet access"
             )
-        _torchvision_download(cfg_dataset, root)
+        _torchvision_download(cfg_dataset, root, folder)
     log.info("%s from %s", cfg_dataset.name, folder)
     out = {}
     for split, names in files.items():
@@ -138,7 +138,8 @@ def _load_cifar(cfg_dataset, root: Path, download: bool):
     return out
 
 
-def _torchvision_download(cfg_dataset, root: Path) -> None:
+def _torchvision_download(cfg_dataset, root: Path, files_in: Path) -> None:
+    """torchvision's download into `root`, which puts the files in `files_in`."""
     import torchvision
 
     cls = getattr(torchvision.datasets, cfg_dataset.torchvision_class)
@@ -151,7 +152,7 @@ def _torchvision_download(cfg_dataset, root: Path) -> None:
         _remove_empty(created)
         raise KdError(
             f"could not download {cfg_dataset.name} into {root} ({type(e).__name__}: {e}); "
-            f"check the internet connection or put the files there and set data.download=false"
+            f"check the internet connection, or put the files in {files_in} and set data.download=false"
         ) from e
 
 

@@ -76,8 +76,9 @@ def run_experiment(args: list[str], preset, conf_dir: str) -> int:
         preflight("distill", [*args, *part, "-m"], conf_dir, warn=False)  # kd has warned about args already
     folder = _folder(name, args)
     folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(folder / "experiment.json", json.dumps(
-        {"name": name, "args": args, "runs": list(preset.runs)}, indent=2) + "\n")
+    if not (folder / "experiment.json").exists():  # a resumed run keeps the command line it continues
+        atomic_write_text(folder / "experiment.json", json.dumps(
+            {"name": name, "args": args, "runs": list(preset.runs)}, indent=2) + "\n")
     failed = []
     for number, part in enumerate(parts, 1):
         line = " ".join(["kd distill", *args, *part, "-m"])

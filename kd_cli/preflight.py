@@ -73,6 +73,34 @@ def _with_sweeper_params(parsed: list, command: str, conf_dir: str, compositions
         raise KdError(f"hydra.sweeper.params: {e.reason}") from None
 
 
+def _check_no_lists(parsed: list, cfg, shown: bool) -> None:
+    """A list or range of values (T=1,2) sweeps only with -m; Hydra's own refusal takes six lines."""
+    listed = next((o for o in parsed if o.is_sweep_override() and o.get_key_element() != "experiment"
+                   and not o.get_key_element().startswith("hydra.")), None)
+    if listed is None:
+        return
+    experiment = OmegaConf.select(cfg, "preset.name") if OmegaConf.select(cfg, "preset.runs") else None
+    if experiment:  # preset_of refuses -m for an experiment; its sweeps are its own
+        raise KdError(f"experiment={experiment} runs its own sweeps: give each key one value, not {listed.input_line}; "
+                      f"to repeat it with another seed, run `kd distill experiment={experiment} seed=1`")
+    fix = "give each key one value" if shown else "add -m to sweep over them"
+    as_list = f"{listed.get_key_element()}=[{','.join(listed.sweep_string_iterator())}]" if listed.is_discrete_sweep() else None
+    kind = "a range" if listed.is_interval_sweep() else "a list"
+    raise KdError(f"{listed.input_line} is {kind} of values: {fix}" + (f", or write a list as {as_list}" if as_list else ""))
+
+
+def _check_train_keys(parsed: list, conf_dir: str) -> None:
+    """An experiment brings kd distill's keys into kd train's config; typed, they still change nothing."""
+    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+        train_roots = set(compose("train"))
+    for override in parsed:
+        key = override.get_key_element().lstrip("+~")
+        root = key.split(".")[0]
+        if root not in train_roots and root not in ("experiment", "hydra", "hparams_search") and "/" not in key:
+            raise KdError(f"'{key}' is a setting of kd distill, not of kd train, which trains the teacher and the "
+                          f"student from labels alone")
+
+
 def _check_search(cfg, multirun: bool, command: str) -> None:
     """An Optuna search needs -m to search at all, and a validation split to score its trials on."""
     if "optuna" not in str(OmegaConf.select(cfg, "hydra.sweeper._target_") or "").lower():
@@ -303,8 +331,11 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
     combination checked, for a sweep), or None for Hydra's flags that run nothing. With `warn`, print
     a warning for a setting the run ignores: an alpha or T that the chosen loss ignores, momentum with Adam."""
     flags, overrides = split_args(args)
-    if any(f.split("=")[0] in _PASSIVE_FLAGS for f in flags):
+    # --cfg prints the config a run would have: checked as the run would be, though nothing runs.
+    shown = "--cfg" in flags
+    if not shown and any(f.split("=")[0] in _PASSIVE_FLAGS for f in flags):
         return None
+    warn = warn and not shown
     multirun = "--multirun" in flags
     parsed = parse_overrides(overrides, conf_dir)
     unused: dict[str, dict[str, str]] = {}  # "train" or a loss -> the settings no combination of it uses
@@ -328,7 +359,13 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
         _unused_in_all(unused, cfg)
         if multirun:
             searched |= set(OmegaConf.select(cfg, "hydra.sweeper.params") or {})
+    if not multirun:
+        _check_no_lists(parsed, cfg, shown)
+    if command == "train" and any(o.get_key_element() == "experiment" for o in parsed):
+        _check_train_keys(parsed, conf_dir)
     _check_search(cfg, multirun, command)
+    if shown:
+        return None
     if warn and os.environ.get(EXPERIMENT_PART_ENV) != "1":
         for line in _ignored_warnings(unused, _settings_given(parsed), searched):
             print(line, file=sys.stderr)

@@ -826,8 +826,11 @@ def _describe_config(entry: dict, keys: list[str]) -> str:
 def gain_sentences(report: Report) -> list[str]:
     lines = []
     # An experiment runs its sweeps itself (no -m): more seeds are more runs of it, which one report pools.
-    more_seeds = ("run the experiment again with seed=1, and `kd report outputs/experiments/NAME` pools its folders"
-                  if any("experiments" in run.path.parts for run in report.runs) else "-m seed=0,1,2")
+    experiments = sorted({run.path.parts[run.path.parts.index("experiments") + 1] for run in report.runs
+                          if "experiments" in run.path.parts[:-1]})
+    pooled = "outputs/experiments" + (f"/{experiments[0]}" if len(experiments) == 1 else "")
+    more_seeds = (f"run the experiment again with seed=1, and `kd report {pooled}` pools its folders"
+                  if experiments else "-m seed=0,1,2")
     for g in report.gains:
         what = f"{g['model']} distilled ({_describe_config(g, report.keys)})"
         if math.isnan(g["gain"]):

@@ -168,12 +168,13 @@ class Run:
         save_checkpoint(path, model, meta)
         return model, meta
 
-    def stored(self, model_cfg, role: str, required: bool = True, alone: bool = False):
+    def stored(self, model_cfg, role: str, required: bool = True, alone: bool = False, configured: bool = False):
         """(model, meta, path) of `model_cfg` trained from labels with this recipe, or None.
 
         Found in the model store; when missing, trained into it if `train_missing=true`, else an
         error naming the `kd train` command (or None when not `required`); with `alone`, one that
         trains no student beside it (a teacher_recipe's: a student of that recipe is no run's baseline).
+        `configured`: the model is the run's `teacher=`, which teacher.checkpoint can give instead.
         """
         path = store_path(self.cfg, model_cfg)
         if path.exists() or self.cfg.get("train_missing"):
@@ -194,8 +195,9 @@ class Run:
         command = train_command(self.cfg, other) + (" '~student'" if alone and other is None else "")
         raise KdError(
             f"no trained {role} {model_label(model_cfg)} for {self.cfg.dataset.name} (seed {self.cfg.seed}, this recipe) "
-            f"at {path}; run `{command}` first, pass train_missing=true to train it here, "
-            f"or pass teacher.checkpoint=PATH"
+            f"at {path}; run `{command}` first" + (", pass train_missing=true to train it here, or pass "
+                                                     "teacher.checkpoint=PATH" if configured else
+                                                     " or pass train_missing=true to train it here")
         )
 
     def teacher(self):
@@ -206,12 +208,12 @@ class Run:
         """
         if not self.cfg.teacher.checkpoint:
             if not self.cfg.get("teacher_recipe"):
-                return self.stored(self.cfg.teacher, "teacher")
+                return self.stored(self.cfg.teacher, "teacher", configured=True)
             cfg = teacher_config(self.cfg)
             log.info("teacher: %s, trained with teacher_recipe=%s over this run's recipe", model_label(cfg.teacher),
                      json.dumps(OmegaConf.to_container(self.cfg.teacher_recipe, resolve=True)).replace(" ", ""))
             data = load_data(cfg).to(self.device) if recipe(cfg) != recipe(self.cfg) else self.data
-            return Run(cfg, self.run_dir, self.device, data).stored(cfg.teacher, "teacher", alone=True)
+            return Run(cfg, self.run_dir, self.device, data).stored(cfg.teacher, "teacher", alone=True, configured=True)
         path = Path(self.cfg.teacher.checkpoint)
         if not path.exists():
             raise KdError(f"teacher.checkpoint={path} does not exist; check the path")

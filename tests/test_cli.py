@@ -114,6 +114,10 @@ def test_missing_teacher_gives_the_train_command(kd):
     line = one_line_error(kd("distill", *TINY, "teacher_recipe={data:{fraction:0.1}}", check=False))
     recipe = [o.replace("data.fraction=0.05", "data.fraction=0.1") for o in TINY]
     assert f"run `kd train {' '.join(recipe)} '~student'` first" in line
+    # A teacher the scheme takes from scheme.teachers: teacher.checkpoint would not give it.
+    proc = kd("distill", *TINY, "scheme=multi_teacher", "scheme.teachers=[mnist_student]", check=False)
+    assert proc.returncode == 1  # after the warning that TINY's teacher= is not read
+    assert proc.stderr.strip().splitlines()[-1].endswith("first or pass train_missing=true to train it here"), proc.stderr
 
 
 def test_train_command_keeps_the_recipe_and_drops_what_only_distill_takes(monkeypatch):

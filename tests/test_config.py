@@ -275,6 +275,37 @@ def test_preflight_refuses_a_search_or_sweep_that_cannot_work(tmp_path, monkeypa
         preflight("distill", overrides, config_dir())
 
 
+@pytest.mark.parametrize("command, overrides, message", [
+    ("distill", ["seed=0,1"], "seed=0,1 is a list of values: add -m to sweep over them, or write a list as seed=[0,1]"),
+    ("distill", ["T=interval(1,4)"], "T=interval(1,4) is a range of values: add -m to sweep over them"),
+    ("distill", ["experiment=quick_tutorial", "alpha=0.5,0.6"],
+     "experiment=quick_tutorial runs its own sweeps: give each key one value, not alpha=0.5,0.6; to repeat it with "
+     "another seed, run `kd distill experiment=quick_tutorial seed=1`"),
+    # --cfg shows a run's config: the run's checks come first.
+    ("distill", ["alpha=1.5", "--cfg", "job"], "alpha must be in [0, 1]"),
+    ("distill", ["dataset=fashion_mnsit", "--cfg", "job"], "unknown dataset 'fashion_mnsit'; choose one of: cifar10,"),
+    ("distill", ["seed=0,1", "--cfg", "job"], "seed=0,1 is a list of values: give each key one value"),
+    # An experiment brings distill's keys into kd train's config: typed there, they are still refused.
+    ("train", ["experiment=quick_tutorial", "alpha=0.5"], "'alpha' is a setting of kd distill, not of kd train"),
+])
+def test_preflight_refuses_what_hydra_would_take_wrongly_or_in_many_lines(tmp_path, monkeypatch, command, overrides, message):
+    from kd_cli.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(KdError, match=re.escape(message)):
+        preflight(command, overrides, config_dir())
+    assert not list(tmp_path.iterdir())
+
+
+def test_cfg_job_shows_a_valid_config_without_warnings(tmp_path, monkeypatch, capsys):
+    from kd_cli.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)
+    assert preflight("distill", ["loss=at", "T=3", "--cfg", "job"], config_dir()) is None  # Hydra prints it
+    assert preflight("train", ["experiment=quick_tutorial", "train.epochs=2"], config_dir()).train.epochs == 2
+    assert capsys.readouterr().err == ""
+
+
 def test_a_glob_sweep_is_checked_over_the_configs_it_picks(tmp_path, monkeypatch):
     from kd_cli.preflight import _combinations, parse_overrides, preflight
 

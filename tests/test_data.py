@@ -169,6 +169,7 @@ def test_a_failed_download_is_one_line_and_leaves_no_empty_folders_behind(tmp_pa
     with pytest.raises(KdError, match="could not download cifar10") as error:
         load_data(cfg)
     assert "\n" not in str(error.value) and "Tried https://a/, got: <urlopen error" in str(error.value)
+    assert f"put the files in {tmp_path / 'new' / 'data' / 'cifar-10-batches-py'} and set data.download=false" in str(error.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
 
 

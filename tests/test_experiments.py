@@ -126,6 +126,21 @@ def test_quick_preset_runs_end_to_end(kd, shared_store, name):
     assert "published" in proc.stdout and "measured" in proc.stdout
 
 
+def test_a_resumed_experiment_keeps_the_command_line_it_continues(tmp_path, monkeypatch):
+    from kd_cli import experiments
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(experiments, "_run_part", lambda command: 0)  # every job already finished
+    monkeypatch.setattr(experiments, "write_experiment", lambda folder, preset: None)
+    preset = preflight("distill", ["experiment=quick_mnist", "seed=1"], config_dir()).preset
+    earlier = experiments.ROOT / "quick_mnist" / "2026-01-01_00-00-00"
+    earlier.mkdir(parents=True)
+    started = json.dumps({"name": "quick_mnist", "args": ["experiment=quick_mnist", "seed=1"], "runs": list(preset.runs)})
+    (earlier / "experiment.json").write_text(started)
+    assert experiments.run_experiment(["seed=1", "experiment=quick_mnist", "resume=true"], preset, config_dir()) == 0
+    assert (earlier / "experiment.json").read_text() == started
+
+
 def test_resume_finds_the_experiment_of_the_same_line_in_any_order(tmp_path, monkeypatch, capsys):
     from kd_cli import experiments
 

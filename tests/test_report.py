@@ -556,7 +556,7 @@ def test_the_single_seed_hint_fits_how_the_runs_were_made(tmp_path):
     for folder in ("distill-multirun/s/0", "experiments/quick_mnist/2026-11-24_10-00-00/part1/0"):
         distill_run(tmp_path / folder, 0, 0.5, 80.0, 78.0, 85.0)
         (line,) = report.gain_sentences(report.build_report(report.find_runs([tmp_path / folder])))
-        more = ("run the experiment again with seed=1, and `kd report outputs/experiments/NAME` pools its folders"
+        more = ("run the experiment again with seed=1, and `kd report outputs/experiments/quick_mnist` pools its folders"
                 if "experiments" in folder else "-m seed=0,1,2")
         assert line.endswith(f"from a single seed; run more seeds for a confidence interval ({more})"), line
 
