@@ -17,6 +17,9 @@ from kd_cli.preflight import preflight
 PRESETS = sorted(p.stem for p in Path(config_dir(), "experiment").glob("*.yaml") if p.stem != "demo")
 QUICK = [name for name in PRESETS if name.startswith("quick_")]
 FULL = [name for name in PRESETS if not name.startswith("quick_")]
+# The longest quick runs (3-4 min each on 2 cores) run in `make test-all`: the teacher-assistant chain and the
+# MNIST models have end-to-end tests of their own in the default run.
+LONGEST = ("quick_teacher_assistant", "quick_mnist")
 
 
 def test_every_seed_experiment_has_a_quick_variant():
@@ -109,7 +112,7 @@ SMALLER |= {"quick_tutorial": ["data.fraction=0.05"], "quick_data_fraction": ["t
 
 
 @pytest.mark.usefixtures("fashion_mnist")
-@pytest.mark.parametrize("name", QUICK)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in LONGEST else n for n in QUICK])
 def test_quick_preset_runs_end_to_end(kd, shared_store, name):
     extra = SMALLER.get(name, [])
     proc = kd("distill", f"experiment={name}", f"store_dir={shared_store}", *extra)
