@@ -217,7 +217,8 @@ def main() -> None:
                 try:
                     text = command_help(command, overrides)
                 except HydraException as e:
-                    preflight(command, overrides, config_dir(), warn=False)  # a bad override: its one-line explanation
+                    # A bad override: its one-line explanation (with -m, as a list is not the problem here).
+                    preflight(command, [*overrides, "-m"], config_dir(), warn=False)
                     raise KdError(f"--help shows one run's config; drop -m and give each key one value "
                                   f"({str(e).strip().splitlines()[0]})") from None
                 sys.exit(_until_the_reader_stops(lambda: print(text) or 0))

@@ -363,7 +363,7 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
         _check_no_lists(parsed, cfg, shown)
     if command == "train" and any(o.get_key_element() == "experiment" for o in parsed):
         _check_train_keys(parsed, conf_dir)
-    _check_search(cfg, multirun, command)
+    _check_search(cfg, multirun or shown, command)  # --cfg shows a search's config, which has no -m
     if shown:
         return None
     if warn and os.environ.get(EXPERIMENT_PART_ENV) != "1":
