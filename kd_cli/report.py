@@ -593,7 +593,7 @@ def build_report(runs: list[Run], filters: list[str] = (), sort: str | None = No
     rows = []
     for (role, model, *values), group in groups.items():
         group.sort(key=lambda r: (r.get("seed") is None, r.get("seed")))
-        row = {"role": role, "model": model, **dict(zip(keys, values)), "n": len(group),
+        row = {"role": role, "model": model, **{k: _as_shown(v) for k, v in zip(keys, values)}, "n": len(group),
                "seeds": ",".join(str(r.get("seed")) for r in group)}
         for metric in METRICS:
             present = [r[metric] for r in group if r.get(metric) is not None]
@@ -616,7 +616,7 @@ def build_report(runs: list[Run], filters: list[str] = (), sort: str | None = No
         rows.append(row)
     for record in records:
         if record["status"] != "ok":
-            rows.append({"role": record["role"], "model": record.get("model"), **{k: record.get(k) for k in keys},
+            rows.append({"role": record["role"], "model": record.get("model"), **{k: _as_shown(record.get(k)) for k in keys},
                          "n": 0, "seeds": str(record.get("seed")), "status": record["status"],
                          "error": record.get("error"), "run": record.get("run")})
 
@@ -816,6 +816,12 @@ def _as_override(value) -> str:
     if isinstance(value, (list, tuple)):
         return f"[{','.join(map(_as_override, value))}]"
     return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _as_shown(value):
+    """A list-valued setting (scheme.weights) as the command line types it, [1,0], in every format;
+    a scalar as it is."""
+    return _as_override(value) if isinstance(value, (list, tuple)) else value
 
 
 def _describe_config(entry: dict, keys: list[str]) -> str:

@@ -415,7 +415,8 @@ def test_each_ensemble_is_a_row_and_each_stored_member_or_link_one(tmp_path):
                 row("student_kd", "mnist_student", 0, 78.0 + job, loss="kd", scheme="ta", alpha=alpha, T=4.0)]
         write_run(tmp_path / "ta" / str(job), cfg, rows, overrides=[f"alpha={alpha}"])
     frame = report.build_report(report.find_runs([tmp_path])).frame
-    assert sorted(rows_of(frame, role="teacher", scheme="multi_teacher")["accuracy"]) == [80.0, 85.0]
+    ensembles = rows_of(frame, role="teacher", scheme="multi_teacher")
+    assert sorted(zip(ensembles["scheme.weights"], ensembles["accuracy"])) == [("[0,1]", 80.0), ("[1,0]", 85.0)]  # as typed
     for role in ("teacher_1", "teacher_2", "assistant_1"):
         assert len(rows_of(frame, role=role)) == 1, role
 
