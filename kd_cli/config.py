@@ -60,7 +60,7 @@ CHOICES = {
     "quant": (None, "qat"),
 }
 FLAGS = ("data.download", "data.augment", "overwrite", "resume", "deterministic", "train.compile", "train.nesterov",
-         "train_missing")
+         "train_missing", "measure.int8")
 
 
 CACHE_NEEDS_FIXED_INPUTS = "train.teacher_cache=on needs fixed inputs; set data.augment=false or train.teacher_cache=auto"

@@ -98,6 +98,7 @@ def test_alpha_and_T_are_top_level():
     ("train.teacher_cache_disk_mb=-1", "train.teacher_cache_disk_mb must be >= 0 (megabytes), got -1"),
     ("train.teacher_cache_max_mb=lots", "train.teacher_cache_max_mb must be a number, got 'lots'"),
     ("train.teacher_cache_max_mb=null", "train.teacher_cache_max_mb must be a number, got None"),
+    ("measure.int8=no", "measure.int8 must be true or false, got 'no'"),  # a string would have turned it on
 ])
 def test_validation_refuses(override, message):
     with pytest.raises(KdError, match=message.replace("[", r"\[").replace("(", r"\(").replace("]", r"\]").replace(")", r"\)")):

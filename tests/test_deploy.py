@@ -93,7 +93,7 @@ def test_export_round_trip(distilled):
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_quantize_run_reports_size_accuracy_and_latency(distilled):
+def test_quantize_run_reports_size_accuracy_and_latency(distilled, monkeypatch):
     proc = run_kd(distilled.parent, "quantize", f"run={distilled}", "calibration=256", "threads=1")
     out = distilled / "quantize"
     table = pd.read_csv(out / "results.csv").set_index("role")
@@ -119,6 +119,22 @@ def test_quantize_run_reports_size_accuracy_and_latency(distilled):
         predicted = model((images[picked].float() / 255 - 0.286) / 0.353).argmax(1)
     assert 100 * (predicted == labels[picked]).float().mean().item() == pytest.approx(int8["accuracy"], abs=0.011)
 
+    # Stopped while measuring a new int8 model, kd quantize leaves the previous model and its results together.
+    from kd_cli.deploy import quantize as command
+
+    measured = command.table_row
+
+    def failing(source, role, *args):
+        if role.endswith("_ptq"):
+            raise KdError("stopped while measuring")
+        return measured(source, role, *args)
+
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(command, "table_row", failing)
+    with pytest.raises(KdError, match="stopped while measuring"):
+        command.main([f"run={distilled}", "calibration=8", "threads=1"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
 
 @pytest.mark.parametrize("arch", ["lightnn", "light6", "conv4", "mnist_student"])
 def test_int8_conv_students_are_at_least_3_5x_smaller(arch):
@@ -139,8 +155,22 @@ def test_measure_int8_columns(distilled):
     assert "int8_size_mb" not in pd.read_csv(distilled / "results.csv").dropna(axis=1, how="all").columns
 
     measure = OmegaConf.create({"latency_runs": 2, "latency_warmup": 1, "int8": True})
-    costs = model_costs(build_model(OmegaConf.create({"arch": "lightnn"}), FASHION_SPEC), (1, 28, 28), torch.device("cpu"), measure)
+    lightnn = build_model(OmegaConf.create({"arch": "lightnn"}), FASHION_SPEC).eval()
+    costs = model_costs(lightnn, (1, 28, 28), torch.device("cpu"), measure)
     assert costs["size_mb"] / costs["int8_size_mb"] >= 3.5
+    # An int8 model is its own int8 version: one size, and one latency, timed once.
+    int8 = quantize(lightnn, [torch.randn(8, 1, 28, 28)])
+    costs = model_costs(int8, (1, 28, 28), torch.device("cpu"), measure)
+    assert (costs["int8_size_mb"], costs["int8_latency_ms"]) == (costs["size_mb"], costs["latency_ms"])
+
+
+def test_a_model_for_one_image_size_or_a_dataset_path_is_one_line():
+    from kd_cli.deploy.bench_model import _dataset
+
+    with pytest.raises(KdError, match=r"torchvision.vit_b_32 cannot run on 3x32x32 images \(.*\); choose a model that"):
+        build_model(OmegaConf.create({"arch": "torchvision", "name": "vit_b_32"}), ImageSpec(3, 32, 10))
+    with pytest.raises(KdError, match="unknown dataset '../base'; choose one of: cifar10, cifar100, fashion_mnist, mnist"):
+        _dataset("../base")
 
 
 def test_distill_quant_qat_end_to_end(distilled):
@@ -280,15 +310,18 @@ def test_bad_inputs_give_one_line(tmp_path, distilled, capsys, monkeypatch):
 
 
 
-def test_qat_refuses_hooks_whose_feature_fusion_changes():
-    from kd_cli.deploy.qat import _same_after_fusion
+def test_qat_refuses_hooks_whose_feature_fusion_changes_or_tracing_removes():
+    from kd_cli.deploy.qat import unusable_paths
     from kd_cli.deploy.quantize import prepare_qat
 
     light6 = build_model(OmegaConf.create({"arch": "light6", "checkpoint": None}), ImageSpec(1, 28, 10))
-    layers = dict(prepare_qat(light6, torch.randn(2, 1, 28, 28)).named_modules())
     # features.0-2 are Conv, BN, ReLU: fused into one ConvBnReLU2d at features.0
-    verdicts = {path: _same_after_fusion(path, layers) for path in ("features.0", "features.0:in", "features.2", "features.5", "features.6")}
-    assert verdicts == {"features.0": False, "features.0:in": True, "features.2": False, "features.5": True, "features.6": True}
+    paths = ["features.0", "features.0:in", "features.2", "features.5", "features.6", *light6.kd_layers["stages"]]
+    assert unusable_paths(paths, prepare_qat(light6, torch.randn(2, 1, 28, 28))) == ["features.0", "features.2"]
+    # resnet18's stages are containers: traced through, their modules are never called, and a hook would never fire.
+    resnet = build_model(OmegaConf.create({"arch": "resnet18", "checkpoint": None}), ImageSpec(1, 28, 10))
+    stages = resnet.kd_layers["stages"]
+    assert unusable_paths(stages, prepare_qat(resnet, torch.randn(2, 1, 28, 28))) == stages
 
 
 def test_a_student_distilled_without_a_teacher_keeps_its_role():

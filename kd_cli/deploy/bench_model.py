@@ -46,11 +46,11 @@ LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last
 def _dataset(name: str):
     from kd_cli.cli import config_dir
 
-    path = Path(config_dir()) / "dataset" / f"{name}.yaml"
-    if not path.is_file():
-        choices = sorted(p.stem for p in path.parent.glob("*.yaml"))
+    folder = Path(config_dir()) / "dataset"
+    choices = sorted(p.stem for p in folder.glob("*.yaml"))
+    if name not in choices:  # a name, never a path: dataset=../base would read another config
         raise KdError(f"unknown dataset '{name}'; choose one of: {', '.join(choices)}")
-    return OmegaConf.load(path)
+    return OmegaConf.load(folder / f"{name}.yaml")
 
 
 def _catalogue_model(name: str, dataset):

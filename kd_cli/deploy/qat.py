@@ -25,16 +25,23 @@ from kd_cli.errors import KdError
 log = logging.getLogger(__name__)
 
 
-def _same_after_fusion(path: str, layers: dict) -> bool:
-    """Whether a hooked path still gives the fp32 run's feature in the fake-quantized model.
+def unusable_paths(paths: list[str], fake_quantized) -> list[str]:
+    """The hooked paths that would not give the fp32 run's feature in the fake-quantized (FX) model.
 
     Fusion removes the ReLU (or BatchNorm) after a convolution and makes the convolution's output
-    that of the fused block: Conv -> BN -> ReLU hooked at the Conv would become ReLU(BN(conv)).
+    that of the fused block: Conv -> BN -> ReLU hooked at the Conv would become ReLU(BN(conv)). And
+    tracing inlines a container (resnet18's `layer3`): its module stays, but is never called, so a
+    hook on it would never fire.
     """
-    name, _, side = path.partition(":")
-    module = layers.get(name)
-    fused = module is not None and type(module).__module__.startswith("torch.ao.nn.intrinsic")
-    return module is not None and (side == "in" or not fused)
+    layers = dict(fake_quantized.named_modules())
+    called = {node.target for node in fake_quantized.graph.nodes if node.op == "call_module"}
+
+    def usable(path: str) -> bool:
+        name, _, side = path.partition(":")
+        fused = name in layers and type(layers[name]).__module__.startswith("torch.ao.nn.intrinsic")
+        return name in called and (side == "in" or not fused)
+
+    return [path for path in paths if not usable(path)]
 
 
 def qat_rows(run, teacher, student, loss_fn, **columns) -> list[dict]:
@@ -60,12 +67,11 @@ def qat_rows(run, teacher, student, loss_fn, **columns) -> list[dict]:
     rows = [row("student_kd_ptq", quantize(student, calibration), {})]
 
     fake_quantized = prepare_qat(student, calibration[0][:2]).to(run.device)
-    layers = dict(fake_quantized.named_modules())
-    fused_away = [path for path in loss_fn.student_layers if not _same_after_fusion(path, layers)]
+    fused_away = unusable_paths(loss_fn.student_layers, fake_quantized)
     if fused_away:
         raise KdError(f"quant=qat: loss={cfg.loss.name} hooks student layer(s) {', '.join(fused_away)}, which quantization "
-                      f"fuses with its neighbours, so the feature would change; hook the stage ends (the default) or "
-                      f"pooling layers, or set quant=null")
+                      f"fuses with its neighbours or traces through, so the loss would not see that feature; choose "
+                      f"other loss.student_layers (such as pooling layers or a block's last ReLU) or set quant=null")
     # Fake quantization has fp32 kernels only: no bf16 autocast for this fine-tuning.
     qat_cfg = OmegaConf.merge(cfg, {"train": {"epochs": epochs, "lr": lr, "amp": False}})
     log.info("student_kd_qat: qat.epochs=%d of quantization-aware training from the KD student, lr %g, in fp32: "

@@ -97,9 +97,12 @@ def quantize(model: nn.Module, calibration: list[torch.Tensor]) -> nn.Module:
     else:
         prepared = _checked("quantized", name, lambda: prepare_fx(float_model, get_default_qconfig_mapping(engine()),
                                                                   (calibration[0][:2],)))
-        with torch.no_grad():
-            for batch in calibration:
-                prepared(batch)
+        def calibrate():
+            with torch.no_grad():
+                for batch in calibration:
+                    prepared(batch)
+
+        _checked("calibrated", name, calibrate)  # observers can fail on what tracing took
         int8 = _checked("quantized", name, lambda: convert_fx(prepared))
     _smoke_test(int8, calibration[0][:2], name)
     return int8
@@ -134,17 +137,25 @@ def calibration_batches(data, count: int, seed: int = 0, batch_size: int = 128) 
     return list(normalize(data.train_x[picked], data).split(batch_size))
 
 
-def save_int8(model: nn.Module, path: Path) -> int:
-    """TorchScript, written atomically: the format that keeps eager int8 kernels loadable without kd
-    (`torch.jit.load(path)`). Returns the file's size in bytes."""
+def scripted_int8(model: nn.Module) -> io.BytesIO:
+    """`model` as TorchScript: the format that keeps eager int8 kernels loadable without kd (`torch.jit.load`)."""
     def script():
         buffer = io.BytesIO()
         torch.jit.save(torch.jit.script(model), buffer)
         return buffer
 
-    buffer = _checked("saved as TorchScript", type(model).__name__, script)
+    return _checked("saved as TorchScript", type(model).__name__, script)
+
+
+def write_scripted(buffer: io.BytesIO, path: Path) -> int:
+    """Write `buffer` to `path` atomically; returns the file's size in bytes."""
     atomic_write(Path(path), lambda f: f.write(buffer.getbuffer()))
     return buffer.getbuffer().nbytes
+
+
+def save_int8(model: nn.Module, path: Path) -> int:
+    """`model` as TorchScript at `path`, written atomically. Returns the file's size in bytes."""
+    return write_scripted(scripted_int8(model), path)
 
 
 # ---------------------------------------------------------------- kd quantize
@@ -180,9 +191,12 @@ def main(argv: list[str]) -> None:
     how = kind(source.model)
     int8 = quantize(source.model, calibration_batches(source.data, count, source.cfg.seed))
     path = source.out / f"{source.label}_int8.torchscript.pt"
-    file_bytes = save_int8(int8, path)
+    scripted = scripted_int8(int8)  # a model TorchScript cannot take is refused before anything is measured
     before = table_row(source, source.role, source.model, source.checkpoint, measure_cfg)
     after = table_row(source, f"{source.role}_ptq", int8, path, measure_cfg)
+    # Written beside the results that describe it, once every measurement has succeeded: a run stopped
+    # before then leaves the previous model and results together.
+    file_bytes = write_scripted(scripted, path)
     summary = {"quantization": how, "engine": engine(), "calibration_images": min(count, len(source.data.train_y)),
                "accuracy_change": round(after["accuracy"] - before["accuracy"], 2),
                "size_ratio": round(before["size_mb"] / after["size_mb"], 2), "int8_file_bytes": file_bytes,

@@ -49,7 +49,22 @@ def torchvision_model(spec: ImageSpec, name: str = "resnet18", weights: str | No
     _adapt_first_conv(model, spec.channels)
     if weights is not None:
         _replace_head(model, spec.num_classes)
+    _check_input_size(model, name, spec)
     return model
+
+
+def _check_input_size(model: nn.Module, name: str, spec: ImageSpec) -> None:
+    """Some models take one image size only (a ViT's 224x224): refused here, not by a traceback mid-run."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, spec.channels, spec.size, spec.size))
+    except (AssertionError, RuntimeError, ValueError) as e:
+        raise KdError(f"torchvision.{name} cannot run on {spec.channels}x{spec.size}x{spec.size} images "
+                      f"({str(e).strip()}); choose a model that takes any input size") from None
+    finally:
+        model.train()
 
 
 def _replace_head(model: nn.Module, num_classes: int) -> None:
