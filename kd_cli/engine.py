@@ -423,7 +423,7 @@ def fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, dev
 def _fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, device: torch.device,
          teacher: nn.Module | None, label: str, state_path: Path | None, teacher_outputs_folder: Path | None) -> FitResult:
     train_cfg, augment = cfg.train, bool(cfg.data.augment)
-    if train_cfg.get("compile") and loss_fn.student_layers:  # before the teacher's pass, not after it
+    if train_cfg.get("compile") and loss_fn.hooks_layers:  # before the teacher's pass, not after it
         raise KdError(COMPILE_WITH_HOOKS)
     started = time.perf_counter()
     if device.type == "cpu":

@@ -45,9 +45,10 @@ _RECIPE = ("dataset.", "data.", "train.")
 # A multi_teacher member (teacher_1, ...) is named by its row; its ensemble depends on T and scheme.*.
 SCOPE = {"teacher": (*_RECIPE, "teacher."), "student_scratch": (*_RECIPE, "student."),
          "train": (*_RECIPE, "teacher.", "student."), "member": _RECIPE, "ensemble": (*_RECIPE, "scheme.", "T")}
+MEMBER_ROLE = r"teacher_\d+"
 # Models kept in the model store, reported by every run that uses them: the teacher and the scratch
 # student, multi_teacher's members, and the models in the middle of a ta or born_again chain.
-STORED_ROLES = re.compile(r"teacher|student_scratch|teacher_\d+|assistant_\d+|generation_\d+")
+STORED_ROLES = re.compile(rf"teacher|student_scratch|{MEMBER_ROLE}|assistant_\d+|generation_\d+")
 SHORT = {"teacher.arch": "teacher", "student.arch": "student", "loss.name": "loss", "scheme.name": "scheme",
          "dataset.name": "dataset"}
 DESCRIBE = ("loss", "alpha", "T")  # always shown for distilled rows, swept or not
@@ -232,7 +233,7 @@ def _kind(role: str, flat: dict) -> str:
     """The SCOPE entry of a row: its role, or what a role stands for in some schemes."""
     if role == "teacher" and flat.get("scheme.name") == "multi_teacher":
         return "ensemble"  # made by the run from its members, not a stored model
-    return "member" if re.fullmatch(r"teacher_\d+", role) else role
+    return "member" if re.fullmatch(MEMBER_ROLE, role) else role
 
 
 def _counts(key: str) -> bool:

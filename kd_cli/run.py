@@ -193,12 +193,10 @@ class Run:
             return None
         other = None if model_spec(model_cfg) == model_spec(self.cfg.teacher) else model_cfg
         command = train_command(self.cfg, other) + (" '~student'" if alone and other is None else "")
-        raise KdError(
-            f"no trained {role} {model_label(model_cfg)} for {self.cfg.dataset.name} (seed {self.cfg.seed}, this recipe) "
-            f"at {path}; run `{command}` first" + (", pass train_missing=true to train it here, or pass "
-                                                     "teacher.checkpoint=PATH" if configured else
-                                                     " or pass train_missing=true to train it here")
-        )
+        here = "pass train_missing=true to train it here"
+        others = f", {here}, or pass teacher.checkpoint=PATH" if configured else f" or {here}"
+        raise KdError(f"no trained {role} {model_label(model_cfg)} for {self.cfg.dataset.name} (seed {self.cfg.seed}, "
+                      f"this recipe) at {path}; run `{command}` first{others}")
 
     def teacher(self):
         """(model, meta, path) of the configured teacher: `teacher.checkpoint`, or the model store.

@@ -18,7 +18,7 @@ import logging
 import torch
 from omegaconf import OmegaConf
 
-from kd_cli.deploy.quantize import calibration_batches, convert, prepare_qat, quantize, save_int8
+from kd_cli.deploy.quantize import calibration_batches, convert, prepare_qat, quantize, scripted_int8, write_scripted
 from kd_cli.engine import evaluate, fit
 from kd_cli.errors import KdError
 
@@ -59,7 +59,7 @@ def qat_rows(run, teacher, student, loss_fn, **columns) -> list[dict]:
 
     def row(role: str, int8, metrics: dict) -> dict:
         path = run.run_dir / f"{role}.torchscript.pt"
-        save_int8(int8, path)
+        write_scripted(scripted_int8(int8), path)
         accuracy = evaluate(int8, cpu_data)
         log.info("%s: int8 test accuracy %.2f%% on the CPU, saved to %s", role, accuracy, path)
         return run.row(role, int8, cfg.student, {"metrics": {"accuracy": accuracy, **metrics}}, path, **columns)

@@ -153,11 +153,6 @@ def write_scripted(buffer: io.BytesIO, path: Path) -> int:
     return buffer.getbuffer().nbytes
 
 
-def save_int8(model: nn.Module, path: Path) -> int:
-    """`model` as TorchScript at `path`, written atomically. Returns the file's size in bytes."""
-    return write_scripted(scripted_int8(model), path)
-
-
 # ---------------------------------------------------------------- kd quantize
 
 QUANTIZE_KEYS = {
