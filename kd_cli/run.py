@@ -230,6 +230,10 @@ class Run:
         """Train `student_cfg` from `teacher_model` with `loss_fn`; save it (and the loss's helpers) to `checkpoint`."""
         student = self.new_model(student_cfg, seed_offset)
         loss_fn.attach(student, teacher_model, self.example(), len(self.data.train_y))
+        if role == "student_kd" and self.cfg.get("quant") == "qat":
+            from kd_cli.deploy.qat import check_hooked_layers
+
+            check_hooked_layers(student, loss_fn, self.example())  # the layers are known now, and nothing has trained
         result = fit(student, loss_fn, self.data, self.cfg, self.device, teacher=teacher_model, label=role,
                      state_path=self.state_path(role), teacher_outputs_folder=Path(self.cfg.store_dir) / "teacher_outputs")
         meta = self.meta(student_cfg, result) | meta_extra

@@ -345,3 +345,15 @@ def test_bench_model_of_a_run_writes_where_out_says_whatever_the_run_folder_hold
     finally:
         blocked.unlink()
     assert (tmp_path / "bench" / "results.csv").is_file()
+
+
+def test_quant_qat_refuses_a_fused_hooked_layer_before_the_student_trains(distilled):
+    """classifier.2 is a ReLU that quantization fuses into the Linear before it: refused before the fp32 KD student trains."""
+    cwd = distilled.parent.parent.parent
+    proc = run_kd(cwd, "distill", *ONE_EPOCH, "quant=qat", "loss=rkd", "loss.student_layers=[classifier.2]",
+                  "loss.teacher_layers=[classifier.2]", "hydra.run.dir=outputs/qat_refused", check=False)
+    assert one_line_error(proc) == (
+        "kd: error: quant=qat: loss=rkd hooks student layer(s) classifier.2, which quantization fuses with its "
+        "neighbours or traces through, so the loss would not see that feature; choose other loss.student_layers (such "
+        "as pooling layers or a block's last ReLU) or set quant=null")
+    assert "student_kd" not in proc.stdout and not (cwd / "outputs" / "qat_refused" / "state").exists()

@@ -44,6 +44,16 @@ def unusable_paths(paths: list[str], fake_quantized) -> list[str]:
     return [path for path in paths if not usable(path)]
 
 
+def check_hooked_layers(student, loss_fn, example: torch.Tensor) -> None:
+    """Refuse, before the fp32 student trains, a loss whose student layers the fake-quantized copy would lose."""
+    fused_away = unusable_paths(loss_fn.student_layers, prepare_qat(student, example[:2]))
+    if fused_away:
+        raise KdError(f"quant=qat: loss={loss_fn.loss_name()} hooks student layer(s) {', '.join(fused_away)}, which "
+                      f"quantization fuses with its neighbours or traces through, so the loss would not see that "
+                      f"feature; choose other loss.student_layers (such as pooling layers or a block's last ReLU) or "
+                      f"set quant=null")
+
+
 def qat_rows(run, teacher, student, loss_fn, **columns) -> list[dict]:
     """The `student_kd_ptq` and `student_kd_qat` rows of the finished fp32 KD `student`.
 
@@ -66,12 +76,8 @@ def qat_rows(run, teacher, student, loss_fn, **columns) -> list[dict]:
 
     rows = [row("student_kd_ptq", quantize(student, calibration), {})]
 
+    # Its hooked layers were checked on the untrained student (check_hooked_layers), whose structure this shares.
     fake_quantized = prepare_qat(student, calibration[0][:2]).to(run.device)
-    fused_away = unusable_paths(loss_fn.student_layers, fake_quantized)
-    if fused_away:
-        raise KdError(f"quant=qat: loss={cfg.loss.name} hooks student layer(s) {', '.join(fused_away)}, which quantization "
-                      f"fuses with its neighbours or traces through, so the loss would not see that feature; choose "
-                      f"other loss.student_layers (such as pooling layers or a block's last ReLU) or set quant=null")
     # Fake quantization has fp32 kernels only: no bf16 autocast for this fine-tuning.
     qat_cfg = OmegaConf.merge(cfg, {"train": {"epochs": epochs, "lr": lr, "amp": False}})
     log.info("student_kd_qat: qat.epochs=%d of quantization-aware training from the KD student, lr %g, in fp32: "
