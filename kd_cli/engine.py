@@ -409,19 +409,22 @@ def _warn_if_at_chance(label: str, last_epoch: dict, num_classes: int) -> None:
 
 def fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, device: torch.device,
         teacher: nn.Module | None = None, label: str = "student", state_path: Path | None = None,
-        teacher_outputs_folder: Path | None = None) -> FitResult:
+        teacher_outputs_folder: Path | None = None, epochs_before: int = 0) -> FitResult:
     """Train `student` with `loss_fn` (and `teacher`, when the loss needs one) on data already on `device`.
 
     With `state_path`, the training state is saved there after every epoch, and a run that finds
     one continues from it: on the CPU the result equals an uninterrupted run's exactly. With
     `teacher_outputs_folder`, a teacher cache is also saved there for later runs, and taken from there.
+    `epochs_before`: epochs the student has already trained with this loss (QAT's fine-tuning of a
+    distilled student), so that a staged loss goes on from its last stage instead of starting over.
     """
     with _num_threads(cfg.train.get("threads")):
-        return _fit(student, loss_fn, data, cfg, device, teacher, label, state_path, teacher_outputs_folder)
+        return _fit(student, loss_fn, data, cfg, device, teacher, label, state_path, teacher_outputs_folder, epochs_before)
 
 
 def _fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, device: torch.device,
-         teacher: nn.Module | None, label: str, state_path: Path | None, teacher_outputs_folder: Path | None) -> FitResult:
+         teacher: nn.Module | None, label: str, state_path: Path | None, teacher_outputs_folder: Path | None,
+         epochs_before: int) -> FitResult:
     train_cfg, augment = cfg.train, bool(cfg.data.augment)
     if train_cfg.get("compile") and loss_fn.hooks_layers:  # before the teacher's pass, not after it
         raise KdError(COMPILE_WITH_HOOKS)
@@ -478,13 +481,14 @@ def _fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, de
     n = len(data.train_y)
     if n < 2:  # epoch_batches drops a batch of one, so an epoch would see nothing
         raise KdError(f"{label}: {n} training image{'' if n == 1 else 's'}; at least 2 are needed (raise data.fraction)")
-    loss_fn.check_epochs(train_cfg.epochs)
+    if not epochs_before:  # a continued schedule was checked with the fit it continues
+        loss_fn.check_epochs(train_cfg.epochs)
     progress = _Progress(label, train_cfg.epochs, math.ceil(n / train_cfg.batch_size), first_epoch)
     try:
         for epoch in range(first_epoch, train_cfg.epochs + 1):
             student.train()
             loss_fn.train()
-            loss_fn.set_epoch(epoch)
+            loss_fn.set_epoch(epochs_before + epoch)
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), dtype=torch.long, device=device)
             first_bad_step = torch.full((), -1, dtype=torch.long, device=device)

@@ -29,10 +29,12 @@ class FeatureTaps:
 
     def __init__(self, model: nn.Module, paths: list[str], role: str):
         modules = check_paths(model, paths, role)
-        self.role = role
+        self.role, self.paths = role, list(paths)
         self.features: dict = {}
         self.versions: dict = {}  # each tensor's in-place version counter when it was taken
-        self.handles = []
+        self.calls: dict = {}  # how often each path ran in the latest forward pass
+        # Each forward pass of the model starts afresh (evaluation passes run with the taps in place too).
+        self.handles = [model.register_forward_pre_hook(lambda module, inputs: self.calls.clear())] if paths else []
         for path in paths:
             name, _, side = path.partition(":")
             module = modules[name]
@@ -45,6 +47,7 @@ class FeatureTaps:
             # Inference tensors (the teacher's pass) keep no version counter; the check in
             # DistillationLoss.attach, run under no_grad, has covered the teacher's paths already.
             self.features[path], self.versions[path] = tensor, None if tensor.is_inference() else tensor._version
+            self.calls[path] = self.calls.get(path, 0) + 1
 
         if want_input:
             return lambda module, inputs: keep(inputs[0])
@@ -55,8 +58,16 @@ class FeatureTaps:
 
         A layer after a tapped one may overwrite it in place (a conv followed by ReLU(inplace=True)):
         the tensor then holds that layer's result. Copying every tap would cost memory on every
-        step, so such a path is refused instead.
+        step, so such a path is refused instead. So is a path that did not run in the pass, and one
+        that ran more than once (a module called twice, such as the one ReLU of a ResNet block): only
+        its last call would be kept.
         """
+        for path in self.paths:
+            calls = self.calls.get(path, 0)
+            if calls != 1:
+                what = "did not run in" if calls == 0 else f"ran {calls} times in"
+                raise KdError(f"the {self.role}'s layer '{path}' {what} one forward pass, so it gives no single output; "
+                              f"choose a layer that runs once per pass")
         for path, tensor in self.features.items():
             if self.versions[path] is not None and tensor._version != self.versions[path]:
                 raise KdError(f"the {self.role}'s layer '{path}' is overwritten in place by a layer after it (such as "

@@ -38,12 +38,29 @@ _RUNTIME_ONLY = {"train": {"amp", "teacher_cache", "teacher_cache_max_mb", "teac
                  "data": {"root", "download"}}
 
 
+# The dataset settings that change which model comes out (its other keys say where its files are).
+_DATASET_SETTINGS = ("channels", "image_size", "num_classes", "mean", "std", "crop_padding", "hflip")
+
+
 def recipe(cfg) -> dict:
     """Everything besides the architecture and seed that determines a trained model."""
-    out = {"dataset": cfg.dataset.name}
+    out = {"dataset": _dataset_identity(cfg.dataset)}
     for block, skip in _RUNTIME_ONLY.items():
         out[block] = {k: v for k, v in OmegaConf.to_container(cfg[block], resolve=True).items() if k not in skip}
     return out
+
+
+def _dataset_identity(dataset_cfg) -> str | dict:
+    """The dataset's name, with its settings that differ from its file in conf/dataset/ (all of them for
+    a dataset without one). Only changed ones: the keys of models stored before kd counted them stay valid."""
+    from kd_cli.cli import config_dir
+
+    shipped = Path(config_dir()) / "dataset" / f"{dataset_cfg.name}.yaml"
+    defaults = OmegaConf.to_container(OmegaConf.load(shipped)) if shipped.is_file() else {}
+    settings = OmegaConf.to_container(dataset_cfg, resolve=True)
+    changed = {k: settings[k] for k in _DATASET_SETTINGS
+               if k in settings and _numbers_as_floats(settings[k]) != _numbers_as_floats(defaults.get(k))}
+    return {"name": dataset_cfg.name, **changed} if changed else dataset_cfg.name
 
 
 def model_spec(model_cfg) -> dict:

@@ -128,3 +128,21 @@ def test_a_model_that_ends_at_chance_gets_a_warning_that_says_what_to_try(caplog
     expected = ("student_kd: ended at 10.00% test accuracy, about chance for 10 classes: its training collapsed or has "
                 "barely started; lower train.lr")
     assert (expected in caplog.text) == warned
+
+
+@pytest.mark.parametrize("epochs_before, stage", [(0, "hints alone"), (2, "second stage")])
+def test_a_continued_fit_goes_on_with_its_losss_schedule(cifar, caplog, epochs_before, stage):
+    """quant=qat fine-tunes a distilled student with its loss: fitnets must stay in its second stage
+    (from epoch 1 it would train on the hint alone), and dkd at its full weight, warned about once only."""
+    cfg = tutorial_config(cifar, BATCH, "lightnn", "deepnn", epochs=2, extra=["loss=fitnets", "loss.stage1_epochs=1"])
+    cfg.train.epochs = 1
+    data, student, teacher, loss_fn = seeded_kd_setup(cfg)
+    loss_fn.attach(student, teacher, data.train_x[:2].float(), len(data.train_y))
+    fit(student, loss_fn, data, cfg, torch.device("cpu"), teacher=teacher, epochs_before=epochs_before)
+    assert ("hints alone" if loss_fn.hint_only else "second stage") == stage
+
+    cfg = tutorial_config(cifar, BATCH, "lightnn", "deepnn", extra=["loss=dkd", "loss.warmup_epochs=20"])
+    data, student, teacher, loss_fn = seeded_kd_setup(cfg)
+    fit(student, loss_fn, data, cfg, torch.device("cpu"), teacher=teacher, epochs_before=epochs_before)
+    assert loss_fn.ramp == (epochs_before + 1) / 20
+    assert ("loss.warmup_epochs=20" in caplog.text) == (epochs_before == 0)

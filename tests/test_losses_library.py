@@ -771,6 +771,26 @@ def test_a_layer_a_later_one_overwrites_in_place_is_refused(side, path):
     assert "\n" not in str(err.value)
 
 
+def test_a_layer_that_runs_twice_or_never_in_a_pass_is_refused():
+    """A ResNet block calls its one ReLU twice (a hook would keep the block's output), and a module the
+    forward pass never calls gives nothing: either is refused at attach, before anything trains."""
+    with pytest.raises(KdError, match=r"^kd: error: the teacher's layer 'layer1.0.relu' ran 2 times in one forward "
+                                      r"pass, so it gives no single output; choose a layer that runs once per pass$"):
+        attached("at", teacher_arch="resnet18", student_layers=["features.2"], teacher_layers=["layer1.0.relu"])
+    student, teacher = (build_model(OmegaConf.create({"arch": arch}), SPEC) for arch in ("lightnn", "deepnn"))
+    student.spare = torch.nn.ReLU()
+    loss = build_loss(OmegaConf.create({"loss": {"name": "at", "student_layers": ["spare"], "teacher_layers": ["features.4"]},
+                                        "alpha": 1.0, "T": 4.0}))
+    with pytest.raises(KdError, match=r"^kd: error: the student's layer 'spare' did not run in one forward pass"):
+        loss.attach(student, teacher, torch.zeros(2, 1, 28, 28), 30)
+
+
+def test_crd_takes_one_layer_pair():
+    with pytest.raises(KdError, match=r"^kd: error: loss=crd contrasts one layer pair \(an embedding of each model\), but "
+                                      r"loss.student_layers / loss.teacher_layers give 2; give one layer each$"):
+        attached("crd", student_layers=["features.5", "classifier.3:in"], teacher_layers=["features.9", "classifier.3:in"])
+
+
 def test_a_misspelt_path_on_one_side_is_named_not_the_layer_counts():
     with pytest.raises(KdError, match="the student has no layer 'features.99'; valid paths"):
         attached("at", student_layers=["features.99"])  # the teacher's defaults are two stages

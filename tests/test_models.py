@@ -88,6 +88,14 @@ def test_torchvision_model_by_name_adapts_channels_and_classes():
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
+@pytest.mark.filterwarnings("ignore:The default weight initialization of GoogleNet:FutureWarning")
+def test_a_torchvision_model_with_auxiliary_heads_trains_on_its_main_head():
+    """GoogLeNet from scratch returns (logits, aux2, aux1) while training; kd's engine needs the logits alone."""
+    model = make("torchvision", CIFAR10, name="googlenet", weights=None).train()
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert not any(name.startswith("aux") for name, _ in model.named_modules())
+
+
 def test_unknown_models_are_refused_with_the_choices():
     with pytest.raises(KdError, match="unknown model 'resnet99'; choose one of: conv10"):
         make("resnet99", CIFAR10)

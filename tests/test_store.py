@@ -305,3 +305,20 @@ def test_making_a_model_clears_what_a_killed_write_left_in_its_folder(tmp_path, 
     with making(folder / "seed0-abc.pt"):
         pass
     assert not abandoned.exists() and fresh.exists()
+
+
+def test_dataset_settings_that_change_the_model_are_part_of_its_key(tmp_path):
+    """Another normalisation or augmentation trains another model; the dataset's own values keep the key
+    models were stored under before kd counted them."""
+    from kd_cli.store import _digest, _numbers_as_floats, model_spec
+
+    settings = {"name": "fashion_mnist", "num_classes": 10, "mean": [0.2860], "std": [0.3530], "crop_padding": 2, "hflip": True}
+    cfg = OmegaConf.merge(CFG, {"store_dir": str(tmp_path), "dataset": settings})
+    shipped = store_path(cfg, MODEL)
+    before = {"recipe": {"dataset": "fashion_mnist", "train": {"epochs": 2, "lr": 0.1}, "data": {"fraction": 1.0}},
+              "model": model_spec(MODEL)}
+    assert shipped.name == f"seed0-{_digest(_numbers_as_floats(before))}.pt"
+    changed = [{"mean": [0.5]}, {"std": [0.5]}, {"crop_padding": 4}, {"hflip": False}]
+    paths = {store_path(OmegaConf.merge(cfg, {"dataset": change}), MODEL) for change in changed}
+    assert len(paths) == len(changed) and shipped not in paths
+    assert store_path(OmegaConf.merge(cfg, {"dataset": {"crop_padding": 2.0, "system_dirs": ["/elsewhere"]}}), MODEL) == shipped

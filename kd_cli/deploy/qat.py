@@ -82,8 +82,10 @@ def qat_rows(run, teacher, student, loss_fn, **columns) -> list[dict]:
     qat_cfg = OmegaConf.merge(cfg, {"train": {"epochs": epochs, "lr": lr, "amp": False}})
     log.info("student_kd_qat: qat.epochs=%d of quantization-aware training from the KD student, lr %g, in fp32: "
              "fake quantization has no bf16 kernels, so this fine-tuning runs with train.amp=false", epochs, lr)
+    # The loss's schedule goes on from the fp32 run's last epoch: dkd at its full weight, fitnets and fsp
+    # in their second stage (from epoch 1, they would fine-tune on dkd's first ramp or on hints alone).
     result = fit(fake_quantized, loss_fn, run.data, qat_cfg, run.device, teacher=teacher, label="student_kd_qat",
-                 state_path=run.state_path("student_kd_qat"))
+                 state_path=run.state_path("student_kd_qat"), epochs_before=int(cfg.train.epochs))
     int8 = convert(fake_quantized, calibration[0][:2])
     # train_time_s is the fine-tuning's own (teacher outputs it reuses count at their cost, as in any fit):
     # the fp32 KD student it starts from has its own row.

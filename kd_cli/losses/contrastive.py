@@ -49,6 +49,9 @@ class ContrastiveRD(WeightedTerm, name="crd"):
             raise ValueError(f"loss.momentum must be in [0, 1) (the memory banks' share of the old entry), got {momentum}")
 
     def setup(self, student_shapes, teacher_shapes, num_train):
+        if len(student_shapes) != 1:
+            raise KdError(f"loss=crd contrasts one layer pair (an embedding of each model), but loss.student_layers / "
+                          f"loss.teacher_layers give {len(student_shapes)}; give one layer each")
         if num_train < 2:
             raise KdError(f"loss=crd draws negatives from the other training images; it needs at least 2, got {num_train}")
         self.num_data = num_train

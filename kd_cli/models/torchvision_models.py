@@ -46,11 +46,23 @@ def torchvision_model(spec: ImageSpec, name: str = "resnet18", weights: str | No
                           f"internet connection and the weights' name, or leave weights=null to start from scratch") from None
     else:
         model = torchvision.models.get_model(name, num_classes=spec.num_classes)
+    _drop_auxiliary_heads(model)
     _adapt_first_conv(model, spec.channels)
     if weights is not None:
         _replace_head(model, spec.num_classes)
     _check_input_size(model, name, spec)
     return model
+
+
+def _drop_auxiliary_heads(model: nn.Module) -> None:
+    """GoogLeNet and Inception v3 built from scratch have auxiliary classifiers, and while training they
+    return a tuple with their logits; kd trains and distils the main head alone, as their pretrained
+    builders do."""
+    if getattr(model, "aux_logits", False):
+        model.aux_logits = False
+        for name, _ in list(model.named_children()):
+            if name.lower().startswith("aux"):
+                setattr(model, name, None)
 
 
 def _check_input_size(model: nn.Module, name: str, spec: ImageSpec) -> None:

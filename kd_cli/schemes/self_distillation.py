@@ -137,9 +137,6 @@ def exits_of(cfg, student: nn.Module) -> list[str]:
         taken = taps.pop()
     finally:
         taps.remove()
-    idle = next((path for path in stages if path not in taken), None)
-    if idle:
-        raise KdError(f"the student's layer '{idle}' does not run in its forward pass; choose another for scheme.exits")
     flat = next((path for path, features in taken.items() if features.dim() != 4), None)
     if flat:
         raise KdError(f"scheme=self puts its exits after feature maps (channels, height, width), but the student's "
