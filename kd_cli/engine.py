@@ -350,7 +350,13 @@ def _restore_rng(state: dict, generators: dict[str, torch.Generator]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _load_state(path: Path) -> dict | None:
+def check_state_config(path: Path, state: dict, cfg) -> None:
+    if state["config"] != run_identity(cfg):
+        raise KdError(f"{path} holds the training state of a different config; use another hydra.run.dir "
+                      f"or delete that file to start over")
+
+
+def load_state(path: Path) -> dict | None:
     if not path.exists():
         return None
     try:
@@ -457,11 +463,9 @@ def _fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, de
                  "to minutes (train.compile=false runs it eagerly)", label)
 
     history, step_seconds, images_seen, first_epoch = [], 0.0, 0, 1
-    state = _load_state(state_path) if state_path else None
+    state = load_state(state_path) if state_path else None
     if state is not None:
-        if state["config"] != run_identity(cfg):
-            raise KdError(f"{state_path} holds the training state of a different config; use another hydra.run.dir "
-                          f"or delete that file to start over")
+        check_state_config(state_path, state, cfg)
         saved_on = state.get("device", device.type)  # states written before kd recorded it: assume this device
         if saved_on != device.type:  # a device's random streams (augmentation, dropout) do not carry over to another
             raise KdError(f"{state_path} was saved by a run on {saved_on}; resume it with device={saved_on}, "

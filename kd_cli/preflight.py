@@ -373,6 +373,10 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
     run_root = OmegaConf.select(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir", throw_on_resolution_failure=False)
     if isinstance(run_root, str):
         check_writable(run_root, "the run folder", f"hydra.{'sweep' if multirun else 'run'}.dir=PATH (or start kd in another folder)")
+        if not multirun and Path(run_root).is_dir():
+            from kd_cli.run import check_run_folder
+
+            check_run_folder(Path(run_root), cfg)
     # `kd train` stores what it trains; `kd distill` can read a store it may not write to (a colleague's), and
     # checks it just before storing a model it has to train (train_missing=true, a chain's links).
     if command == "train":

@@ -21,7 +21,7 @@ import kd_cli
 from kd_cli.atomic import check_writable
 from kd_cli.config import RUN_ONLY, ignored_settings, run_identity, teacher_config, validate
 from kd_cli.data import ImageData, load_data, normalize
-from kd_cli.engine import FitResult, fit, resolve_device, seed_everything
+from kd_cli.engine import FitResult, check_state_config, fit, load_state, resolve_device, seed_everything
 from kd_cli.errors import KdError
 from kd_cli.losses import DistillationLoss
 from kd_cli.losses.hinton import CrossEntropy
@@ -44,11 +44,23 @@ def completed_results(run_dir: Path, cfg) -> bool:
     results = Path(run_dir) / "results.json"
     if not results.exists():
         return False
-    done = json.loads(results.read_text())
+    try:
+        done = json.loads(results.read_text())
+    except (OSError, ValueError) as e:
+        raise KdError(f"{results} is unreadable ({type(e).__name__}); delete it, or choose another hydra.run.dir") from None
     if {k: v for k, v in done.get("config", {}).items() if k not in RUN_ONLY} != run_identity(cfg):
         raise KdError(f"{run_dir} already holds the results of a different config; choose another hydra.run.dir "
-                      f"(nothing was overwritten)")
+                      f"(its results were left as they are)")
     return True
+
+
+def check_run_folder(run_dir: Path, cfg) -> None:
+    """Refuse a run folder (hydra.run.dir=) that holds another config's results or training state before
+    Hydra starts the run, which rewrites the folder's .hydra/ files: resume=true finds a run by them."""
+    cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+    completed_results(run_dir, cfg)
+    for path in sorted((run_dir / "state").glob("*.pt")):
+        check_state_config(path, load_state(path), cfg)
 
 
 def train_command(cfg, model_cfg=None) -> str:

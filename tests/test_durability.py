@@ -327,6 +327,38 @@ def test_refused_before_anything_is_written(tmp_path, monkeypatch, overrides, me
     assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]
 
 
+def test_a_run_folder_of_another_config_is_refused_before_hydra_rewrites_it(tmp_path, monkeypatch):
+    """hydra.run.dir= naming the folder of a finished or stopped run of another config is refused before
+    Hydra rewrites the folder's .hydra/ files, by which resume=true finds a stopped run."""
+    from kd_cli.config import run_identity
+    from kd_cli.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)
+    this, other = run_identity(composed()), run_identity(composed("train.epochs=3"))
+    for name, config in (("finished", other), ("stopped", other), ("same", this)):
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / ".hydra" / "overrides.yaml").write_text("- train.epochs=3\n")
+        if name == "stopped":
+            (tmp_path / name / "state").mkdir()
+            torch.save({"config": config, "epoch": 1}, tmp_path / name / "state" / "teacher.pt")
+        else:
+            (tmp_path / name / "results.json").write_text(json.dumps({"config": config, "rows": []}))
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "results.json").write_text('{"config": {"train"')
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    refusals = {"finished": "finished already holds the results of a different config; choose another hydra.run.dir "
+                            "(its results were left as they are)",
+                "stopped": "state/teacher.pt holds the training state of a different config; use another "
+                           "hydra.run.dir or delete that file to start over",
+                "broken": "broken/results.json is unreadable (JSONDecodeError); delete it, or choose another hydra.run.dir"}
+    for name, message in refusals.items():
+        with pytest.raises(KdError) as refused:
+            preflight("train", [*TINY, f"hydra.run.dir={name}"], config_dir())
+        assert str(refused.value).endswith(message)
+    assert preflight("train", [*TINY, "hydra.run.dir=same"], config_dir()) is not None  # a finished run of this config
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def test_a_full_disk_is_refused_before_hydra_writes_the_run_folder(tmp_path, monkeypatch):
     import shutil
 
