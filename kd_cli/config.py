@@ -216,9 +216,9 @@ def ignored_settings(cfg) -> dict[str, str]:
     return ignored | {key: loss for key in ("alpha", "T") if key not in used}
 
 
-def _leaf_keys(node: dict, prefix: str = "") -> list[str]:
+def leaf_keys(node: dict, prefix: str = "") -> list[str]:
     return [key for name, value in node.items()
-            for key in (_leaf_keys(value, f"{prefix}{name}.") if isinstance(value, dict) else [f"{prefix}{name}"])]
+            for key in (leaf_keys(value, f"{prefix}{name}.") if isinstance(value, dict) else [f"{prefix}{name}"])]
 
 
 def _unknown_key(config: dict, key: str) -> str | None:
@@ -242,7 +242,7 @@ def teacher_config(cfg):
         raise KdError(f"teacher_recipe changes data.* and train.* keys, e.g. 'teacher_recipe={{data:{{fraction:1.0}}}}'; "
                       f"got {OmegaConf.to_container(changes) if OmegaConf.is_config(changes) else changes!r}")
     known = OmegaConf.to_container(cfg, resolve=False)  # unresolved: a bad interpolation is reported later, in one line
-    for key in _leaf_keys(OmegaConf.to_container(changes, resolve=False)):
+    for key in leaf_keys(OmegaConf.to_container(changes, resolve=False)):
         problem = _unknown_key(known, key)
         if problem:
             raise KdError(f"teacher_recipe: {problem} (it changes keys of the run's data.* and train.*)")

@@ -31,7 +31,7 @@ from kd_cli.errors import KdError
 from kd_cli.features import FeatureTaps
 from kd_cli.losses import DistillationLoss
 from kd_cli.models import has_conv
-from kd_cli.store import safe_load
+from kd_cli.store import nested_checksum, safe_load
 
 log = logging.getLogger(__name__)
 
@@ -360,9 +360,14 @@ def load_state(path: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        return safe_load(path)
+        state = safe_load(path)
+        saved = state.pop("checksum", None)  # states written before kd checked them have none
     except Exception as e:  # a state file is only written whole (atomic rename); anything else is foreign
         raise KdError(f"training state {path} is unreadable ({type(e).__name__}); delete it to start this model over") from e
+    if saved is not None and saved != nested_checksum(state):
+        raise KdError(f"training state {path} is corrupt (its content does not match its checksum); delete it to "
+                      f"start this model over")
+    return state
 
 
 @functools.cache
@@ -545,7 +550,8 @@ def _fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, de
                          "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                          "rng": _rng_state(generators), "history": history, "step_seconds": step_seconds,
                          "images_seen": images_seen, "elapsed_s": time.perf_counter() - started}
-                atomic_torch_save(state_path, state)
+                # torch.load does not check the archive's CRCs: a flipped bit would be resumed from, then stored.
+                atomic_torch_save(state_path, state | {"checksum": nested_checksum(state)})
     finally:
         progress.close()
         student_taps.remove()

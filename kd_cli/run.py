@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 import kd_cli
 from kd_cli.atomic import check_writable
-from kd_cli.config import RUN_ONLY, ignored_settings, run_identity, teacher_config, validate
+from kd_cli.config import RUN_ONLY, ignored_settings, leaf_keys, run_identity, teacher_config, validate
 from kd_cli.data import ImageData, load_data, normalize
 from kd_cli.engine import FitResult, check_state_config, fit, load_state, resolve_device, seed_everything
 from kd_cli.errors import KdError
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 # Overrides that only `kd distill` understands; dropped when suggesting the matching `kd train`.
 _DISTILL_ONLY = ("loss", "alpha", "T", "scheme", "teacher.checkpoint", "resume", "hparams_search", "train_missing",
-                 "quant", "teacher_recipe")
+                 "quant", "qat", "teacher_recipe")
 
 
 def completed_results(run_dir: Path, cfg) -> bool:
@@ -63,10 +63,11 @@ def check_run_folder(run_dir: Path, cfg) -> None:
         check_state_config(path, load_state(path), cfg)
 
 
-def train_command(cfg, model_cfg=None) -> str:
+def train_command(cfg, model_cfg=None, recipe_keys=()) -> str:
     """The `kd train` line with this run's recipe, so the model it stores is the one looked for.
 
     With `model_cfg`, the line trains that model as the teacher (a multi-teacher member, say).
+    `recipe_keys`: the data.* / train.* keys a teacher_recipe set, given whether typed or not.
     """
     try:
         overrides = list(HydraConfig.get().overrides.task)
@@ -78,6 +79,7 @@ def train_command(cfg, model_cfg=None) -> str:
     kept = [f"{key}={OmegaConf.select(cfg, key)}" if key.startswith(("data.", "train.")) and
             _parsed(value) != OmegaConf.select(cfg, key) else f"{key}={value}"
             for key, _, value in (o.partition("=") for o in kept)]
+    kept += [f"{key}={OmegaConf.select(cfg, key)}" for key in recipe_keys]
     # A key given twice is given once, with the value that took effect.
     kept = list({o.partition("=")[0]: o for o in kept}.values())
     if model_cfg is not None:
@@ -103,6 +105,7 @@ class Run:
     run_dir: Path
     device: torch.device
     data: ImageData
+    recipe_keys: tuple = ()  # the data.* / train.* keys a teacher_recipe set (for a teacher's run)
 
     @classmethod
     def start(cls, cfg, run_dir) -> "Run":
@@ -204,7 +207,7 @@ class Run:
                      "or pass train_missing=true", model_label(model_cfg), train_command(self.cfg))
             return None
         other = None if model_spec(model_cfg) == model_spec(self.cfg.teacher) else model_cfg
-        command = train_command(self.cfg, other) + (" '~student'" if alone and other is None else "")
+        command = train_command(self.cfg, other, self.recipe_keys) + (" '~student'" if alone and other is None else "")
         here = "pass train_missing=true to train it here"
         others = f", {here}, or pass teacher.checkpoint=PATH" if configured else f" or {here}"
         raise KdError(f"no trained {role} {model_label(model_cfg)} for {self.cfg.dataset.name} (seed {self.cfg.seed}, "
@@ -223,7 +226,9 @@ class Run:
             log.info("teacher: %s, trained with teacher_recipe=%s over this run's recipe", model_label(cfg.teacher),
                      json.dumps(OmegaConf.to_container(self.cfg.teacher_recipe, resolve=True)).replace(" ", ""))
             data = load_data(cfg).to(self.device) if recipe(cfg) != recipe(self.cfg) else self.data
-            return Run(cfg, self.run_dir, self.device, data).stored(cfg.teacher, "teacher", alone=True, configured=True)
+            changed = tuple(leaf_keys(OmegaConf.to_container(self.cfg.teacher_recipe)))
+            return Run(cfg, self.run_dir, self.device, data, changed).stored(cfg.teacher, "teacher", alone=True,
+                                                                              configured=True)
         path = Path(self.cfg.teacher.checkpoint)
         if not path.exists():
             raise KdError(f"teacher.checkpoint={path} does not exist; check the path")

@@ -183,6 +183,30 @@ def checksum(state_dict: dict) -> str:
     return digest.hexdigest()
 
 
+def nested_checksum(value) -> str:
+    """A digest of nested dicts, lists and tuples of tensors and plain values (a training state)."""
+    digest = hashlib.sha256()
+
+    def add(item) -> None:
+        if isinstance(item, torch.Tensor):
+            digest.update(repr((item.dtype, tuple(item.shape))).encode())
+            digest.update(tensor_bytes(item))
+        elif isinstance(item, dict):
+            for key, entry in item.items():
+                digest.update(repr(key).encode())
+                add(entry)
+        elif isinstance(item, list | tuple):
+            digest.update(b"[")
+            for entry in item:
+                add(entry)
+            digest.update(b"]")
+        else:
+            digest.update(repr(item).encode())
+
+    add(value)
+    return digest.hexdigest()
+
+
 def save_checkpoint(path: Path, model: torch.nn.Module, meta: dict, helpers: dict | None = None) -> None:
     """Weights (plus training-only helper modules, if any) and what they are, written atomically."""
     state_dict = model.state_dict()

@@ -15,6 +15,7 @@ from kd_cli.engine import fit, seed_everything
 from kd_cli.errors import KdError
 from kd_cli.losses.hinton import CrossEntropy
 from kd_cli.models import build_model
+from kd_cli.store import nested_checksum
 
 STEPS, BATCH = 2, 8
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,8 +48,9 @@ def _stopped_after_epoch_1(cfg, state_path, **changes):
     data, student, teacher, loss_fn = seeded_kd_setup(cfg)
     fit(student, loss_fn, data, cfg, torch.device("cpu"), teacher=teacher, state_path=state_path)
     state = torch.load(state_path, weights_only=True)
+    state.pop("checksum")
     state |= {"epoch": 1, "history": state["history"][:1], **changes}
-    torch.save(state, state_path)
+    torch.save(state | {"checksum": nested_checksum(state)}, state_path)
 
 
 def resumed(cfg, state_path):
@@ -83,6 +85,19 @@ def test_a_state_saved_on_another_device_is_refused_in_one_line(cifar, tmp_path)
                                       r"or delete that file to start over on cpu$"):
         resumed(cfg, state_path)
     assert state_path.read_bytes() == kept
+
+
+def test_a_state_whose_content_changed_is_refused_not_resumed(cifar, tmp_path):
+    """torch.load does not check a zip archive's CRCs: one flipped bit in a weight would be trained on, then stored."""
+    cfg = tutorial_config(cifar, BATCH, "lightnn", teacher="lightnn", epochs=2)
+    state_path = tmp_path / "state.pt"
+    _stopped_after_epoch_1(cfg, state_path)
+    state = torch.load(state_path, weights_only=True)
+    state["model"]["features.0.weight"][0, 0, 0, 0] *= 2**30  # as one flipped exponent bit would
+    torch.save(state, state_path)
+    with pytest.raises(KdError, match=rf"^kd: error: training state {state_path} is corrupt \(its content does not match "
+                                      r"its checksum\); delete it to start this model over$"):
+        resumed(cfg, state_path)
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
