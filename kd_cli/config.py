@@ -19,6 +19,8 @@ from kd_cli.models import CATALOGUE
 
 # Keys that may differ between a run and its resumption without changing what it computes.
 RUN_ONLY = ("resume", "device")
+# NumPy takes seeds below 2**32, and models of a run are seeded from the run's seed plus an offset.
+MAX_SEED = 2**31 - 1
 
 
 def run_identity(cfg) -> dict:
@@ -81,7 +83,8 @@ def validate(cfg) -> None:
     _check_checkpoints(cfg)
     if cfg.get("command") == "train" and "teacher" not in cfg and "student" not in cfg:
         raise KdError("nothing to train: `~teacher` and `~student` remove both models; keep at least one")
-    _integer(cfg, "seed", 0)
+    if _integer(cfg, "seed", 0) > MAX_SEED:
+        raise KdError(f"seed must be at most {MAX_SEED}, got {cfg.seed}")
     _integer(cfg, "train.epochs", 1)
     _integer(cfg, "train.batch_size", 2)  # a batch of one is never trained on: BatchNorm needs two images
     if "measure" in cfg:
@@ -101,6 +104,8 @@ def validate(cfg) -> None:
         raise KdError(f"train.weight_decay must be >= 0, got {cfg.train.weight_decay}")
     if not 0 <= _number(cfg, "train.momentum") < 1:
         raise KdError(f"train.momentum must be in [0, 1), got {cfg.train.momentum}")
+    if cfg.train.optimizer == "sgd" and cfg.train.nesterov is True and cfg.train.momentum == 0:
+        raise KdError("train.nesterov=true needs train.momentum > 0 (Nesterov's is a kind of momentum)")
     if _number(cfg, "train.gamma") <= 0:
         raise KdError(f"train.gamma must be > 0 (the factor lr is multiplied by at each milestone), got {cfg.train.gamma}")
     milestones = OmegaConf.select(cfg, "train.milestones")

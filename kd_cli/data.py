@@ -8,6 +8,7 @@ one batched operation on the training device.
 import gzip
 import logging
 import pickle
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -60,8 +61,17 @@ def read_idx(path: Path) -> np.ndarray:
         shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
         data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
         return data.reshape(shape)
-    except (OSError, EOFError, ValueError, IndexError) as e:
+    except (OSError, EOFError, ValueError, IndexError, zlib.error) as e:
         raise KdError(f"dataset file {path} is unreadable or corrupt ({e}); delete it and download again") from e
+
+
+def _idx_pair(images_path: Path, labels_path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The images (N x size x size) and labels (N) of one split; files that do not pair up are refused."""
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3 or images.shape[1:] != (size, size) or labels.ndim != 1 or len(images) != len(labels):
+        raise KdError(f"dataset files {images_path} and {labels_path} do not match (images of shape {images.shape}, "
+                      f"labels of shape {labels.shape}; expected N x {size} x {size} and N); delete them and download again")
+    return images, labels
 
 
 def _find_idx(folder: Path, stem: str) -> Path | None:
@@ -82,7 +92,7 @@ def _load_idx_dataset(cfg_dataset, root: Path, download: bool):
         files = {split: [_find_idx(folder, stem) for stem in stems] for split, stems in _IDX_FILES.items()}
         if all(p is not None for pair in files.values() for p in pair):
             log.info("%s from %s", cfg_dataset.name, folder)
-            split_arrays = {s: (read_idx(x), read_idx(y)) for s, (x, y) in files.items()}
+            split_arrays = {s: _idx_pair(x, y, cfg_dataset.image_size) for s, (x, y) in files.items()}
             return {s: (x[:, None, :, :], y) for s, (x, y) in split_arrays.items()}
     if download:
         _torchvision_download(cfg_dataset, root, folders[0])

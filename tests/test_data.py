@@ -101,6 +101,35 @@ def test_corrupt_idx_file_is_reported(tmp_path):
         load_data(cfg_for("mnist", tmp_path, "dataset.system_dirs=[]"))
 
 
+def _mnist_files(raw: Path, train_images: int = 40, train_labels: int = 40) -> None:
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for prefix, images, labels in (("train", train_images, train_labels), ("t10k", 20, 20)):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (images, 28, 28)), gz=True)
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", np.arange(labels) % 10, gz=True)
+
+
+def test_a_gzip_file_damaged_inside_is_reported(tmp_path):
+    """The gzip header intact, its compressed stream not: zlib's own error, as one line."""
+    raw = tmp_path / "MNIST" / "raw"
+    _mnist_files(raw)
+    damaged = raw / "train-images-idx3-ubyte.gz"
+    content = bytearray(damaged.read_bytes())
+    content[10:12] = bytes(b ^ 0xFF for b in content[10:12])  # the first deflate block: "invalid block type"
+    damaged.write_bytes(bytes(content))
+    with pytest.raises(KdError, match=f"dataset file {damaged} is unreadable or corrupt"):
+        load_data(cfg_for("mnist", tmp_path, "dataset.system_dirs=[]"))
+
+
+@pytest.mark.parametrize("images, labels", [(40, 20), (20, 40)])
+def test_image_and_label_files_that_do_not_pair_up_are_refused(tmp_path, images, labels):
+    """Fewer labels would fail on an index, more would pair images with the wrong labels silently."""
+    _mnist_files(tmp_path / "MNIST" / "raw", images, labels)
+    with pytest.raises(KdError, match=rf"train-labels-idx1-ubyte.gz do not match \(images of shape \({images}, 28, 28\), "
+                                      rf"labels of shape \({labels},\); expected N x 28 x 28 and N\)"):
+        load_data(cfg_for("mnist", tmp_path, "dataset.system_dirs=[]"))
+
+
 def test_stratified_subset_keeps_class_balance():
     labels = torch.arange(1000) % 10
     idx = stratified_subset(labels, 0.1, seed=3)

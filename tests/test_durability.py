@@ -301,6 +301,8 @@ REFUSED_UPFRONT = [
     (["train.batch_size=0"], "train.batch_size must be a whole number >= 2, got 0"),
     (["train.weight_decay=-1"], "train.weight_decay must be >= 0, got -1"),
     (["train.momentum=2"], "train.momentum must be in [0, 1), got 2"),
+    (["train.optimizer=sgd", "train.momentum=0", "train.nesterov=true"], "train.nesterov=true needs train.momentum > 0"),
+    (["seed=4294967296"], "seed must be at most 2147483647, got 4294967296"),
     (["train.gamma=0"], "train.gamma must be > 0"),
     (["train.milestones=[abc]"], "train.milestones must be a list of fractions of train.epochs in (0, 1), such as "
                                  "'train.milestones=[0.5,0.75]', got ['abc']"),
