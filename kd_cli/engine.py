@@ -292,6 +292,8 @@ class Teacher:
 
     def close(self) -> None:
         self.taps.remove()
+        if self.channels_last:  # the caller's model as it came: later measurements time it in its own layout
+            self.model.to(memory_format=torch.contiguous_format)
 
 
 class _Progress:
@@ -318,6 +320,11 @@ class _Progress:
                 f"{stats['img_per_s']:.0f} img/s")
         if self.bar:
             self.bar.update(self.task, description=line)
+            # The run's log file keeps every epoch's line; the terminal shows it in the bar.
+            record = log.makeRecord(log.name, logging.INFO, __file__, 0, line, None, None)
+            for handler in logging.getLogger().handlers:
+                if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+                    handler.handle(record)
         else:
             log.info(line)
 

@@ -161,3 +161,32 @@ def test_a_continued_fit_goes_on_with_its_losss_schedule(cifar, caplog, epochs_b
     fit(student, loss_fn, data, cfg, torch.device("cpu"), teacher=teacher, epochs_before=epochs_before)
     assert loss_fn.ramp == (epochs_before + 1) / 20
     assert ("loss.warmup_epochs=20" in caplog.text) == (epochs_before == 0)
+
+
+def test_on_a_terminal_the_epoch_line_still_reaches_the_runs_log_file(tmp_path, monkeypatch):
+    """The progress bar shows each epoch's line on a terminal; the run's log file (Hydra's file handler)
+    must keep it too, or a run that fails later leaves no per-epoch record."""
+    import logging
+    import sys
+
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    handler = logging.FileHandler(tmp_path / "train.log")
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        progress = engine._Progress("teacher", 2, 3, 1)
+        assert progress.bar is not None
+        progress.epoch({"epoch": 1, "loss": 0.5, "train_accuracy": 80.0, "test_accuracy": 75.0, "img_per_s": 900.0})
+        progress.close()
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+    assert (tmp_path / "train.log").read_text() == "teacher epoch 1/2  loss 0.5000  train 80.00%  test 75.00%  900 img/s\n"
+
+
+def test_a_fit_hands_the_teacher_back_in_its_own_memory_layout(cifar):
+    cfg = tutorial_config(cifar, BATCH, "lightnn", teacher="deepnn", extra=["train.channels_last=true"])
+    data, student, teacher, loss_fn = seeded_kd_setup(cfg)
+    fit(student, loss_fn, data, cfg, torch.device("cpu"), teacher=teacher)
+    assert all(p.is_contiguous() for p in [*teacher.parameters(), *student.parameters()])
