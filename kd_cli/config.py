@@ -129,6 +129,8 @@ def validate(cfg) -> None:
             check_name(cfg[role].name)
     # Every loss.* option checked now, not after the teacher has trained.
     loss_fn = build_loss(cfg) if "loss" in cfg else None
+    if loss_fn is not None:
+        loss_fn.check_classes(cfg.dataset.num_classes)
     hint_epochs = OmegaConf.select(cfg, "loss.stage1_epochs")
     if hint_epochs and hint_epochs >= cfg.train.epochs:
         raise KdError(f"loss.stage1_epochs={hint_epochs} covers every epoch of train.epochs={cfg.train.epochs}, so the "

@@ -297,6 +297,9 @@ REFUSED_UPFRONT = [
     (["alpha=1.5"], "alpha must be in [0, 1]"),
     (["-m", "alpha=0.5,-1"], "alpha must be in [0, 1] (the weight of the distillation term), got -1"),
     (["T=0"], "T must be > 0"),
+    (["loss=tf_kd", "loss.correct_prob=0.05"], "loss.correct_prob=0.05 is not above 1/10, so the virtual teacher would "
+                                               "rate the true class no higher than the others; choose a value in (0.1, 1]"),
+    (["loss=combo", "loss.terms={tf_kd:{weight:1,correct_prob:0.1}}"], "loss.correct_prob=0.1 is not above 1/10"),
     (["train.epochs=0"], "train.epochs must be a whole number >= 1, got 0"),
     (["train.batch_size=0"], "train.batch_size must be a whole number >= 2, got 0"),
     (["train.weight_decay=-1"], "train.weight_decay must be >= 0, got -1"),

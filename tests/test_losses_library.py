@@ -833,7 +833,10 @@ def test_a_misspelt_option_is_an_error_not_ignored():
      "loss.terms.dkd: loss=dkd has no option 'student_layers'"),
     ({"name": "at", "weight": "abc"}, "loss=at: could not convert string to float: 'abc'; check the loss.* values"),
     # Values that would run and quietly give a meaningless student.
-    ({"name": "at", "weight": -5}, "loss=at: loss.weight must be >= 0 (a negative weight maximises the distillation term)"),
+    ({"name": "at", "weight": -5}, "loss=at: loss.weight must be >= 0 (a negative weight maximises its term)"),
+    ({"name": "dkd", "nckd_weight": -8}, "loss=dkd: loss.nckd_weight must be >= 0 (a negative weight maximises its term)"),
+    ({"name": "dist", "intra_weight": -1}, "loss=dist: loss.intra_weight must be >= 0"),
+    ({"name": "rkd", "angle_weight": -50}, "loss=rkd: loss.angle_weight must be >= 0"),
     ({"name": "at", "p": 0}, "loss=at: loss.p must be > 0"),
     ({"name": "dkd", "warmup_epochs": -1}, "loss=dkd: loss.warmup_epochs must be a whole number of epochs >= 0, got -1"),
     ({"name": "fsp", "stage1_epochs": 1.5}, "loss=fsp: loss.stage1_epochs must be a whole number of epochs >= 0, got 1.5"),

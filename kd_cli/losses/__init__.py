@@ -139,6 +139,9 @@ class DistillationLoss(nn.Module):
     def check_epochs(self, epochs: int) -> None:
         """Called once before training: warn when a run of `epochs` is too short for the method's schedule."""
 
+    def check_classes(self, num_classes: int) -> None:
+        """Called by config.validate: refuse options that make no sense for the dataset's class count."""
+
     def pairs(self, student: dict, teacher: dict):
         """The hooked (student, teacher) feature pairs, in layer order."""
         return [(student[s], teacher[t]) for s, t in zip(self.student_layers, self.teacher_layers)]

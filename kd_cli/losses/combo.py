@@ -96,6 +96,10 @@ class Combo(WeightedTerm, name="combo"):
         for term in self.terms.values():
             term.check_epochs(epochs)
 
+    def check_classes(self, num_classes: int) -> None:
+        for term in self.terms.values():
+            term.check_classes(num_classes)
+
     def term(self, student, teacher, targets, indices=None):
         total = 0.0
         for term in self.terms.values():

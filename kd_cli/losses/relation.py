@@ -2,7 +2,7 @@
 a batch) rather than the features themselves, so the two models' widths may differ.
 
 Each loss is (1 - alpha) * CE + alpha * weight * term. The batch-relation methods (rkd, sp, pkt, cc)
-depend on the batch size: their reference weights were set at batch sizes 64-128.
+depend on the batch size: their reference weights were set at batch sizes 64-128 (docs/methods.md).
 """
 
 import math
@@ -96,7 +96,8 @@ class RelationalKD(WeightedTerm, name="rkd"):
 
     def __init__(self, alpha, T, weight=1.0, distance_weight=25.0, angle_weight=50.0, **options):
         super().__init__(alpha, T, weight, **options)
-        self.distance_weight, self.angle_weight = float(distance_weight), float(angle_weight)
+        self.distance_weight = self.weight_option("distance_weight", distance_weight)
+        self.angle_weight = self.weight_option("angle_weight", angle_weight)
 
     @staticmethod
     def _normalised_distances(x):

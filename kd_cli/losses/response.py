@@ -76,7 +76,8 @@ class DecoupledKD(WeightedTerm, name="dkd"):
 
     def __init__(self, alpha, T, weight=1.0, tckd_weight=1.0, nckd_weight=8.0, warmup_epochs=20, **options):
         super().__init__(alpha, T, weight, **options)
-        self.tckd_weight, self.nckd_weight = float(tckd_weight), float(nckd_weight)
+        self.tckd_weight = self.weight_option("tckd_weight", tckd_weight)
+        self.nckd_weight = self.weight_option("nckd_weight", nckd_weight)
         self.warmup_epochs = self.epochs_option("warmup_epochs", warmup_epochs)
         self.ramp = 1.0
 
@@ -113,7 +114,8 @@ class DIST(WeightedTerm, name="dist"):
 
     def __init__(self, alpha, T, weight=1.0, inter_weight=1.0, intra_weight=1.0, **options):
         super().__init__(alpha, T, weight, **options)
-        self.inter_weight, self.intra_weight = float(inter_weight), float(intra_weight)
+        self.inter_weight = self.weight_option("inter_weight", inter_weight)
+        self.intra_weight = self.weight_option("intra_weight", intra_weight)
 
     def term(self, student, teacher, targets, indices=None):
         p_s = F.softmax(student["logits"] / self.T, dim=1)
@@ -144,6 +146,12 @@ class TeacherFreeKD(WeightedTerm, name="tf_kd"):
         self.correct_prob = float(correct_prob)
         self.virtual = bool(virtual)
         self.needs_teacher = not self.virtual
+
+    def check_classes(self, num_classes: int) -> None:
+        if self.virtual and self.correct_prob <= 1 / num_classes:
+            raise KdError(f"loss.correct_prob={self.correct_prob:g} is not above 1/{num_classes}, so the virtual teacher "
+                          f"would rate the true class no higher than the others; choose a value in "
+                          f"({1 / num_classes:.3g}, 1] (0.99 is the paper's)")
 
     def virtual_logits(self, targets: torch.Tensor, num_classes: int, dtype=torch.float32) -> torch.Tensor:
         """Log-probabilities of the virtual teacher (any constant shift gives the same softmax)."""

@@ -24,9 +24,14 @@ class WeightedTerm(DistillationLoss):
 
     def __init__(self, alpha: float, T: float, weight: float = 1.0, **options):
         super().__init__(**options)
-        self.alpha, self.T, self.weight = float(alpha), float(T), float(weight)
-        if self.weight < 0:
-            raise ValueError(f"loss.weight must be >= 0 (a negative weight maximises the distillation term), got {weight}")
+        self.alpha, self.T, self.weight = float(alpha), float(T), self.weight_option("weight", weight)
+
+    @staticmethod
+    def weight_option(name: str, value) -> float:
+        """A loss.* weight: a negative one would maximise its term."""
+        if float(value) < 0:
+            raise ValueError(f"loss.{name} must be >= 0 (a negative weight maximises its term), got {value}")
+        return float(value)
 
     @staticmethod
     def whole_option(name: str, value, minimum: int, unit: str = "") -> int:
