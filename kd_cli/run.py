@@ -250,7 +250,10 @@ class Run:
         if role == "student_kd" and self.cfg.get("quant") == "qat":
             from kd_cli.deploy.qat import check_hooked_layers
 
-            check_hooked_layers(student, loss_fn, self.example())  # the layers are known now, and nothing has trained
+            # The layers are known now, and nothing has trained. Preparing a copy draws random numbers, which
+            # the student's training must not see: its dropout masks would differ from a run without quant=qat.
+            with torch.random.fork_rng(devices=[]):
+                check_hooked_layers(student, loss_fn, self.example())
         result = fit(student, loss_fn, self.data, self.cfg, self.device, teacher=teacher_model, label=role,
                      state_path=self.state_path(role), teacher_outputs_folder=Path(self.cfg.store_dir) / "teacher_outputs")
         meta = self.meta(student_cfg, result) | meta_extra

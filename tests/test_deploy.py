@@ -357,3 +357,15 @@ def test_quant_qat_refuses_a_fused_hooked_layer_before_the_student_trains(distil
         "neighbours or traces through, so the loss would not see that feature; choose other loss.student_layers (such "
         "as pooling layers or a block's last ReLU) or set quant=null")
     assert "student_kd" not in proc.stdout and not (cwd / "outputs" / "qat_refused" / "state").exists()
+
+
+def test_quant_qat_leaves_the_fp32_kd_student_as_it_is_without_it(distilled):
+    """quant=qat adds int8 rows: the fp32 student_kd (lightnn, which has dropout) trains exactly as without it."""
+    cwd = distilled.parent.parent.parent
+    recipe = [*ONE_EPOCH, "student=lightnn", "train_missing=true", "qat.calibration_images=64"]
+    run_kd(cwd, "distill", *recipe, "hydra.run.dir=outputs/fp32_only")
+    run_kd(cwd, "distill", *recipe, "quant=qat", "hydra.run.dir=outputs/with_qat")
+    without, with_qat = ([{k: v for k, v in epoch.items() if k != "img_per_s"}  # a timing, the rest exact
+                          for epoch in json.loads((cwd / "outputs" / run / "results.json").read_text())["histories"]["student_kd"]]
+                         for run in ("fp32_only", "with_qat"))
+    assert with_qat == without
