@@ -90,8 +90,9 @@ def validate(cfg) -> None:
     if "measure" in cfg:
         _integer(cfg, "measure.latency_runs", 1)
         _integer(cfg, "measure.latency_warmup", 0)
-    if OmegaConf.select(cfg, "train.threads") is not None:
-        _integer(cfg, "train.threads", 1)
+    for key in ("train.threads", "measure.threads"):
+        if OmegaConf.select(cfg, key) is not None:
+            _integer(cfg, key, 1)
     if cfg.get("command") == "distill" and cfg.train.teacher_cache == "on" and cfg.data.augment:
         raise KdError(CACHE_NEEDS_FIXED_INPUTS)  # engine.Teacher would say so only once the models are in place
     for key in ("train.teacher_cache_max_mb", "train.teacher_cache_disk_mb"):

@@ -398,8 +398,8 @@ def keep_freed_memory() -> bool:
 
 
 @contextmanager
-def _num_threads(threads: int | None):
-    """torch's intra-op thread count set to `threads` (train.threads) inside the block; None keeps it."""
+def num_threads(threads: int | None):
+    """torch's intra-op thread count set to `threads` (train.threads, measure.threads) inside the block; None keeps it."""
     if threads is None:
         yield
         return
@@ -436,7 +436,7 @@ def fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, dev
     `epochs_before`: epochs the student has already trained with this loss (QAT's fine-tuning of a
     distilled student), so that a staged loss goes on from its last stage instead of starting over.
     """
-    with _num_threads(cfg.train.get("threads")):
+    with num_threads(cfg.train.get("threads")):
         return _fit(student, loss_fn, data, cfg, device, teacher, label, state_path, teacher_outputs_folder, epochs_before)
 
 

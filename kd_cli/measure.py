@@ -140,15 +140,24 @@ def int8_costs(model: nn.Module, shape, runs: int, warmup: int) -> dict:
     return {"int8_size_mb": round(size_mb(int8), 4), "int8_latency_ms": round(latency_ms(int8, shape, CPU, runs, warmup), 4)}
 
 
-def model_costs(model: nn.Module, shape, device: torch.device, measure_cfg) -> dict:
+# A 90th percentile over twice the median: passes were descheduled (other processes on the CPU).
+UNSTEADY = 2.0
+
+
+def model_costs(model: nn.Module, shape, device: torch.device, measure_cfg, label: str = "model") -> dict:
     if is_quantized(model):
         device = CPU  # PyTorch's int8 kernels run on the CPU only
     runs, warmup = measure_cfg.latency_runs, measure_cfg.latency_warmup
+    latency = latency_stats(model, shape, device, runs, warmup)
+    if latency["p90_ms"] > UNSTEADY * latency["median_ms"]:
+        log.warning("%s: latency unsteady (median %.3g ms, 90th percentile %.3g ms), likely other processes on the CPU; "
+                    "measure.threads=1 (or `kd bench-model ... threads=1`) times it more steadily",
+                    label, latency["median_ms"], latency["p90_ms"])
     costs = {
         "params": count_params(model),
         "size_mb": round(size_mb(model), 4),
         "flops": count_flops(model, shape),
-        "latency_ms": round(latency_ms(model, shape, device, runs, warmup), 4),
+        "latency_ms": round(latency["median_ms"], 4),
     }
     if measure_cfg.get("int8"):
         # An int8 model is its own int8 version: the size and latency just measured, not timed twice.

@@ -21,7 +21,7 @@ import kd_cli
 from kd_cli.atomic import check_writable
 from kd_cli.config import RUN_ONLY, ignored_settings, leaf_keys, run_identity, teacher_config, validate
 from kd_cli.data import ImageData, load_data, normalize
-from kd_cli.engine import FitResult, check_state_config, fit, load_state, resolve_device, seed_everything
+from kd_cli.engine import FitResult, check_state_config, fit, load_state, num_threads, resolve_device, seed_everything
 from kd_cli.errors import KdError
 from kd_cli.losses import DistillationLoss
 from kd_cli.losses.hinton import CrossEntropy
@@ -152,8 +152,12 @@ class Run:
         label = model_cfg if isinstance(model_cfg, str) else model_label(model_cfg)
         return {"role": role, "model": label, "dataset": self.cfg.dataset.name,
                 "seed": self.cfg.seed, **columns, **metrics,
-                **model_costs(model, shape, self.device, self.cfg.measure),
+                **self.costs(role, model, shape),
                 "checkpoint": str(checkpoint) if checkpoint else None}
+
+    def costs(self, role: str, model, shape) -> dict:
+        with num_threads(self.cfg.measure.get("threads")):
+            return model_costs(model, shape, self.device, self.cfg.measure, role)
 
     def load(self, model_cfg, path: Path):
         model = self.new_model(model_cfg)

@@ -164,6 +164,25 @@ def test_measure_int8_columns(distilled):
     assert (costs["int8_size_mb"], costs["int8_latency_ms"]) == (costs["size_mb"], costs["latency_ms"])
 
 
+def test_the_table_times_models_with_measure_threads_and_says_when_a_timing_is_unsteady(tmp_path, monkeypatch, caplog):
+    """measure.threads (train.threads unless set) is the thread count while timing; a 90th percentile over
+    twice the median (passes descheduled by other processes) is said, not silently reported as the latency."""
+    from kd_cli import measure, run
+
+    measure_cfg = OmegaConf.create({"latency_runs": 3, "latency_warmup": 0, "threads": 1})
+    seen = []
+    monkeypatch.setattr(run, "model_costs", lambda *args: seen.append(torch.get_num_threads()) or {})
+    threads = torch.get_num_threads()
+    run.Run(OmegaConf.create({"measure": measure_cfg}), tmp_path, torch.device("cpu"), None).costs("teacher", None, None)
+    assert seen == [1] and torch.get_num_threads() == threads
+
+    monkeypatch.setattr(measure, "latency_stats", lambda *args: {"median_ms": 0.3, "p90_ms": 48.0})
+    lightnn = build_model(OmegaConf.create({"arch": "lightnn"}), FASHION_SPEC)
+    assert measure.model_costs(lightnn, (1, 28, 28), torch.device("cpu"), measure_cfg, "teacher")["latency_ms"] == 0.3
+    assert ("teacher: latency unsteady (median 0.3 ms, 90th percentile 48 ms), likely other processes on the CPU; "
+            "measure.threads=1 (or `kd bench-model ... threads=1`) times it more steadily") in caplog.text
+
+
 def test_a_model_for_one_image_size_or_a_dataset_path_is_one_line():
     from kd_cli.deploy.bench_model import _dataset
 
