@@ -244,11 +244,19 @@ def main() -> None:
         # Each finished epoch is saved (state/), so a stopped run loses at most the epoch in progress.
         how, status = ("terminated", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
         if started:
-            print(f"kd: {how}; rerun the same command with resume=true to continue from the last finished epoch",
-                  file=sys.stderr)
+            print(f"kd: {how}; rerun the same command with resume=true to continue from its last finished epoch, "
+                  f"if one finished", file=sys.stderr)
         else:
             print(f"kd: {how} before the run started; nothing was written", file=sys.stderr)
         sys.exit(status)
     finally:
+        skipped = False
         for sweep_dir in sweep.started_sweeps if sweep else []:
-            sweep.summarize(sweep_dir)
+            try:
+                sweep.summarize(sweep_dir)
+            except KeyboardInterrupt:  # a second Ctrl-C, or one once the jobs had ended: one line, not a traceback
+                print(f"kd: interrupted; the summary of {sweep_dir} was skipped (`kd report {sweep_dir}` writes its "
+                      f"report)", file=sys.stderr)
+                skipped = True
+        if skipped and sys.exc_info()[0] is None:  # the sweep had ended: its exit status says it was stopped
+            sys.exit(130)

@@ -103,7 +103,36 @@ def test_a_stopped_run_says_how_to_resume_in_one_line(kd, stop, status, how):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == status, stderr
     assert stderr.strip().splitlines() == [
-        f"kd: {how}; rerun the same command with resume=true to continue from the last finished epoch"]
+        f"kd: {how}; rerun the same command with resume=true to continue from its last finished epoch, if one finished"]
+
+
+@pytest.mark.parametrize("sweep_ends", ["finished", "interrupted"])
+def test_ctrl_c_during_a_sweeps_summary_skips_it_in_one_line(tmp_path, monkeypatch, capsys, sweep_ends):
+    """The summary and report take seconds after the jobs: a Ctrl-C there (the first, or a second one after
+    the sweep's own) skips them with one line instead of a traceback, and the exit status says so."""
+    from kd_cli import cli, sweep
+
+    def sweep_that(*_, **__):
+        def run():
+            sweep.started_sweeps.append(tmp_path / "sweep")
+            if sweep_ends == "interrupted":
+                raise KeyboardInterrupt
+        return lambda task: run
+
+    def interrupted(sweep_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.hydra, "main", sweep_that)
+    monkeypatch.setattr(sweep, "summarize", interrupted)
+    monkeypatch.setattr(sweep, "started_sweeps", [])
+    monkeypatch.setattr(signal, "signal", lambda *_: None)
+    monkeypatch.setattr(sys, "argv", ["kd", "distill", "-m", *TINY, "alpha=0.2,0.8"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 130
+    skipped = f"kd: interrupted; the summary of {tmp_path / 'sweep'} was skipped (`kd report {tmp_path / 'sweep'}` writes its report)"
+    resume = "kd: interrupted; rerun the same command with resume=true to continue from its last finished epoch, if one finished"
+    assert capsys.readouterr().err.splitlines() == ([resume] if sweep_ends == "interrupted" else []) + [skipped]
 
 
 @pytest.mark.parametrize("stop, status, how", [(KeyboardInterrupt, 130, "interrupted"), (Terminated, 143, "terminated")])
