@@ -148,8 +148,8 @@ def cpu_has_native_bf16() -> bool:
     return any(features.get(name) is True for name in NATIVE_BF16_FEATURES)
 
 
-def student_precision(train_cfg, device: torch.device) -> str:
-    """fp32 or bf16 (autocast) for the student's forward pass, from `train.amp` and the hardware.
+def student_precision(train_cfg, device: torch.device, label: str = "student") -> str:
+    """fp32 or bf16 (autocast) for the forward pass of the model `label` trains, from `train.amp` and the hardware.
 
     auto: bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere; true: bf16 on CUDA and any CPU;
     false: fp32. Never decided by timing, so runs stay reproducible. The loss itself is always fp32.
@@ -170,7 +170,7 @@ def student_precision(train_cfg, device: torch.device) -> str:
         choice, why = ("bf16" if supported else "fp32"), f"this CPU {'has' if supported else 'lacks'} native bf16"
     # No hint after train.amp=false: set by the user, or by a caller that must train in fp32 (QAT).
     hint = "" if mode is False else "; train.amp=false for fp32" if choice == "bf16" else "; train.amp=true for bf16"
-    log.info("student precision: %s (%s%s)", choice, why, hint)
+    log.info("%s trains in %s (%s%s)", label, choice, why, hint)
     return choice
 
 
@@ -467,7 +467,7 @@ def _fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, de
     generators = {"shuffle": torch.Generator().manual_seed(cfg.seed),
                   "augment": torch.Generator(device=device).manual_seed(cfg.seed + 1)}
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16)
-                if student_precision(train_cfg, device) == "bf16" else nullcontext())
+                if student_precision(train_cfg, device, label) == "bf16" else nullcontext())
     forward = student
     if train_cfg.get("compile"):
         forward = torch.compile(student)

@@ -73,7 +73,7 @@ def _with_sweeper_params(parsed: list, command: str, conf_dir: str, compositions
         raise KdError(f"hydra.sweeper.params: {e.reason}") from None
 
 
-def _check_no_lists(parsed: list, cfg, shown: bool) -> None:
+def _check_no_lists(parsed: list, cfg, shown: bool, command: str, conf_dir: str) -> None:
     """A list or range of values (T=1,2) sweeps only with -m; Hydra's own refusal takes six lines."""
     listed = next((o for o in parsed if o.is_sweep_override() and o.get_key_element() != "experiment"
                    and not o.get_key_element().startswith("hydra.")), None)
@@ -84,9 +84,18 @@ def _check_no_lists(parsed: list, cfg, shown: bool) -> None:
         raise KdError(f"experiment={experiment} runs its own sweeps: give each key one value, not {listed.input_line}; "
                       f"to repeat it with another seed, run `kd distill experiment={experiment} seed=1`")
     fix = "give each key one value" if shown else "add -m to sweep over them"
-    as_list = f"{listed.get_key_element()}=[{','.join(listed.sweep_string_iterator())}]" if listed.is_discrete_sweep() else None
+    key = listed.get_key_element()
+    as_list = (f"{key}=[{','.join(listed.sweep_string_iterator())}]"
+               if listed.is_discrete_sweep() and _may_hold_a_list(command, conf_dir, key) else None)
     kind = "a range" if listed.is_interval_sweep() else "a list"
     raise KdError(f"{listed.input_line} is {kind} of values: {fix}" + (f", or write a list as {as_list}" if as_list else ""))
+
+
+def _may_hold_a_list(command: str, conf_dir: str, key: str) -> bool:
+    """Whether `key` may be written as a list: a list or null by default (T=1,2 is no list of T's)."""
+    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+        value = OmegaConf.select(compose(command), key.lstrip("+~"), default=None)
+    return value is None or OmegaConf.is_list(value)
 
 
 def _check_train_keys(parsed: list, conf_dir: str) -> None:
@@ -360,7 +369,7 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
         if multirun:
             searched |= set(OmegaConf.select(cfg, "hydra.sweeper.params") or {})
     if not multirun:
-        _check_no_lists(parsed, cfg, shown)
+        _check_no_lists(parsed, cfg, shown, command, conf_dir)
     if command == "train" and any(o.get_key_element() == "experiment" for o in parsed):
         _check_train_keys(parsed, conf_dir)
     _check_search(cfg, multirun or shown, command)  # --cfg shows a search's config, which has no -m

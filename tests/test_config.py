@@ -276,8 +276,21 @@ def test_preflight_refuses_a_search_or_sweep_that_cannot_work(tmp_path, monkeypa
         preflight("distill", overrides, config_dir())
 
 
+@pytest.mark.parametrize("listed, hint", [
+    ("T=1,2", ""),  # a number: no list of T's to write
+    ("loss.student_layers=features.2,features.5", ", or write a list as loss.student_layers=[features.2,features.5]"),
+])
+def test_a_list_without_m_is_offered_the_list_form_only_where_a_list_goes(tmp_path, monkeypatch, listed, hint):
+    from kd_cli.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(KdError) as refused:
+        preflight("distill", ["loss=at", listed], config_dir())
+    assert refused.value.reason == f"{listed} is a list of values: add -m to sweep over them{hint}"
+
+
 @pytest.mark.parametrize("command, overrides, message", [
-    ("distill", ["seed=0,1"], "seed=0,1 is a list of values: add -m to sweep over them, or write a list as seed=[0,1]"),
+    ("distill", ["seed=0,1"], "seed=0,1 is a list of values: add -m to sweep over them"),
     ("distill", ["T=interval(1,4)"], "T=interval(1,4) is a range of values: add -m to sweep over them"),
     ("distill", ["experiment=quick_tutorial", "alpha=0.5,0.6"],
      "experiment=quick_tutorial runs its own sweeps: give each key one value, not alpha=0.5,0.6; to repeat it with "

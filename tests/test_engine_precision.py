@@ -64,7 +64,7 @@ def test_amp_auto_stays_fp32_on_a_cpu_without_native_bf16(cifar, monkeypatch, ca
         dtypes, losses, _ = run_fit(distill_config(cifar))
     assert dtypes == [torch.float32] * STEPS
     assert all(loss.dtype == torch.float32 for loss in losses)
-    assert "student precision: fp32 (this CPU lacks native bf16" in caplog.text
+    assert "student trains in fp32 (this CPU lacks native bf16" in caplog.text
     assert "teacher precision: fp32 (this CPU lacks native bf16" in caplog.text
 
 
@@ -74,8 +74,8 @@ def test_amp_auto_runs_the_student_in_bf16_and_the_loss_in_fp32_with_native_bf16
         dtypes, losses, _ = run_fit(distill_config(cifar))
     assert dtypes == [torch.bfloat16] * STEPS
     assert len(losses) == STEPS and all(loss.dtype == torch.float32 and torch.isfinite(loss) for loss in losses)
-    assert "student precision: bf16 (this CPU has native bf16; train.amp=false for fp32)" in caplog.text
-    assert caplog.text.count("student precision:") == 1  # once per fit, not per step
+    assert "student trains in bf16 (this CPU has native bf16; train.amp=false for fp32)" in caplog.text
+    assert caplog.text.count("student trains in") == 1  # once per fit, not per step
 
 
 @pytest.mark.parametrize("amp, native, expected", [(False, True, "fp32"), (True, False, "bf16"), ("auto", True, "bf16"),
