@@ -446,6 +446,10 @@ def _fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, de
     train_cfg, augment = cfg.train, bool(cfg.data.augment)
     if train_cfg.get("compile") and loss_fn.hooks_layers:  # before the teacher's pass, not after it
         raise KdError(COMPILE_WITH_HOOKS)
+    # torch's optimizers import torch._dynamo when the first one is built, 1.3-2 s once per process:
+    # imported before the clock starts, so that a process's first fit is timed like the others.
+    import torch._dynamo  # noqa: F401
+
     started = time.perf_counter()
     if device.type == "cpu":
         keep_freed_memory()
