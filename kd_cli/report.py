@@ -615,8 +615,16 @@ def build_report(runs: list[Run], filters: list[str] = (), sort: str | None = No
                 row["teacher_params"] = int(statistics.fmean(teacher_params))
         row["status"] = "ok"
         rows.append(row)
+    # A run stopped or failed, then run to the end elsewhere (a resumed sweep's new folder): the finished one counts.
+    finished = {(key, r.get("seed")): r for key, group in groups.items() for r in group}
     for record in records:
-        if record["status"] != "ok":
+        done = finished.get(((record["role"], record.get("model"), *(_hashable(record.get(k)) for k in keys)),
+                             record.get("seed")))
+        if record["status"] != "ok" and done is not None:
+            record["status"] = "superseded"
+            repeats.append({"run": str(record["_run"].path), "newer": str(done["_run"].path), "role": record["role"],
+                            "seed": record.get("seed"), "status": record["_run"].status})
+        elif record["status"] != "ok":
             rows.append({"role": record["role"], "model": record.get("model"), **{k: _as_shown(record.get(k)) for k in keys},
                          "n": 0, "seeds": str(record.get("seed")), "status": record["status"],
                          "error": record.get("error"), "run": record.get("run")})
@@ -634,7 +642,7 @@ def build_report(runs: list[Run], filters: list[str] = (), sort: str | None = No
     # A filtered report is about the runs it kept: its count, its JSON and its training curves.
     kept = [run for run in runs if any(r["_run"] is run for r in records)] if filters else runs
     return Report(frame, keys, gains, kept, optuna_results(runs), repeats, not_started=late,
-                  problems=[r["_run"] for r in records if r["status"] != "ok"])
+                  problems=[r["_run"] for r in records if r["status"] not in ("ok", "superseded")])
 
 
 def not_started(runs: list[Run], filters: list[str], sources: list[Path] | None = None, named: bool = False) -> list[str]:
@@ -872,8 +880,9 @@ def _count(n: int, noun: str) -> str:
 
 
 def repeat_lines(report: Report) -> list[str]:
-    return [f"{r['run']} ({r['role']}, seed {r['seed']}) repeats the configuration and seed of {r['newer']}, "
-            f"which the table uses" for r in report.repeats]
+    return [f"{r['run']} ({r['role']}, seed {r['seed']}) " + (
+        f"is {r['status']}; {r['newer']} ran its configuration and seed to the end, which the table uses" if r.get("status")
+        else f"repeats the configuration and seed of {r['newer']}, which the table uses") for r in report.repeats]
 
 
 def optuna_lines(report: Report) -> list[str]:

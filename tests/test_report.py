@@ -151,6 +151,19 @@ def test_numbers_match_hand_computation(sweep, capsys):
     assert len(frame) == 6
 
 
+def test_a_stopped_run_that_finished_elsewhere_counts_once_as_finished(sweep, tmp_path, capsys):
+    """Job 7 (alpha 0.5, seed 3) was stopped, then run to the end in another folder (a new sweep of the same
+    grid): its "unfinished" row would stay in every pooled report for good. Job 6 failed and was not rerun."""
+    distill_run(tmp_path / "finished", 3, 0.5, 84.0, 81.0, 88.0)
+    built = report.build_report(report.find_runs([sweep, tmp_path / "finished"]))
+    assert set(built.frame["status"]) == {"ok", "failed"}
+    assert rows_of(built.frame, role="student_kd", alpha=0.5)["seeds"].tolist() == ["0,1,2,3"]
+    assert [run.path for run in built.problems] == [sweep / "6"]
+    report.print_report(built, "t")
+    assert (f"left out: {sweep / '7'} (student_kd, seed 3) is unfinished; {tmp_path / 'finished'} ran its configuration "
+            f"and seed to the end, which the table uses") in capsys.readouterr().out
+
+
 def test_printed_table_and_sentences(sweep, capsys):
     assert report.main([str(sweep)]) == 0
     printed = capsys.readouterr().out
