@@ -261,7 +261,7 @@ def _point_label(row, keys: list[str]) -> str:
 
 def _pareto_plots(ok: pd.DataFrame, keys: list[str], out: Path) -> list[Path]:
     paths = []
-    for cost, xlabel, name in (("size_mb", "model size (MB, fp32)", "report_pareto_size.png"),
+    for cost, xlabel, name in (("size_mb", "model size (MiB, fp32)", "report_pareto_size.png"),
                                ("flops", "forward FLOPs per image", "report_pareto_flops.png")):
         if cost not in ok:
             continue

@@ -203,6 +203,6 @@ def main(argv: list[str]) -> None:
     print_table(frame, title=f"kd quantize: {source.label} on {source.cfg.dataset.name}, CPU")
     print(f"int8 ({how}, {engine()} engine, {summary['calibration_images']} calibration images): accuracy "
           f"{before['accuracy']:.2f}% -> {after['accuracy']:.2f}% ({summary['accuracy_change']:+.2f} points), size "
-          f"{before['size_mb']:.3f} -> {after['size_mb']:.3f} MB ({summary['size_ratio']:.2f}x smaller), CPU latency "
+          f"{before['size_mb']:.3f} -> {after['size_mb']:.3f} MiB ({summary['size_ratio']:.2f}x smaller), CPU latency "
           f"{before['latency_ms']:.3f} -> {after['latency_ms']:.3f} ms")
-    print(f"wrote {path} (TorchScript, {file_bytes / 2**20:.3f} MB: torch.jit.load it) and {source.out / 'results'}.csv/.md/.json")
+    print(f"wrote {path} (TorchScript, {file_bytes / 2**20:.3f} MiB: torch.jit.load it) and {source.out / 'results'}.csv/.md/.json")
