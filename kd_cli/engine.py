@@ -31,7 +31,7 @@ from kd_cli.errors import KdError
 from kd_cli.features import FeatureTaps
 from kd_cli.losses import DistillationLoss
 from kd_cli.models import has_conv
-from kd_cli.store import nested_checksum, safe_load
+from kd_cli.store import checksum, nested_checksum, safe_load
 
 log = logging.getLogger(__name__)
 
@@ -481,9 +481,15 @@ def _fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, de
                  "to minutes (train.compile=false runs it eagerly)", label)
 
     history, step_seconds, images_seen, first_epoch = [], 0.0, 0, 1
+    # The config names a teacher file, not its content: one replaced between a stop and its resume would
+    # teach the remaining epochs unseen.
+    teacher_sha256 = checksum(teacher.state_dict()) if state_path and teacher_outputs else None
     state = load_state(state_path) if state_path else None
     if state is not None:
         check_state_config(state_path, state, cfg)
+        if state.get("teacher_sha256", teacher_sha256) != teacher_sha256:  # states before kd recorded it: not checked
+            raise KdError(f"{state_path} was saved while learning from another teacher (its weights have changed "
+                          f"since); delete that file to start over with this one")
         saved_on = state.get("device", device.type)  # states written before kd recorded it: assume this device
         if saved_on != device.type:  # a device's random streams (augmentation, dropout) do not carry over to another
             raise KdError(f"{state_path} was saved by a run on {saved_on}; resume it with device={saved_on}, "
@@ -559,7 +565,8 @@ def _fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, de
             history.append(stats)
             progress.epoch(stats)
             if state_path:
-                state = {"config": run_identity(cfg), "device": device.type, "epoch": epoch, "model": student.state_dict(), "helpers": loss_fn.state_dict(),
+                state = {"config": run_identity(cfg), "device": device.type, "teacher_sha256": teacher_sha256,
+                         "epoch": epoch, "model": student.state_dict(), "helpers": loss_fn.state_dict(),
                          "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                          "rng": _rng_state(generators), "history": history, "step_seconds": step_seconds,
                          "images_seen": images_seen, "elapsed_s": time.perf_counter() - started}

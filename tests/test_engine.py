@@ -100,6 +100,21 @@ def test_a_state_whose_content_changed_is_refused_not_resumed(cifar, tmp_path):
         resumed(cfg, state_path)
 
 
+def test_a_state_saved_while_learning_from_another_teacher_is_refused(cifar, tmp_path):
+    """teacher.checkpoint names a file: replaced between a stop and the resume, its new weights would teach
+    the remaining epochs, and the result would show no sign of it."""
+    cfg = tutorial_config(cifar, BATCH, "lightnn", teacher="lightnn", epochs=2)
+    state_path = tmp_path / "state.pt"
+    _stopped_after_epoch_1(cfg, state_path)
+    data, student, teacher, loss_fn = seeded_kd_setup(cfg)
+    with torch.no_grad():
+        next(teacher.parameters()).mul_(2)
+    with pytest.raises(KdError, match=rf"^kd: error: {state_path} was saved while learning from another teacher \(its "
+                                      r"weights have changed since\); delete that file to start over with this one$"):
+        fit(student, loss_fn, data, cfg, torch.device("cpu"), teacher=teacher, state_path=state_path)
+    assert [epoch["epoch"] for epoch in resumed(cfg, state_path).history] == [1, 2]  # the same teacher resumes
+
+
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_sgd_trains_a_parameter_whose_first_gradient_comes_late_as_unfused_sgd_does(nesterov):
     """A two-stage loss (fitnets, fsp) leaves the classifier without gradients in its first stage; fused
