@@ -136,10 +136,12 @@ def making(path: Path):
             break
         except FileExistsError:
             try:
-                age, holder = time.time() - lock.stat().st_mtime, lock.read_text().strip() or "another process"
+                age, written = time.time() - lock.stat().st_mtime, lock.read_text().strip()
             except FileNotFoundError:  # released meanwhile
                 continue
-            if age > LOCK_STALE_S or _gone(holder):
+            holder = written or "another process"
+            # A holder writes its name right after creating the file: empty for longer, it was killed in between.
+            if age > LOCK_STALE_S or _gone(holder) or (not written and age > LOCK_REFRESH_S):
                 log.warning("%s was last touched %.0f s ago by %s, which has stopped; taking it over", lock, age, holder)
                 lock.unlink(missing_ok=True)
                 continue

@@ -235,6 +235,22 @@ def test_a_held_lock_stays_fresh_and_a_stale_one_is_taken_over(tmp_path, quick_l
     assert "by kd pid 99999 on gone-host, which has stopped; taking it over" in caplog.text
 
 
+def test_an_empty_lock_is_taken_over_once_its_holder_would_have_named_itself(tmp_path, quick_locks, caplog):
+    """A job killed between creating its lock and writing its name into it leaves an empty file: waiting
+    LOCK_STALE_S for it would only cost time; a live holder names itself at once."""
+    import time
+
+    from kd_cli.store import LOCK_REFRESH_S, making
+
+    path = tmp_path / "seed0-abc.pt"
+    lock = path.with_name(path.name + ".lock")
+    lock.write_text("")
+    os.utime(lock, (time.time() - LOCK_REFRESH_S - 1,) * 2)
+    with making(path) as waited:
+        assert not waited and f"kd pid {os.getpid()}" in lock.read_text()
+    assert "by another process, which has stopped; taking it over" in caplog.text
+
+
 def test_a_lock_of_a_killed_process_on_this_machine_is_taken_over_at_once(tmp_path, quick_locks, caplog):
     import socket
     import subprocess
