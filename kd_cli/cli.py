@@ -88,6 +88,25 @@ def _swept_keys(overrides: list[str]) -> list[str]:
     return [o.get_key_element() for o in parse_overrides(overrides) if o.is_sweep_override()]
 
 
+def _reordered(earlier: list[str], args: list[str]) -> str | None:
+    """The earlier sweep's overrides of the keys `args` sweeps over the same values in another order, or None."""
+    from kd_cli.preflight import parse_overrides, settings_of
+
+    def values(overrides):
+        return {o.get_key_element(): o for o in parse_overrides(overrides) if o.is_discrete_sweep()}
+
+    before, now = values(earlier), values(args)
+    if before.keys() != now.keys() or not before:
+        return None
+    unswept = [{k: v for k, v in settings_of(overrides).items() if k not in now} for overrides in (earlier, args)]
+    if unswept[0] != unswept[1]:
+        return None
+    if any(sorted(before[k].sweep_string_iterator()) != sorted(now[k].sweep_string_iterator()) for k in now):
+        return None
+    changed = [k for k in now if list(before[k].sweep_string_iterator()) != list(now[k].sweep_string_iterator())]
+    return " ".join(before[k].input_line for k in changed) or None
+
+
 def resume_target(command: str, args: list[str]) -> list[str]:
     """With resume=true, point Hydra at the newest unfinished run (or sweep) of the same command line.
 
@@ -109,7 +128,12 @@ def resume_target(command: str, args: list[str]) -> list[str]:
     root = Path("outputs") / (f"{command}-multirun" if multirun else command)
     for folder in sorted(root.glob("*"), reverse=True):
         overrides = _overrides_of(folder, multirun)
-        if overrides is None or settings_of(overrides) != settings_of(args):
+        if overrides is None:
+            continue
+        if settings_of(overrides) != settings_of(args):
+            if multirun and _reordered(overrides, args):
+                raise KdError(f"resume=true: {folder} swept {_reordered(overrides, args)}, in that order, and Hydra numbers "
+                              f"a sweep's jobs by it; give the values in that order to resume it")
             continue
         if not multirun and (folder / "results.json").exists():
             continue

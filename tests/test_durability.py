@@ -484,6 +484,11 @@ def test_resume_finds_the_sweep_whatever_launcher_ran_it(tmp_path, monkeypatch, 
     # In any order, but a key given twice takes its last value: T=3 T=2 is this sweep, T=2 T=3 is not.
     assert resume_target("distill", ["T=3", "T=2", "-m", "alpha=0.1,0.5", "resume=true"]) == same_sweep_dir
     assert resume_target("distill", ["T=2", "T=3", "-m", "alpha=0.1,0.5", "resume=true"]) == []
+    # The same values in another order: Hydra would number the jobs otherwise, so the order is asked for.
+    with pytest.raises(KdError, match=rf"^kd: error: resume=true: {sweep.relative_to(tmp_path)} swept alpha=0.1,0.5, in "
+                                      r"that order, and Hydra numbers a sweep's jobs by it; give the values in that order"):
+        resume_target("distill", ["-m", "alpha=0.5,0.1", "T=2", "resume=true"])
+    assert resume_target("distill", ["-m", "alpha=0.5,0.1", "T=3", "resume=true"]) == []  # another sweep
     # An Optuna search is not a plan of jobs to finish: its next trials come from the study.
     (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": ["hparams_search=optuna"]}}}))
     assert resume_target("distill", ["-m", "hparams_search=optuna", "resume=true"]) == []
