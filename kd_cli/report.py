@@ -35,6 +35,7 @@ ROLE_ORDER = {"teacher": 0, "student_scratch": 1, "student_kd": 2}
 METRICS = ("accuracy", "best_accuracy", "val_accuracy")
 # Properties of the model or of the machine, not of the seed: averaged, shown without spread.
 COSTS = ("params", "size_mb", "flops", "latency_ms", "train_time_s", "compression", "teacher_retained")
+TIMINGS = ("latency_ms", "int8_latency_ms")  # measured anew by every run that reports a model
 # Config keys that never make two runs different experiments (bookkeeping, or where files live).
 # A model's `checkpoint` does count: two teacher files are two teachers, not two seeds of one.
 IGNORED = {"seed", "device", "resume", "store_dir", "overwrite", "command", "data.root", "data.download",
@@ -282,7 +283,7 @@ def _as_trained(flat: dict) -> dict:
 
 def build_records(runs: list[Run]) -> list[dict]:
     """One record per model a run reports (stored models once), plus one per failed or unfinished run."""
-    records, seen_stored = [], set()
+    records, seen_stored = [], {}  # a stored model's key -> its record
     for run in runs:
         flat = run.flat
         if not uses_configured_teacher(flat):  # its default teacher= would label rows with a model never used
@@ -301,11 +302,16 @@ def build_records(runs: list[Run]) -> list[dict]:
                     key = (role, row.get("checkpoint"), *(sorted((k, _hashable(v)) for k, v in config.items())
                                                           if kind == "ensemble" else ()))
                     if key in seen_stored:
+                        # Each run timed it again: the median of those timings, not the first run's alone.
+                        for timing in TIMINGS:
+                            if row.get(timing) is not None:
+                                seen_stored[key].setdefault(f"_{timing}s", []).append(row[timing])
                         continue
-                    seen_stored.add(key)
                 # An empty alpha or T stays empty (the loss does not read it); build_report would fill it from the config.
                 record = {"_run": run, "_config": config,
                           **{k: v for k, v in row.items() if v is not None or k in ("alpha", "T")}, "status": "ok"}
+                if STORED_ROLES.fullmatch(role):
+                    seen_stored[key] = record
                 if role == "student_kd":
                     record["_scratch"] = by_role.get("student_scratch")
                     if teacher:
@@ -324,6 +330,10 @@ def build_records(runs: list[Run]) -> list[dict]:
                 unread = _unread_settings(run.config)
                 record |= {"loss": flat.get("loss.name"), **{k: None if k in unread else flat.get(k) for k in ("alpha", "T")}}
             records.append(record)
+    for record in seen_stored.values():
+        for timing in TIMINGS:
+            if f"_{timing}s" in record and record.get(timing) is not None:
+                record[timing] = statistics.median([record[timing], *record.pop(f"_{timing}s")])
     return records
 
 

@@ -366,6 +366,19 @@ def test_teachers_from_different_files_are_not_pooled_as_seeds(tmp_path):
     assert kd["accuracy"].tolist() == [82.0]
 
 
+def test_a_stored_models_latency_is_the_median_of_every_runs_timing(tmp_path):
+    """Every run that uses a stored teacher times it again; on a busy machine one timing can be 10x the others."""
+    for job, (alpha, teacher_ms) in enumerate(((0.1, 118.6), (0.5, 14.6), (0.9, 10.6))):
+        cfg = config("distill", 0, alpha=alpha)
+        rows = [row("teacher", "mnist_teacher", 0, 85.0, checkpoint=checkpoint(cfg, "teacher"), latency_ms=teacher_ms),
+                row("student_kd", "mnist_student", 0, 80.0 + job, loss="kd", scheme="offline", alpha=alpha, T=4.0,
+                    checkpoint=str(tmp_path / str(job) / "student.pt"))]
+        write_run(tmp_path / str(job), cfg, rows, overrides=[f"alpha={alpha}"])
+    frame = report.build_report(report.find_runs([tmp_path])).frame
+    assert rows_of(frame, role="teacher")["latency_ms"].tolist() == [14.6]
+    assert rows_of(frame, role="student_kd")["latency_ms"].tolist() == [0.1] * 3
+
+
 def test_a_rerun_of_one_seed_counts_once_the_newest(tmp_path, capsys):
     """The same distillation run twice (seed 0): one experiment, not two seeds with a zero-width interval."""
     import os
