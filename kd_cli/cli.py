@@ -126,14 +126,15 @@ def resume_target(command: str, args: list[str]) -> list[str]:
               file=sys.stderr)
         return []
     root = Path("outputs") / (f"{command}-multirun" if multirun else command)
-    for folder in sorted(root.glob("*"), reverse=True):
-        overrides = _overrides_of(folder, multirun)
-        if overrides is None:
-            continue
+    earlier = [(folder, overrides) for folder in sorted(root.glob("*"), reverse=True)
+               if (overrides := _overrides_of(folder, multirun)) is not None]
+    if multirun and not any(settings_of(overrides) == settings_of(args) for _, overrides in earlier):
+        for folder, overrides in earlier:
+            if reordered := _reordered(overrides, args):
+                raise KdError(f"resume=true: {folder} swept {reordered}, in that order, and Hydra numbers a sweep's "
+                              f"jobs by it; give the values in that order to resume it")
+    for folder, overrides in earlier:
         if settings_of(overrides) != settings_of(args):
-            if multirun and _reordered(overrides, args):
-                raise KdError(f"resume=true: {folder} swept {_reordered(overrides, args)}, in that order, and Hydra numbers "
-                              f"a sweep's jobs by it; give the values in that order to resume it")
             continue
         if not multirun and (folder / "results.json").exists():
             continue

@@ -17,8 +17,9 @@ from kd_cli.losses import build_loss
 from kd_cli.models import CATALOGUE
 
 
-# Keys that may differ between a run and its resumption without changing what it computes.
-RUN_ONLY = ("resume", "device")
+# Keys that may differ between a run and its resumption without changing what it trains: `measure`
+# only times the models (and gained keys since, which must not make earlier runs another config).
+RUN_ONLY = ("resume", "device", "measure")
 # NumPy takes seeds below 2**32, and models of a run are seeded from the run's seed plus an offset.
 MAX_SEED = 2**31 - 1
 

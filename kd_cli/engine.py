@@ -357,13 +357,7 @@ def _restore_rng(state: dict, generators: dict[str, torch.Generator]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def check_state_config(path: Path, state: dict, cfg) -> None:
-    if state["config"] != run_identity(cfg):
-        raise KdError(f"{path} holds the training state of a different config; use another hydra.run.dir "
-                      f"or delete that file to start over")
-
-
-def load_state(path: Path) -> dict | None:
+def _load_state(path: Path) -> dict | None:
     if not path.exists():
         return None
     try:
@@ -484,9 +478,11 @@ def _fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, de
     # The config names a teacher file, not its content: one replaced between a stop and its resume would
     # teach the remaining epochs unseen.
     teacher_sha256 = checksum(teacher.state_dict()) if state_path and teacher_outputs else None
-    state = load_state(state_path) if state_path else None
+    state = _load_state(state_path) if state_path else None
     if state is not None:
-        check_state_config(state_path, state, cfg)
+        if state["config"] != run_identity(cfg):
+            raise KdError(f"{state_path} holds the training state of a different config; use another hydra.run.dir "
+                          f"or delete that file to start over")
         if state.get("teacher_sha256", teacher_sha256) != teacher_sha256:  # states before kd recorded it: not checked
             raise KdError(f"{state_path} was saved while learning from another teacher (its weights have changed "
                           f"since); delete that file to start over with this one")

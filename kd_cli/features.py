@@ -29,13 +29,13 @@ class FeatureTaps:
 
     def __init__(self, model: nn.Module, paths: list[str], role: str):
         modules = check_paths(model, paths, role)
-        self.role, self.paths = role, list(paths)
+        self.role, self.paths = role, list(dict.fromkeys(paths))  # a path paired twice is taken once
         self.features: dict = {}
         self.versions: dict = {}  # each tensor's in-place version counter when it was taken
         self.calls: dict = {}  # how often each path ran in the latest forward pass
         # Each forward pass of the model starts afresh (evaluation passes run with the taps in place too).
         self.handles = [model.register_forward_pre_hook(lambda module, inputs: self.calls.clear())] if paths else []
-        for path in paths:
+        for path in self.paths:
             name, _, side = path.partition(":")
             module = modules[name]
             # An input is taken before the module runs: the module itself may overwrite it (an in-place ReLU).

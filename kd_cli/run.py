@@ -21,7 +21,7 @@ import kd_cli
 from kd_cli.atomic import check_writable
 from kd_cli.config import RUN_ONLY, ignored_settings, leaf_keys, run_identity, teacher_config, validate
 from kd_cli.data import ImageData, load_data, normalize
-from kd_cli.engine import FitResult, check_state_config, fit, load_state, num_threads, resolve_device, seed_everything
+from kd_cli.engine import FitResult, fit, num_threads, resolve_device, seed_everything
 from kd_cli.errors import KdError
 from kd_cli.losses import DistillationLoss
 from kd_cli.losses.hinton import CrossEntropy
@@ -55,12 +55,10 @@ def completed_results(run_dir: Path, cfg) -> bool:
 
 
 def check_run_folder(run_dir: Path, cfg) -> None:
-    """Refuse a run folder (hydra.run.dir=) that holds another config's results or training state before
-    Hydra starts the run, which rewrites the folder's .hydra/ files: resume=true finds a run by them."""
-    cfg = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
-    completed_results(run_dir, cfg)
-    for path in sorted((run_dir / "state").glob("*.pt")):
-        check_state_config(path, load_state(path), cfg)
+    """Refuse a run folder (hydra.run.dir=) that holds another config's results before Hydra starts the
+    run, which rewrites the folder's .hydra/ files. (Its training states are checked by each fit, against
+    the config that fit trains with: a teacher_recipe's teacher, QAT's fine-tuning.)"""
+    completed_results(run_dir, OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]))
 
 
 def train_command(cfg, model_cfg=None, recipe_keys=()) -> str:
@@ -76,10 +74,10 @@ def train_command(cfg, model_cfg=None, recipe_keys=()) -> str:
     keys = [o.lstrip("+~").split("=")[0] for o in overrides]
     kept = [o for o, key in zip(overrides, keys) if key not in _DISTILL_ONLY and key.split(".")[0] not in _DISTILL_ONLY]
     # The recipe as `cfg` has it: a teacher_recipe may have changed data.* or train.* values.
-    kept = [f"{key}={OmegaConf.select(cfg, key)}" if key.startswith(("data.", "train.")) and
+    kept = [f"{key}={_typed(OmegaConf.select(cfg, key))}" if key.startswith(("data.", "train.")) and
             _parsed(value) != OmegaConf.select(cfg, key) else f"{key}={value}"
             for key, _, value in (o.partition("=") for o in kept)]
-    kept += [f"{key}={OmegaConf.select(cfg, key)}" for key in recipe_keys]
+    kept += [f"{key}={_typed(OmegaConf.select(cfg, key))}" for key in recipe_keys]
     # A key given twice is given once, with the value that took effect.
     kept = list({o.partition("=")[0]: o for o in kept}.values())
     if model_cfg is not None:
@@ -89,6 +87,13 @@ def train_command(cfg, model_cfg=None, recipe_keys=()) -> str:
     if val_fraction and not any(o.startswith("data.val_fraction=") for o in kept):
         kept.append(f"data.val_fraction={val_fraction}")  # set by hparams_search=optuna, part of the recipe
     return " ".join(["kd train", *map(shlex.quote, kept)])
+
+
+def _typed(value) -> str:
+    """A config value as a command line types it: null, true, [0.5,0.75] (Python's None or a spaced list would not parse back)."""
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, list | bool) or value is None else str(value)
 
 
 def _parsed(text: str):

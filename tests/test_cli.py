@@ -115,9 +115,9 @@ def test_missing_teacher_gives_the_train_command(kd):
     recipe = [o.replace("data.fraction=0.05", "data.fraction=0.1") for o in TINY]
     assert f"run `kd train {' '.join(recipe)} '~student'` first" in line
     # A key that only the teacher_recipe sets is given too; qat.* is a setting of kd distill alone.
-    line = one_line_error(kd("distill", *TINY, "teacher_recipe={train:{weight_decay:0.001}}", "quant=qat", "qat.epochs=2",
-                             check=False))
-    assert f"run `kd train {' '.join(TINY)} train.weight_decay=0.001 '~student'` first" in line
+    line = one_line_error(kd("distill", *TINY, "teacher_recipe={train:{weight_decay:0.001,milestones:[0.3,0.6]}}",
+                             "quant=qat", "qat.epochs=2", check=False))
+    assert f"run `kd train {' '.join(TINY)} train.weight_decay=0.001 'train.milestones=[0.3,0.6]' '~student'` first" in line
     # A teacher the scheme takes from scheme.teachers: teacher.checkpoint would not give it.
     proc = kd("distill", *TINY, "scheme=multi_teacher", "scheme.teachers=[mnist_student]", check=False)
     assert proc.returncode == 1  # after the warning that TINY's teacher= is not read

@@ -362,34 +362,31 @@ def test_refused_before_anything_is_written(tmp_path, monkeypatch, overrides, me
 
 
 def test_a_run_folder_of_another_config_is_refused_before_hydra_rewrites_it(tmp_path, monkeypatch):
-    """hydra.run.dir= naming the folder of a finished or stopped run of another config is refused before
-    Hydra rewrites the folder's .hydra/ files, by which resume=true finds a stopped run."""
+    """hydra.run.dir= naming the folder of a finished run of another config is refused before Hydra rewrites
+    the folder's .hydra/ files. A stopped run's states are checked by each fit, against the config that fit
+    trains with (a teacher_recipe's teacher and QAT's fine-tuning save theirs under their own)."""
     from kd_cli.config import run_identity
     from kd_cli.preflight import preflight
 
     monkeypatch.chdir(tmp_path)
     this, other = run_identity(composed()), run_identity(composed("train.epochs=3"))
-    for name, config in (("finished", other), ("stopped", other), ("same", this)):
+    for name, config in (("finished", other), ("same", this), ("measured_otherwise", this | {"measure": {"runs": 3}})):
         (tmp_path / name / ".hydra").mkdir(parents=True)
         (tmp_path / name / ".hydra" / "overrides.yaml").write_text("- train.epochs=3\n")
-        if name == "stopped":
-            (tmp_path / name / "state").mkdir()
-            torch.save({"config": config, "epoch": 1}, tmp_path / name / "state" / "teacher.pt")
-        else:
-            (tmp_path / name / "results.json").write_text(json.dumps({"config": config, "rows": []}))
+        (tmp_path / name / "results.json").write_text(json.dumps({"config": config, "rows": []}))
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "results.json").write_text('{"config": {"train"')
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     refusals = {"finished": "finished already holds the results of a different config; choose another hydra.run.dir "
                             "(its results were left as they are)",
-                "stopped": "state/teacher.pt holds the training state of a different config; use another "
-                           "hydra.run.dir or delete that file to start over",
                 "broken": "broken/results.json is unreadable (JSONDecodeError); delete it, or choose another hydra.run.dir"}
     for name, message in refusals.items():
         with pytest.raises(KdError) as refused:
             preflight("train", [*TINY, f"hydra.run.dir={name}"], config_dir())
         assert str(refused.value).endswith(message)
     assert preflight("train", [*TINY, "hydra.run.dir=same"], config_dir()) is not None  # a finished run of this config
+    # measure.* times the models, trains nothing: a run from before it gained a key is still this run.
+    assert preflight("train", [*TINY, "hydra.run.dir=measured_otherwise"], config_dir()) is not None
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
@@ -489,6 +486,13 @@ def test_resume_finds_the_sweep_whatever_launcher_ran_it(tmp_path, monkeypatch, 
                                       r"that order, and Hydra numbers a sweep's jobs by it; give the values in that order"):
         resume_target("distill", ["-m", "alpha=0.5,0.1", "T=2", "resume=true"])
     assert resume_target("distill", ["-m", "alpha=0.5,0.1", "T=3", "resume=true"]) == []  # another sweep
+    # A newer sweep in the other order does not hide an older one that matches exactly.
+    newer = tmp_path / "outputs/distill-multirun/2026-01-02_00-00-00"
+    newer.mkdir()
+    (newer / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": ["alpha=0.5,0.1", "T=2"]}}}))
+    assert resume_target("distill", ["-m", "alpha=0.1,0.5", "T=2", "resume=true"]) == same_sweep_dir
+    assert resume_target("distill", ["-m", "alpha=0.5,0.1", "T=2", "resume=true"]) == [f"hydra.sweep.dir={newer.relative_to(tmp_path)}"]
+    newer.joinpath("multirun.yaml").unlink()
     # An Optuna search is not a plan of jobs to finish: its next trials come from the study.
     (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {"overrides": {"task": ["hparams_search=optuna"]}}}))
     assert resume_target("distill", ["-m", "hparams_search=optuna", "resume=true"]) == []

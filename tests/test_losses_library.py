@@ -783,6 +783,10 @@ def test_a_layer_that_runs_twice_or_never_in_a_pass_is_refused():
                                         "alpha": 1.0, "T": 4.0}))
     with pytest.raises(KdError, match=r"^kd: error: the student's layer 'spare' did not run in one forward pass"):
         loss.attach(student, teacher, torch.zeros(2, 1, 28, 28), 30)
+    # A layer paired with two of the other model's is taken once, and runs once.
+    at, _, _ = attached("at", student_layers=["features.2", "features.5", "features.5"],
+                        teacher_layers=["features.4", "features.9", "features.9"])
+    assert at.student_layers == ["features.2", "features.5", "features.5"]
 
 
 def test_crd_takes_one_layer_pair():

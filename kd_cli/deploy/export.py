@@ -136,4 +136,4 @@ def main(argv: list[str]) -> None:
           f"and {diffs['torch_export']:.1e} (torch.export)")
     for name in info["files"].values():
         path = source.out / name
-        print(f"wrote {path} ({path.stat().st_size / 2**20:.3f} MB)")
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.3f} MiB)")
