@@ -144,7 +144,7 @@ class Run:
         return {
             "model": model_label(model_cfg), "model_cfg": model_spec(model_cfg), "dataset": self.cfg.dataset.name,
             "num_classes": self.data.spec.num_classes, "seed": self.cfg.seed, "recipe": recipe(self.cfg),
-            "config": run_identity(self.cfg),
+            "config": OmegaConf.to_container(self.cfg, resolve=True),  # whole: kd quantize reads its measure.*
             "metrics": {k: getattr(result, k) for k in ("accuracy", "best_accuracy", "val_accuracy", "train_time_s",
                                                         "train_img_per_s") if getattr(result, k) is not None},
             "history": result.history,
