@@ -128,13 +128,14 @@ def resume_target(command: str, args: list[str]) -> list[str]:
     root = Path("outputs") / (f"{command}-multirun" if multirun else command)
     earlier = [(folder, overrides) for folder in sorted(root.glob("*"), reverse=True)
                if (overrides := _overrides_of(folder, multirun)) is not None]
-    if multirun and not any(settings_of(overrides) == settings_of(args) for _, overrides in earlier):
+    wanted = settings_of(args)
+    if multirun and not any(settings_of(overrides) == wanted for _, overrides in earlier):
         for folder, overrides in earlier:
             if reordered := _reordered(overrides, args):
                 raise KdError(f"resume=true: {folder} swept {reordered}, in that order, and Hydra numbers a sweep's "
                               f"jobs by it; give the values in that order to resume it")
     for folder, overrides in earlier:
-        if settings_of(overrides) != settings_of(args):
+        if settings_of(overrides) != wanted:
             continue
         if not multirun and (folder / "results.json").exists():
             continue

@@ -591,11 +591,13 @@ def build_report(runs: list[Run], filters: list[str] = (), sort: str | None = No
         if (recipe := _recipe_of(r.get("checkpoint"))) is not None:
             scratch_by_recipe.setdefault(recipe, []).append(r)
 
+    def configuration(record: dict) -> tuple:
+        return record["role"], record.get("model"), *(_hashable(record.get(k)) for k in keys)
+
     groups: dict[tuple, list[dict]] = {}
     for record in records:
         if record["status"] == "ok":
-            key = (record["role"], record.get("model"), *(_hashable(record.get(k)) for k in keys))
-            groups.setdefault(key, []).append(record)
+            groups.setdefault(configuration(record), []).append(record)
     repeats = []
     for key, group in groups.items():
         groups[key], repeated = newest_per_seed(group)
@@ -627,14 +629,16 @@ def build_report(runs: list[Run], filters: list[str] = (), sort: str | None = No
         rows.append(row)
     # A run stopped or failed, then run to the end elsewhere (a resumed sweep's new folder): the finished one counts.
     finished = {(key, r.get("seed")): r for key, group in groups.items() for r in group}
+    problems = []
     for record in records:
-        done = finished.get(((record["role"], record.get("model"), *(_hashable(record.get(k)) for k in keys)),
-                             record.get("seed")))
-        if record["status"] != "ok" and done is not None:
-            record["status"] = "superseded"
+        if record["status"] == "ok":
+            continue
+        done = finished.get((configuration(record), record.get("seed")))
+        if done is not None:
             repeats.append({"run": str(record["_run"].path), "newer": str(done["_run"].path), "role": record["role"],
-                            "seed": record.get("seed"), "status": record["_run"].status})
-        elif record["status"] != "ok":
+                            "seed": record.get("seed"), "status": record["status"]})
+        else:
+            problems.append(record["_run"])
             rows.append({"role": record["role"], "model": record.get("model"), **{k: _as_shown(record.get(k)) for k in keys},
                          "n": 0, "seeds": str(record.get("seed")), "status": record["status"],
                          "error": record.get("error"), "run": record.get("run")})
@@ -652,7 +656,7 @@ def build_report(runs: list[Run], filters: list[str] = (), sort: str | None = No
     # A filtered report is about the runs it kept: its count, its JSON and its training curves.
     kept = [run for run in runs if any(r["_run"] is run for r in records)] if filters else runs
     return Report(frame, keys, gains, kept, optuna_results(runs), repeats, not_started=late,
-                  problems=[r["_run"] for r in records if r["status"] not in ("ok", "superseded")])
+                  problems=problems)
 
 
 def not_started(runs: list[Run], filters: list[str], sources: list[Path] | None = None, named: bool = False) -> list[str]:
