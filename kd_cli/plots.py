@@ -319,7 +319,9 @@ def _curves(report, out: Path) -> list[Path]:
         for ax, ylabel in ((loss_ax, "training loss"), (acc_ax, "accuracy (%)")):
             ax.set_xlabel("epoch")
             ax.set_ylabel(ylabel)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            # min_n_ticks=1: with fewer than two whole numbers on the axis (a one-epoch run), matplotlib's
+            # integer locator would fall back to fractional epochs (0.96, 0.98, ...).
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
             ax.legend(fontsize=6)
             ax.grid(alpha=0.3)
         relative = run.path.relative_to(base)

@@ -186,6 +186,28 @@ def test_printed_table_and_sentences(sweep, capsys):
     assert not (sweep / "report_alpha_T.png").exists()  # T was not swept: no alpha x T grid to show
 
 
+def test_a_one_epoch_runs_curves_mark_whole_epochs(tmp_path, monkeypatch):
+    from kd_cli import plots
+
+    folder = tmp_path / "run"
+    write_run(folder, config("train", 0), [row("teacher", "mnist_teacher", 0, 80.0)])
+    results = json.loads((folder / "results.json").read_text())
+    results["histories"] = {"teacher": history([80.0])}
+    (folder / "results.json").write_text(json.dumps(results))
+    shown, save = [], plots._save
+
+    def save_and_read_ticks(fig, path):
+        fig.canvas.draw()
+        for ax in fig.axes:
+            low, high = ax.get_xlim()
+            shown.append([tick for tick in ax.get_xticks() if low <= tick <= high])
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", save_and_read_ticks)
+    assert len(plots._curves(report.build_report(report.find_runs([folder])), tmp_path)) == 1
+    assert shown == [[1.0], [1.0]]  # loss and accuracy, each marked at epoch 1 only
+
+
 def test_filter_sort_and_formats(sweep, capsys, tmp_path):
     assert report.main([str(sweep), "--no-plots", "--format", "csv"]) == 0  # the sweep's own report
     assert f"report: {sweep / 'report.md'} (.csv, .json), 0 plots" in capsys.readouterr().err
