@@ -9,6 +9,7 @@ import pandas as pd
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 from kd_cli.atomic import atomic_write_text
 
@@ -73,23 +74,28 @@ def _cell(value, column: str) -> str:
     return str(value)
 
 
+def _text(value, column: str) -> Text:
+    # Text, not str: rich would read a cell such as `[conv4]` (a swept list) as markup and print nothing.
+    return Text(_cell(value, column))
+
+
 def _table(frame: pd.DataFrame, title: str | None, columns: list[str]) -> Table:
     table = Table(title=title, header_style="bold")
     for column in columns:
-        table.add_column(column, justify="right" if pd.api.types.is_numeric_dtype(frame[column]) else "left")
+        table.add_column(Text(column), justify="right" if pd.api.types.is_numeric_dtype(frame[column]) else "left")
     for record in frame[columns].astype(object).to_dict("records"):
-        table.add_row(*(_cell(record[c], c) for c in columns))
+        table.add_row(*(_text(record[c], c) for c in columns))
     return table
 
 
 def _transposed(frame: pd.DataFrame, title: str | None, columns: list[str]) -> Table:
     """One column per row of `frame`: a few models with many measures fit a narrow terminal."""
     table = Table(title=title, header_style="bold")
-    table.add_column(columns[0])
+    table.add_column(Text(columns[0]))
     for head in frame[columns[0]]:
-        table.add_column(str(head), justify="right")
+        table.add_column(Text(str(head)), justify="right")
     for column in columns[1:]:
-        table.add_row(column, *(_cell(v, column) for v in frame[column].astype(object)))
+        table.add_row(Text(column), *(_text(v, column) for v in frame[column].astype(object)))
     return table
 
 

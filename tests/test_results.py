@@ -85,6 +85,16 @@ def test_few_rows_are_transposed_when_that_fits():
     assert all(len(line) <= 100 for line in text.splitlines())
 
 
+@pytest.mark.parametrize("rows", [3, 10])  # transposed, and as rows
+def test_cells_are_printed_as_written_not_read_as_markup(rows):
+    """A swept list (scheme.assistants=[conv4]) looks like a rich markup tag, and `[/x]` like a closing one."""
+    values = ["[conv4]", "[/conv2]", "[bold]x"] * 4
+    frame = pd.DataFrame({"role": [f"[r{i}]" for i in range(rows)], "scheme.assistants": values[:rows],
+                          "accuracy": [50.0 + i for i in range(rows)]})
+    text = printed(frame, 200)
+    assert all(value in text for value in values[:rows]) and "[r0]" in text
+
+
 def test_off_a_terminal_wide_tables_are_split_at_220_columns(capsys, monkeypatch):
     for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
         monkeypatch.delenv(name, raising=False)
