@@ -384,6 +384,10 @@ def _parse(text: str):
 
 
 def same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):  # a run's list setting, or one typed as [3,1]
+        a, b = (_parse(v) if isinstance(v, str) else v for v in (a, b))
+        return (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b)
+                and all(same(x, y) for x, y in zip(a, b)))
     if isinstance(a, bool) or isinstance(b, bool):
         return str(a).lower() == str(b).lower()
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):

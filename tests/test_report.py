@@ -186,6 +186,20 @@ def test_printed_table_and_sentences(sweep, capsys):
     assert not (sweep / "report_alpha_T.png").exists()  # T was not swept: no alpha x T grid to show
 
 
+def test_filter_on_a_list_valued_setting(tmp_path):
+    for number, (weights, teachers) in enumerate((([3, 1], ["conv4", "deepnn"]), ([1, 1], ["conv4", "deepnn"]))):
+        cfg = config("distill", 0)
+        cfg["scheme"] = {"name": "multi_teacher", "weights": weights, "teachers": teachers}
+        write_run(tmp_path / str(number), cfg, [row("student_kd", "mnist_student", 0, 80.0 + number, loss="kd",
+                                                     scheme="multi_teacher", alpha=0.5, T=4.0)])
+    runs = report.find_runs([tmp_path])
+    for typed in ("scheme.weights=[3,1]", "scheme.weights=[3.0, 1]"):
+        assert report.build_report(runs, [typed]).frame["accuracy"].tolist() == [80.0], typed
+    assert len(report.build_report(runs, ["scheme.teachers=[conv4,deepnn]"]).frame) == 2
+    with pytest.raises(report.ReportError, match=r"the runs have scheme.weights \[1,1\], \[3,1\]"):
+        report.build_report(runs, ["scheme.weights=[3,2]"])
+
+
 def test_a_one_epoch_runs_curves_mark_whole_epochs(tmp_path, monkeypatch):
     from kd_cli import plots
 
