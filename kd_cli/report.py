@@ -296,11 +296,17 @@ def build_records(runs: list[Run]) -> list[dict]:
                 kind = _kind(role, flat)
                 settings = _as_trained(flat) if kind in ("teacher", "member", "ensemble") else flat
                 config = {k: v for k, v in settings.items() if _in_scope(k, kind)}
+                if kind == "ensemble":  # averaged at T: at another T it is another ensemble (its row leaves T empty)
+                    row = row | {"T": flat.get("T")}
                 if STORED_ROLES.fullmatch(role):
-                    # A stored model is reported by `kd train` and again by every `kd distill` that used it;
-                    # an ensemble is made by each run, and its T and scheme.* settings make it another one.
-                    key = (role, row.get("checkpoint"), *(sorted((k, _hashable(v)) for k, v in config.items())
-                                                          if kind == "ensemble" else ()))
+                    # A stored model is reported by `kd train` and again by every `kd distill` that used it,
+                    # with the metrics its file records: other metrics at the same path are another model
+                    # (overwrite=true replaced it), which newest_per_seed then tells from the newer one. A
+                    # multi_teacher member is one model whichever position scheme.teachers gives it; an
+                    # ensemble is made by each run, and its T and scheme.* settings make it another one.
+                    key = ("member" if kind == "member" else role, row.get("checkpoint"),
+                           *(row.get(k) for k in ("accuracy", "best_accuracy", "train_time_s")),
+                           *(sorted((k, _hashable(v)) for k, v in config.items()) if kind == "ensemble" else ()))
                     if key in seen_stored:
                         # Each run timed it again: the median of those timings, not the first run's alone.
                         for timing in TIMINGS:

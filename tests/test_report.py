@@ -200,6 +200,41 @@ def test_filter_on_a_list_valued_setting(tmp_path):
         report.build_report(runs, ["scheme.weights=[3,2]"])
 
 
+def multi_teacher_run(folder, teachers, T, ensemble_accuracy):
+    cfg = config("distill", 0, T=T)
+    cfg["scheme"] = {"name": "multi_teacher", "teachers": teachers, "weights": None}
+    members = [row(f"teacher_{i}", "mnist_teacher" if name == "a" else "deepnn", 0, 90.0 if name == "a" else 80.0,
+                   checkpoint=f"store/{name}.pt") for i, name in enumerate(teachers, 1)]
+    ensemble = row("teacher", "mnist_teacher", 0, ensemble_accuracy, checkpoint="+".join(m["checkpoint"] for m in members))
+    write_run(folder, cfg, [*members, ensemble, row("student_kd", "mnist_student", 0, 70.0 + T, loss="kd",
+                                                    scheme="multi_teacher", alpha=0.5, T=T)])
+
+
+def test_multi_teacher_one_row_per_member_and_per_ensemble_T(tmp_path):
+    multi_teacher_run(tmp_path / "1", ["a", "b"], 1.0, 85.0)
+    multi_teacher_run(tmp_path / "2", ["a", "b"], 8.0, 84.0)
+    multi_teacher_run(tmp_path / "3", ["b", "a"], 1.0, 85.0)  # the same members, listed the other way round
+    built = report.build_report(report.find_runs([tmp_path]))
+    frame = built.frame.set_index("role")
+    assert sorted(frame.loc[["teacher_1", "teacher_2"], "accuracy"]) == [80.0, 90.0]
+    ensembles = frame.loc["teacher"].set_index(["T", "scheme.teachers"])["accuracy"].to_dict()
+    assert ensembles == {(1.0, "[a,b]"): 85.0, (8.0, "[a,b]"): 84.0, (1.0, "[b,a]"): 85.0}
+
+
+def test_a_stored_model_replaced_in_the_store_counts_in_its_newest_version(tmp_path):
+    """overwrite=true trained the scratch student again at the same store path: one table, one baseline."""
+    import os
+
+    distill_run(tmp_path / "a_old", 0, 0.5, 81.0, 78.0, 88.0)
+    distill_run(tmp_path / "b_new", 0, 0.5, 81.0, 80.0, 88.0)
+    os.utime(tmp_path / "a_old" / "results.json", (1, 1))
+    built = report.build_report(report.find_runs([tmp_path]))
+    scratch = rows_of(built.frame, role="student_scratch")
+    assert scratch["accuracy"].tolist() == [80.0] and scratch["n"].tolist() == [1]
+    assert {(r["role"], Path(r["run"]).name, Path(r["newer"]).name) for r in built.repeats} >= {
+        ("student_scratch", "a_old", "b_new")}
+
+
 def test_a_one_epoch_runs_curves_mark_whole_epochs(tmp_path, monkeypatch):
     from kd_cli import plots
 
