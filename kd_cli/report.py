@@ -286,15 +286,21 @@ def build_records(runs: list[Run]) -> list[dict]:
     records, seen_stored = [], {}  # a stored model's key -> its record
     for run in runs:
         flat = run.flat
-        if not uses_configured_teacher(flat):  # its default teacher= would label rows with a model never used
+        # A teacher= the run did not use would label its rows with a model never used, and a teacher_recipe its
+        # generation 0 (born_again from scratch) with a recipe it was not trained with.
+        teacher_used = uses_configured_teacher(flat) and not (
+            run.status == "ok" and run.command == "distill" and flat.get("scheme.name") == "offline"
+            and not any(row["role"] == "teacher" for row in run.rows))  # loss=ce, tf_kd's virtual teacher
+        if not teacher_used:
             flat = {k: v for k, v in flat.items() if not k.startswith("teacher.")}
+        recipe_read = teacher_used and flat.get("scheme.name") != "online"  # online peers train with the student's
         if run.status == "ok":
             by_role = {row["role"]: row for row in run.rows}
             teacher = by_role.get("teacher")
             for row in run.rows:
                 role = row["role"]
                 kind = _kind(role, flat)
-                settings = _as_trained(flat) if kind in ("teacher", "member", "ensemble") else flat
+                settings = _as_trained(flat) if recipe_read and kind in ("teacher", "member", "ensemble") else flat
                 config = {k: v for k, v in settings.items() if _in_scope(k, kind)}
                 if kind == "ensemble":  # averaged at T: at another T it is another ensemble (its row leaves T empty)
                     row = row | {"T": flat.get("T")}

@@ -235,6 +235,23 @@ def test_a_stored_model_replaced_in_the_store_counts_in_its_newest_version(tmp_p
         ("student_scratch", "a_old", "b_new")}
 
 
+def test_rows_are_not_labelled_with_settings_the_run_did_not_use(tmp_path):
+    for teacher in ("deepnn", "mnist_teacher"):  # loss=ce: no teacher ran, whichever teacher= says
+        cfg = config("distill", 0, teacher=teacher)
+        cfg["loss"] = {"name": "ce"}
+        write_run(tmp_path / f"ce_{teacher}", cfg, [row("student_scratch", "mnist_student", 0, 78.0, loss="ce"),
+                                                     row("student_kd", "mnist_student", 0, 78.0, loss="ce", scheme="offline")])
+    # born_again from scratch: generation 0 is the scratch student, trained with the run's own data.fraction
+    cfg = config("distill", 0, fraction=0.05, teacher_recipe={"data": {"fraction": 0.1}})
+    cfg["scheme"] = {"name": "born_again", "start": "scratch", "generations": 1}
+    write_run(tmp_path / "born_again", cfg, [row("teacher", "mnist_student", 0, 77.0),
+                                             row("student_kd", "mnist_student", 0, 79.0, loss="kd", scheme="born_again")])
+    frame = report.build_report(report.find_runs([tmp_path])).frame
+    ce = rows_of(frame, role="student_kd", loss="ce")
+    assert len(ce) == 1 and "teacher" not in frame.columns
+    assert rows_of(frame, role="teacher")["data.fraction"].tolist() == [0.05]
+
+
 def test_a_one_epoch_runs_curves_mark_whole_epochs(tmp_path, monkeypatch):
     from kd_cli import plots
 
@@ -486,6 +503,8 @@ def test_schemes_without_the_configured_teacher_do_not_show_it(tmp_path):
         cfg = config("distill", 0)
         cfg["scheme"] = {"name": scheme, **({"peers": peers} if scheme == "online" else {})}
         rows = [row("student_kd", "mnist_student", 0, accuracy, loss="kd", scheme=scheme, alpha=0.5, T=4.0)]
+        if scheme == "offline":  # the teacher that taught it, as kd distill reports it
+            rows.insert(0, row("teacher", "mnist_teacher", 0, 85.0))
         write_run(tmp_path / folder, cfg, rows)
     frame = report.build_report(report.find_runs([tmp_path])).frame
     assert rows_of(frame, scheme="offline")["teacher"].tolist() == ["mnist_teacher"]
