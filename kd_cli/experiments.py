@@ -48,7 +48,11 @@ def preset_of(args: list[str], cfg):
 
 
 def _folder(name: str, args: list[str]) -> Path:
-    """A new folder for this experiment, or with resume=true the newest one of the same command line."""
+    """hydra.sweep.dir= where the command line gives it; else a new folder for this experiment, or with
+    resume=true the newest one of the same command line."""
+    given = [a.split("=", 1)[1] for a in args if a.startswith("hydra.sweep.dir=")]
+    if given:
+        return Path(given[-1])
     same_line = settings_of(args)
     if "resume=true" in (a.lower() for a in args):
         for folder in sorted((ROOT / name).glob("*"), reverse=True):
@@ -72,18 +76,22 @@ def run_experiment(args: list[str], preset, conf_dir: str) -> int:
         if (key := arg.split("=", 1)[0].lstrip("+~")) in swept:
             raise KdError(f"experiment={name} sets {key} itself ({swept[key]}); drop {arg} from the command line, "
                           f"or run the sweep you want with `kd distill -m ...`")
-    for part in parts:  # every part checked before anything runs
-        preflight("distill", [*args, *part, "-m"], conf_dir, warn=False)  # kd has warned about args already
+    if any(arg.startswith("hydra.run.dir=") for arg in args):
+        raise KdError(f"experiment={name} runs sweeps, which hydra.run.dir does not place; use hydra.sweep.dir=PATH "
+                      f"for the experiment's folder (its parts go into PATH/part1, PATH/part2, ...)")
     folder = _folder(name, args)
+    part_args = [arg for arg in args if not arg.startswith("hydra.sweep.dir=")]  # each part gets its own, in `folder`
+    for part in parts:  # every part checked before anything runs
+        preflight("distill", [*part_args, *part, "-m"], conf_dir, warn=False)  # kd has warned about args already
     folder.mkdir(parents=True, exist_ok=True)
     if not (folder / "experiment.json").exists():  # a resumed run keeps the command line it continues
         atomic_write_text(folder / "experiment.json", json.dumps(
             {"name": name, "args": args, "runs": list(preset.runs)}, indent=2) + "\n")
     failed = []
     for number, part in enumerate(parts, 1):
-        line = " ".join(["kd distill", *args, *part, "-m"])
-        print(f"kd: {name}, part {number}/{len(parts)}: {line}", file=sys.stderr, flush=True)
-        command = [sys.executable, "-m", "kd_cli", "distill", *args, *part, f"hydra.sweep.dir={folder / f'part{number}'}", "-m"]
+        sweep = [*part_args, *part, f"hydra.sweep.dir={folder / f'part{number}'}", "-m"]
+        print(f"kd: {name}, part {number}/{len(parts)}: {' '.join(['kd distill', *sweep])}", file=sys.stderr, flush=True)
+        command = [sys.executable, "-m", "kd_cli", "distill", *sweep]
         if _run_part(command) != 0:
             failed.append(number)
     write_experiment(folder, preset)

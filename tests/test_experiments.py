@@ -22,6 +22,12 @@ FULL = [name for name in PRESETS if not name.startswith("quick_")]
 LONGEST = ("quick_teacher_assistant", "quick_mnist")
 
 
+@pytest.fixture(autouse=True)
+def model_groups():
+    """student=mnist_student and the like: the CLI registers the model catalogue as config groups before composing."""
+    register_model_groups()
+
+
 def test_every_seed_experiment_has_a_quick_variant():
     assert sorted(FULL) == ["alpha_t_grid", "data_fraction", "distilled_teacher", "mnist", "teacher_assistant",
                             "teacher_free", "tutorial"]
@@ -30,7 +36,6 @@ def test_every_seed_experiment_has_a_quick_variant():
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_composes_and_every_part_passes_preflight(name, capsys):
-    register_model_groups()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("distill", [f"experiment={name}"])
     preset = cfg.preset
@@ -142,6 +147,23 @@ def test_a_resumed_experiment_keeps_the_command_line_it_continues(tmp_path, monk
     (earlier / "experiment.json").write_text(started)
     assert experiments.run_experiment(["seed=1", "experiment=quick_mnist", "resume=true"], preset, config_dir()) == 0
     assert (earlier / "experiment.json").read_text() == started
+
+
+def test_hydra_sweep_dir_places_the_experiment(tmp_path, monkeypatch):
+    from kd_cli import experiments
+
+    monkeypatch.chdir(tmp_path)
+    commands = []
+    monkeypatch.setattr(experiments, "_run_part", lambda command: commands.append(command) or 0)
+    monkeypatch.setattr(experiments, "write_experiment", lambda folder, preset: None)
+    args = ["experiment=quick_mnist", f"hydra.sweep.dir={tmp_path / 'mine'}"]
+    preset = preflight("distill", args, config_dir()).preset
+    assert experiments.run_experiment(args, preset, config_dir()) == 0
+    assert json.loads((tmp_path / "mine" / "experiment.json").read_text())["args"] == args
+    assert [c for c in commands[0] if c.startswith("hydra.sweep.dir=")] == [f"hydra.sweep.dir={tmp_path / 'mine' / 'part1'}"]
+    assert not (tmp_path / "outputs").exists()
+    with pytest.raises(KdError, match="use hydra.sweep.dir=PATH for the experiment's folder"):
+        experiments.run_experiment(["experiment=quick_mnist", "hydra.run.dir=x"], preset, config_dir())
 
 
 def test_resume_finds_the_experiment_of_the_same_line_in_any_order(tmp_path, monkeypatch, capsys):
