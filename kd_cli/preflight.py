@@ -386,6 +386,14 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
             from kd_cli.run import check_run_folder
 
             check_run_folder(Path(run_root), cfg)
+        if multirun and Path(run_root).is_dir():
+            from kd_cli.sweep import check_sweep_folder, planned_jobs
+
+            task = [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+            loader = ConfigLoaderImpl(config_search_path=create_config_search_path(conf_dir))
+            plan = planned_jobs(cfg, task, loader)
+            if plan is not None:  # an Optuna search numbers its trials as it goes: nothing to compare
+                check_sweep_folder(Path(run_root), plan)
     # `kd train` stores what it trains; `kd distill` can read a store it may not write to (a colleague's), and
     # checks it just before storing a model it has to train (train_missing=true, a chain's links).
     if command == "train":

@@ -26,7 +26,7 @@ import yaml
 
 from kd_cli.atomic import atomic_write_text, check_writable
 from kd_cli.errors import KdError
-from kd_cli.results import csv_text
+from kd_cli.results import csv_text, failed_since_results
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def _as_written(payload):
 
 def load_run(path: Path) -> Run:
     results = path / "results.json"
-    if results.exists():
+    if results.exists() and not failed_since_results(path):
         try:
             payload = json.loads(results.read_text())
             command = payload.get("command") if isinstance(payload, dict) else None

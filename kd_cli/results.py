@@ -21,6 +21,16 @@ COLUMNS = [
 ]
 
 
+def failed_since_results(folder: Path) -> bool:
+    """Whether a run folder's last attempt failed after an earlier one wrote results.json: a run that ends
+    well removes error.txt, so one beside results.json and newer than it is a later failure (another
+    config refused in that folder, say), and the results are not that attempt's."""
+    try:
+        return (folder / "error.txt").stat().st_mtime >= (folder / "results.json").stat().st_mtime
+    except OSError:
+        return False
+
+
 def add_comparisons(rows: list[dict]) -> None:
     """Fill the distilled rows' gain over the scratch student and their share of the teacher."""
     by_role = {r["role"]: r for r in rows}

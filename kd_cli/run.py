@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 import kd_cli
@@ -49,9 +50,18 @@ def completed_results(run_dir: Path, cfg) -> bool:
     except (OSError, ValueError) as e:
         raise KdError(f"{results} is unreadable ({type(e).__name__}); delete it, or choose another hydra.run.dir") from None
     if {k: v for k, v in done.get("config", {}).items() if k not in RUN_ONLY} != run_identity(cfg):
-        raise KdError(f"{run_dir} already holds the results of a different config; choose another hydra.run.dir "
-                      f"(its results were left as they are)")
+        raise KdError(f"{run_dir} already holds the results of a different config; choose another "
+                      f"{_run_folder_option()} (its results were left as they are)")
     return True
+
+
+def _run_folder_option() -> str:
+    """The option that placed this run's folder: a sweep's job folder comes from hydra.sweep.dir."""
+    try:
+        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:  # preflight, before Hydra starts: a single run's folder
+        multirun = False
+    return "hydra.sweep.dir" if multirun else "hydra.run.dir"
 
 
 def check_run_folder(run_dir: Path, cfg) -> None:

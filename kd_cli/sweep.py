@@ -19,7 +19,8 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from kd_cli.atomic import atomic_write_text
-from kd_cli.results import csv_text, print_table
+from kd_cli.errors import KdError
+from kd_cli.results import csv_text, failed_since_results, print_table
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,13 @@ class RecordSweep(Callback):
             assign_gpu(int(config.hydra.job.num))
 
 
-def planned_jobs(config) -> list[list[str]] | None:
+def planned_jobs(config, task_overrides: list[str] | None = None, loader=None) -> list[list[str]] | None:
     """The overrides of every job the sweep will launch, in Hydra's job order; None where it is not fixed.
 
     Hydra's own parsing and cartesian product (BasicSweeper.split_arguments), not a copy of them, so that
     range(), choice(), glob() and hydra.sweeper.params give the jobs Hydra numbers, in Hydra's order.
+    `task_overrides` and `loader`: the command line's overrides (hydra.* excluded) and a config loader,
+    before Hydra has started; by default the started sweep's own.
     """
     sweeper = config.hydra.sweeper
     if sweeper.get("_target_") != BASIC_SWEEPER:  # Optuna chooses each trial from the previous ones' results
@@ -71,8 +74,10 @@ def planned_jobs(config) -> list[list[str]] | None:
         # As BasicSweeper.sweep builds them: hydra.sweeper.params first, then the command line's overrides
         # (unresolved, as Hydra passes them); glob() needs the config loader to list a group's options.
         arguments = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
-        arguments += OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
-        loader = GlobalHydra.instance().config_loader() if GlobalHydra.instance().is_initialized() else None
+        if task_overrides is None:
+            task_overrides = OmegaConf.to_container(config.hydra.overrides.task, resolve=False)
+            loader = GlobalHydra.instance().config_loader() if GlobalHydra.instance().is_initialized() else None
+        arguments += task_overrides
         overrides = OverridesParser.create(config_loader=loader).parse_overrides(arguments)
         if any(getattr(o.value(), "shuffle", False) for o in overrides):
             return None  # shuffle() draws another order when Hydra itself expands the sweep
@@ -82,6 +87,19 @@ def planned_jobs(config) -> list[list[str]] | None:
                     type(e).__name__, e)
         return None
     return [list(job) for batch in batches for job in batch]  # batches run one after another, numbered on
+
+
+def check_sweep_folder(sweep_dir: Path, plan: list[list[str]]) -> None:
+    """Refuse a sweep folder whose job folders hold other jobs' results, before Hydra rewrites their
+    .hydra/ files: every job would fail on them, and the summary would show the other sweep's results."""
+    for job in _job_dirs(sweep_dir):
+        if not (job / "results.json").is_file() or not job.name.isdigit():
+            continue
+        number = int(job.name)
+        if number >= len(plan) or _overrides_dict(plan[number]) != _job_overrides(job):
+            ran = " ".join(yaml.safe_load((job / ".hydra/overrides.yaml").read_text()) or []) or "no overrides"
+            raise KdError(f"hydra.sweep.dir={sweep_dir} holds another sweep's results ({job} ran `{ran}`); choose "
+                          f"another hydra.sweep.dir, or continue that sweep with its own command line and resume=true")
 
 
 def limit_threads(cpus: int) -> None:
@@ -158,7 +176,7 @@ def not_started_jobs(sweep_dir: Path) -> dict[str, dict]:
 def _job_rows(job: Path, overrides: dict) -> list[dict]:
     base = {"job": job.name, **overrides}
     results = job / "results.json"
-    if results.exists():
+    if results.exists() and not failed_since_results(job):
         payload = json.loads(results.read_text())
         rows = payload["rows"]
         if payload.get("command") == "distill":  # the distilled student is the job's result

@@ -390,6 +390,31 @@ def test_a_run_folder_of_another_config_is_refused_before_hydra_rewrites_it(tmp_
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
+def test_a_sweep_folder_of_another_sweep_is_refused_before_hydra_rewrites_it(tmp_path, monkeypatch):
+    """hydra.sweep.dir= naming an earlier sweep: its jobs would each fail on the other jobs' results (after Hydra
+    rewrote their .hydra/), and the summary would list the old results as this sweep's."""
+    from kd_cli.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)
+    # A job's overrides as Hydra's sweeper writes them: each key once, values as its parser prints them.
+    common = [item.replace("1e-3", "0.001") for item in TINY if item != "train.epochs=2"] + ["train.epochs=1"]
+    for number in (0, 1):
+        overrides = [*common, f"seed={number}"]
+        job = tmp_path / "sweep" / str(number)
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(json.dumps(overrides))
+        (job / "results.json").write_text(json.dumps({"config": {}, "rows": []}))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for sweep in (["seed=3,4"], ["seed=0,1", "data.fraction=0.1"], ["seed=1,0"], ["seed=0"]):
+        with pytest.raises(KdError) as refused:
+            preflight("train", ["-m", *TINY, *sweep, "train.epochs=1", "hydra.sweep.dir=sweep"], config_dir())
+        assert "hydra.sweep.dir=sweep holds another sweep's results (sweep/" in str(refused.value), sweep
+    # The same sweep again (resume=true, or more seeds after the first two) meets its own jobs' results.
+    for sweep in (["seed=0,1", "resume=true"], ["seed=0,1,2"]):
+        assert preflight("train", ["-m", *TINY, "train.epochs=1", *sweep, "hydra.sweep.dir=sweep"], config_dir()) is not None
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def test_a_full_disk_is_refused_before_hydra_writes_the_run_folder(tmp_path, monkeypatch):
     import shutil
 

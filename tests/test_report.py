@@ -252,6 +252,23 @@ def test_rows_are_not_labelled_with_settings_the_run_did_not_use(tmp_path):
     assert rows_of(frame, role="teacher")["data.fraction"].tolist() == [0.05]
 
 
+def test_a_run_that_failed_after_earlier_results_is_failed_in_report_and_summary(tmp_path):
+    """A success removes error.txt: one beside results.json is a later attempt that failed (another config
+    refused in the folder), whose results.json is not its own."""
+    import os
+
+    from kd_cli import sweep
+
+    folder = tmp_path / "0"
+    write_run(folder, config("train", 0), [row("teacher", "mnist_teacher", 0, 85.0)],
+              error="kd_cli.errors.KdError: kd: error: 0 already holds the results of a different config")
+    os.utime(folder / "results.json", (1, 1))
+    assert report.load_run(folder).status == "failed"
+    assert [r["status"] for r in sweep._job_rows(folder, {})] == ["failed"]
+    (folder / "error.txt").unlink()
+    assert report.load_run(folder).status == "ok"
+
+
 def test_a_one_epoch_runs_curves_mark_whole_epochs(tmp_path, monkeypatch):
     from kd_cli import plots
 
