@@ -584,7 +584,7 @@ def build_report(runs: list[Run], filters: list[str] = (), sort: str | None = No
     records = apply_filters(every_record, list(filters))
     # With no row left, only the planned jobs whose own overrides set the filtered keys are named: a
     # job says nothing of --filter loss=dkd when loss is not what its sweep varies.
-    late = not_started(runs, list(filters), sources, named=not records)
+    late, started_elsewhere = not_started(runs, list(filters), sources, named=not records)
     if not records and not late:
         raise ReportError(no_match(every_record, list(filters)))
     swept = varying_keys(records)
@@ -614,7 +614,7 @@ def build_report(runs: list[Run], filters: list[str] = (), sort: str | None = No
     for record in records:
         if record["status"] == "ok":
             groups.setdefault(configuration(record), []).append(record)
-    repeats = []
+    repeats = started_elsewhere
     for key, group in groups.items():
         groups[key], repeated = newest_per_seed(group)
         repeats += repeated
@@ -675,8 +675,10 @@ def build_report(runs: list[Run], filters: list[str] = (), sort: str | None = No
                   problems=problems)
 
 
-def not_started(runs: list[Run], filters: list[str], sources: list[Path] | None = None, named: bool = False) -> list[str]:
-    """The planned jobs that the runs' sweeps never reached, as `SWEEP/NUM: swept overrides`.
+def not_started(runs: list[Run], filters: list[str], sources: list[Path] | None = None,
+                named: bool = False) -> tuple[list[str], list[dict]]:
+    """The planned jobs that the runs' sweeps never reached, as `SWEEP/NUM: swept overrides`, and those
+    of them that a finished run of the same command line ran elsewhere (a rerun sweep), as repeats.
 
     Only for a sweep that is, or is inside, one of `sources` (all sweeps without them): a report on
     one job's folder is not about its sweep. The jobs have no folder and so no config: one is left
@@ -687,21 +689,48 @@ def not_started(runs: list[Run], filters: list[str], sources: list[Path] | None 
     sweeps = sorted({run.sweep for run in runs if run.sweep is not None
                      and (given is None or any(run.sweep.resolve().is_relative_to(p) for p in given))})
     if not sweeps:
-        return []
+        return [], []
     from kd_cli.sweep import not_started_jobs, planned  # Hydra's parser comes with them: only for reports over sweeps
 
     wanted = [(key, _parse(text)) for key, _, text in (item.partition("=") for item in filters)]
-    lines = []
+    lines, elsewhere, finished = [], [], None
     for sweep in sweeps:
         plan = planned(sweep)
         keys = dict.fromkeys(key for job in plan for key in job)
         # The overrides that tell the sweep's jobs apart; all of them for a sweep of one job.
         swept = [key for key in keys if len({repr(job.get(key)) for job in plan}) > 1] or list(keys)
+        command = next(run.command for run in runs if run.sweep == sweep)
         for num, overrides in not_started_jobs(sweep).items():
-            if not any(_contradicts(overrides, key, value) for key, value in wanted) and not (
+            if any(_contradicts(overrides, key, value) for key, value in wanted) or (
                     named and not all(_override_name(overrides, key) for key, _ in wanted)):
+                continue
+            finished = _finished_by_command_line(runs) if finished is None else finished
+            done = finished.get((command, _frozen(overrides)))
+            if done is not None:
+                roles = "+".join(row["role"] for row in done.rows if row["role"] in ("student_kd", "student_scratch", "teacher"))
+                elsewhere.append({"run": str(sweep / num), "newer": str(done.path), "role": roles or command,
+                                  "seed": done.flat.get("seed"), "status": "not started"})
+            else:
                 lines.append(f"{sweep / num}: " + " ".join(f"{k}={overrides[k]}" for k in swept if k in overrides))
-    return lines
+    return lines, elsewhere
+
+
+def _frozen(overrides: dict) -> tuple:
+    return tuple(sorted((key, repr(value)) for key, value in overrides.items()))
+
+
+def _finished_by_command_line(runs: list[Run]) -> dict[tuple, Run]:
+    """The finished runs by command and command-line overrides, as a planned job that never started has them."""
+    from kd_cli.sweep import job_overrides
+
+    found = {}
+    for run in runs:
+        if run.status == "ok" and (run.path / ".hydra" / "overrides.yaml").is_file():
+            try:
+                found[(run.command, _frozen(job_overrides(run.path)))] = run
+            except (OSError, yaml.YAMLError, AttributeError, TypeError):  # a foreign or damaged overrides file
+                continue
+    return found
 
 
 def _override_name(overrides: dict, key: str) -> str | None:

@@ -96,7 +96,7 @@ def check_sweep_folder(sweep_dir: Path, plan: list[list[str]]) -> None:
         if not (job / "results.json").is_file() or not job.name.isdigit():
             continue
         number = int(job.name)
-        if number >= len(plan) or _overrides_dict(plan[number]) != _job_overrides(job):
+        if number >= len(plan) or _overrides_dict(plan[number]) != job_overrides(job):
             ran = " ".join(yaml.safe_load((job / ".hydra/overrides.yaml").read_text()) or []) or "no overrides"
             raise KdError(f"hydra.sweep.dir={sweep_dir} holds another sweep's results ({job} ran `{ran}`); choose "
                           f"another hydra.sweep.dir, or continue that sweep with its own command line and resume=true")
@@ -152,7 +152,7 @@ def _overrides_dict(overrides: list[str]) -> dict:
     return {key: _parse_value(value) for key, value in pairs if key != "resume"}
 
 
-def _job_overrides(job: Path) -> dict:
+def job_overrides(job: Path) -> dict:
     """The job's own overrides, as _overrides_dict gives them."""
     return _overrides_dict(yaml.safe_load((job / ".hydra/overrides.yaml").read_text()) or [])
 
@@ -196,11 +196,11 @@ def summarize(sweep_dir: Path) -> pd.DataFrame | None:
     not_started = not_started_jobs(sweep_dir)
     if not jobs and not not_started:
         return None
-    overrides = {job.name: _job_overrides(job) for job in jobs} | not_started
+    overrides = {job.name: job_overrides(job) for job in jobs} | not_started
     rows = {job.name: _job_rows(job, overrides[job.name]) for job in jobs}
     rows |= {num: [{"job": num, **values, "status": "not started"}] for num, values in not_started.items()}
     frame = pd.DataFrame([row for num in sorted(rows, key=_job_order) for row in rows[num]])
-    override_keys = {k for job_overrides in overrides.values() for k in job_overrides}
+    override_keys = {k for values in overrides.values() for k in values}
     swept = [k for k in frame.columns if k in override_keys and frame[k].astype(str).nunique() > 1]
     frame = frame[["job", *swept, *[c for c in frame.columns if c not in swept and c != "job"]]]
     atomic_write_text(sweep_dir / "summary.csv", csv_text(frame))

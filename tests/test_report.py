@@ -269,6 +269,27 @@ def test_a_run_that_failed_after_earlier_results_is_failed_in_report_and_summary
     assert report.load_run(folder).status == "ok"
 
 
+def test_planned_jobs_that_a_rerun_sweep_finished_are_left_out_not_listed_as_not_started(tmp_path, capsys):
+    """A sweep stopped after its first job, then run again into a new folder to the end."""
+    plan = [["alpha=0.1", "seed=0"], ["alpha=0.5", "seed=0"], ["alpha=0.9", "seed=0"]]
+    for name, ran in (("stopped", 1), ("rerun", 3)):
+        folder = tmp_path / name
+        for number, overrides in enumerate(plan[:ran]):
+            alpha = float(overrides[0].split("=")[1])
+            distill_run(folder / str(number), 0, alpha, 80.0 + alpha, 78.0, 86.0)
+            (folder / str(number) / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+        (folder / "multirun.yaml").write_text("hydra: {overrides: {task: ['alpha=0.1,0.5,0.9', 'seed=0']}}\n")
+        (folder / "planned.yaml").write_text(yaml.safe_dump(plan))
+    partial = report.build_report(report.find_runs([tmp_path / "stopped"]))
+    assert len(partial.not_started) == 2  # the rerun is not part of this report
+    built = report.build_report(report.find_runs([tmp_path]))
+    assert built.not_started == [] and report.runs_title(built) == "4 runs"
+    report.print_report(built, "t")
+    printed = capsys.readouterr().out
+    assert (f"{tmp_path / 'stopped' / '2'} (teacher+student_scratch+student_kd, seed 0) is not started; "
+            f"{tmp_path / 'rerun' / '2'} ran its configuration and seed to the end") in printed
+
+
 def test_a_one_epoch_runs_curves_mark_whole_epochs(tmp_path, monkeypatch):
     from kd_cli import plots
 
