@@ -150,19 +150,24 @@ def write_experiment(folder: Path, preset) -> pd.DataFrame:
     title = f"{preset.name}: published ({preset.source}) vs measured here"
     atomic_write_text(folder / "experiment.csv", csv_text(table))
     started = json.loads((folder / "experiment.json").read_text())
-    # The note describes the preset as shipped; the command line shows what this run changed.
-    note = f"\n{preset.note}\n" if preset.get("note") else ""
+    # The note describes the preset as shipped; the command line shows what this run changed, and the
+    # models or data it swapped are named beside the table, whose labels name the document's.
+    swapped = [a for a in started["args"] if a.split("=", 1)[0].lstrip("+~") in ("teacher", "student", "dataset")]
+    notes = [*([preset.note] if preset.get("note") else []),
+             *([f"This run sets {' '.join(swapped)}: the published figures, and the labels of their rows, are for "
+                f"the document's own models and data."] if swapped else [])]
+    note = "".join(f"\n{line}\n" for line in notes)
     command = f"\nCommand: `{shlex.join(['kd', 'distill', *started['args']])}`\n"
     shown = table.dropna(axis=1, how="all")
     atomic_write_text(folder / "experiment.md", f"# {title}\n{note}{command}\n{markdown_table(shown)}\n")
     atomic_write_text(folder / "experiment.json", json.dumps(
-        {**started, "source": preset.source, "note": preset.get("note"),
+        {**started, "source": preset.source, "note": " ".join(notes) or None,
          "table": json.loads(table.to_json(orient="records"))}, indent=2) + "\n")
     plots.published_vs_measured(table, title, folder / "experiment.png")
     write_report(build_report(runs), folder, [folder])
     print_table(shown, title=title, hide=())
-    if preset.get("note"):
-        print(preset.note)
+    for line in notes:
+        print(line)
     print(f"experiment: {folder / 'experiment.md'} (.csv, .json, .png); every run: {folder / 'report.md'} and its plots",
           file=sys.stderr)
     return table

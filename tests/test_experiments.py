@@ -166,6 +166,21 @@ def test_hydra_sweep_dir_places_the_experiment(tmp_path, monkeypatch):
         experiments.run_experiment(["experiment=quick_mnist", "hydra.run.dir=x"], preset, config_dir())
 
 
+def test_a_run_that_swaps_the_documents_models_says_so_beside_the_table(tmp_path, capsys):
+    from test_report import config, row, write_run
+
+    from kd_cli.experiments import write_experiment
+
+    args = ["experiment=mnist", "teacher=deepnn", "dataset=fashion_mnist"]
+    (tmp_path / "experiment.json").write_text(json.dumps({"name": "mnist", "args": args, "runs": []}))
+    write_run(tmp_path / "part1" / "0", config("distill", 0), [row("teacher", "deepnn", 0, 85.0)])
+    preset = preflight("distill", ["experiment=mnist"], config_dir()).preset
+    write_experiment(tmp_path, preset)
+    said = "This run sets teacher=deepnn dataset=fashion_mnist: the published figures, and the labels of their rows"
+    assert said in capsys.readouterr().out and said in (tmp_path / "experiment.md").read_text()
+    assert said in json.loads((tmp_path / "experiment.json").read_text())["note"]
+
+
 def test_resume_finds_the_experiment_of_the_same_line_in_any_order(tmp_path, monkeypatch, capsys):
     from kd_cli import experiments
 
