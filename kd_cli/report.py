@@ -286,9 +286,12 @@ def build_records(runs: list[Run]) -> list[dict]:
     records, seen_stored = [], {}  # a stored model's key -> its record
     for run in runs:
         flat = run.flat
+        # What a failed run's config does not read, its alpha or T say; ignored_settings builds the loss, which
+        # imports torch: a finished run's rows say the same without it.
+        unread = _unread_settings(run.config) if run.status != "ok" and run.command == "distill" else set()
         # A teacher= the run did not use would label its rows with a model never used, and a teacher_recipe its
         # generation 0 (born_again from scratch) with a recipe it was not trained with.
-        teacher_used = uses_configured_teacher(flat) and not (
+        teacher_used = uses_configured_teacher(flat) and "teacher" not in unread and not (
             run.status == "ok" and run.command == "distill" and flat.get("scheme.name") == "offline"
             and not any(row["role"] == "teacher" for row in run.rows))  # loss=ce, tf_kd's virtual teacher
         if not teacher_used:
@@ -311,8 +314,9 @@ def build_records(runs: list[Run]) -> list[dict]:
                     # multi_teacher member is one model whichever position scheme.teachers gives it; an
                     # ensemble is made by each run, and its T and scheme.* settings make it another one.
                     key = ("member" if kind == "member" else role, row.get("checkpoint"),
-                           *(row.get(k) for k in ("accuracy", "best_accuracy", "train_time_s")),
-                           *(sorted((k, _hashable(v)) for k, v in config.items()) if kind == "ensemble" else ()))
+                           *((sorted((k, _hashable(v)) for k, v in config.items()) if kind == "ensemble" else
+                              # not an ensemble's metrics: each run evaluates it anew, and a GPU's last bits vary
+                              [row.get(k) for k in ("accuracy", "best_accuracy", "train_time_s")])))
                     if key in seen_stored:
                         # Each run timed it again: the median of those timings, not the first run's alone.
                         for timing in TIMINGS:
@@ -339,7 +343,6 @@ def build_records(runs: list[Run]) -> list[dict]:
                       "role": role, "model": model or None, "seed": flat.get("seed"), "status": run.status,
                       "error": run.error, "run": str(run.path)}
             if run.command == "distill":
-                unread = _unread_settings(run.config)
                 record |= {"loss": flat.get("loss.name"), **{k: None if k in unread else flat.get(k) for k in ("alpha", "T")}}
             records.append(record)
     for record in seen_stored.values():

@@ -91,12 +91,17 @@ def planned_jobs(config, task_overrides: list[str] | None = None, loader=None) -
 
 def check_sweep_folder(sweep_dir: Path, plan: list[list[str]]) -> None:
     """Refuse a sweep folder whose job folders hold other jobs' results, before Hydra rewrites their
-    .hydra/ files: every job would fail on them, and the summary would show the other sweep's results."""
+    .hydra/ files: every job would fail on them, and the summary would show the other sweep's results.
+    Settings that do not change what a run computes (device=, measure.*) may differ, as for a run."""
+    from kd_cli.config import RUN_ONLY  # the losses and torch come with it: preflight has them, kd report does not
+
+    def computed(overrides: dict) -> dict:
+        return {k: v for k, v in overrides.items() if k.split(".")[0] not in RUN_ONLY}
+
     for job in _job_dirs(sweep_dir):
-        if not (job / "results.json").is_file() or not job.name.isdigit():
-            continue
-        number = int(job.name)
-        if number >= len(plan) or _overrides_dict(plan[number]) != job_overrides(job):
+        if not (job / "results.json").is_file() or not job.name.isdigit() or int(job.name) >= len(plan):
+            continue  # a job this sweep does not reach keeps its folder as it is
+        if computed(_overrides_dict(plan[int(job.name)])) != computed(job_overrides(job)):
             ran = " ".join(yaml.safe_load((job / ".hydra/overrides.yaml").read_text()) or []) or "no overrides"
             raise KdError(f"hydra.sweep.dir={sweep_dir} holds another sweep's results ({job} ran `{ran}`); choose "
                           f"another hydra.sweep.dir, or continue that sweep with its own command line and resume=true")

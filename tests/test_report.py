@@ -246,9 +246,16 @@ def test_rows_are_not_labelled_with_settings_the_run_did_not_use(tmp_path):
     cfg["scheme"] = {"name": "born_again", "start": "scratch", "generations": 1}
     write_run(tmp_path / "born_again", cfg, [row("teacher", "mnist_student", 0, 77.0),
                                              row("student_kd", "mnist_student", 0, 79.0, loss="kd", scheme="born_again")])
-    frame = report.build_report(report.find_runs([tmp_path])).frame
+    # ... and a failed loss=ce run of another teacher= that a finished run of its configuration and seed replaced
+    cfg = config("distill", 0, teacher="deepnn")
+    cfg["loss"] = {"name": "ce"}
+    cfg["student"]["arch"] = "mnist_student"
+    write_run(tmp_path / "ce_failed", cfg, error="kd: error: stopped")
+    built = report.build_report(report.find_runs([tmp_path]))
+    frame = built.frame
     ce = rows_of(frame, role="student_kd", loss="ce")
-    assert len(ce) == 1 and "teacher" not in frame.columns
+    assert len(ce) == 1 and "teacher" not in frame.columns and set(frame["status"]) == {"ok"}
+    assert {"run": str(tmp_path / "ce_failed"), "status": "failed"}.items() <= built.repeats[-1].items()
     assert rows_of(frame, role="teacher")["data.fraction"].tolist() == [0.05]
 
 
