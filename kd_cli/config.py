@@ -167,7 +167,7 @@ def _check_checkpoints(cfg) -> None:
 
 
 # Training settings that only one value of another setting reads: key -> (that setting, the value).
-_READ_UNDER = {"train.momentum": ("train.optimizer", "sgd"), "train.nesterov": ("train.optimizer", "sgd"),
+READ_UNDER = {"train.momentum": ("train.optimizer", "sgd"), "train.nesterov": ("train.optimizer", "sgd"),
                "train.milestones": ("train.schedule", "multistep"), "train.gamma": ("train.schedule", "multistep")}
 
 
@@ -195,7 +195,7 @@ def ignored_settings(cfg) -> dict[str, str]:
     {"T": "loss=kd with alpha=0"}, {"train.momentum": "train.optimizer=adam"}."""
     # teacher_recipe can give the teacher another optimizer or schedule, which then reads the key.
     recipes = [cfg, *([teacher_config(cfg)] if cfg.get("teacher_recipe") else [])]
-    ignored = {key: f"{decider}={OmegaConf.select(cfg, decider)}" for key, (decider, value) in _READ_UNDER.items()
+    ignored = {key: f"{decider}={OmegaConf.select(cfg, decider)}" for key, (decider, value) in READ_UNDER.items()
                if all(OmegaConf.select(recipe, decider) != value for recipe in recipes)}
     if "loss" not in cfg:
         return ignored

@@ -47,7 +47,22 @@ def recipe(cfg) -> dict:
     out = {"dataset": _dataset_identity(cfg.dataset)}
     for block, skip in _RUNTIME_ONLY.items():
         out[block] = {k: v for k, v in OmegaConf.to_container(cfg[block], resolve=True).items() if k not in skip}
-    return out
+    return _unread_as_default(out)
+
+
+def _unread_as_default(identity: dict) -> dict:
+    """A setting the recipe's optimizer or schedule does not read (train.gamma without multistep; kd warns
+    that it changes nothing) counts at its default: the same model, so the same key. The default, not
+    nothing: the keys of models stored before stay valid."""
+    from kd_cli.cli import config_dir
+    from kd_cli.config import READ_UNDER
+
+    defaults = OmegaConf.load(Path(config_dir()) / "base.yaml")
+    for key, (decider, value) in READ_UNDER.items():
+        (block, name), setting = key.split("."), decider.split(".")[1]
+        if identity[block].get(setting) != value and name in identity[block]:
+            identity[block][name] = OmegaConf.to_container(defaults[block])[name]
+    return identity
 
 
 def _dataset_identity(dataset_cfg) -> str | dict:

@@ -116,6 +116,29 @@ def test_store_key_follows_the_recipe_not_runtime_switches():
     assert store_path(OmegaConf.merge(CFG, {"seed": 1}), MODEL).name.startswith("seed1-")
 
 
+def test_a_setting_the_recipe_does_not_read_keeps_its_key():
+    from pathlib import Path
+
+    from kd_cli.cli import config_dir
+    from kd_cli.store import _digest, _numbers_as_floats, _RUNTIME_ONLY, model_spec
+
+    cfg = OmegaConf.merge(CFG, {"train": OmegaConf.load(Path(config_dir()) / "base.yaml").train})  # sgd, cosine
+    key = store_path(cfg, MODEL)
+    # The defaults hash as they always did: models stored before keep their keys.
+    as_before = {"recipe": {"dataset": "fashion_mnist", **{block: {k: v for k, v in OmegaConf.to_container(cfg[block]).items()
+                                                                  if k not in skip} for block, skip in _RUNTIME_ONLY.items()}},
+                 "model": model_spec(MODEL)}
+    assert key.name == f"seed0-{_digest(_numbers_as_floats(as_before))}.pt"
+    # kd warns that these change nothing: the same model, so the same key (not a needless retrain).
+    assert store_path(OmegaConf.merge(cfg, {"train": {"gamma": 0.5, "milestones": [0.3]}}), MODEL) == key
+    adam = OmegaConf.merge(cfg, {"train": {"optimizer": "adam"}})
+    assert store_path(OmegaConf.merge(adam, {"train": {"momentum": 0.5, "nesterov": True}}), MODEL) == store_path(adam, MODEL)
+    # Read, so another model.
+    assert store_path(OmegaConf.merge(cfg, {"train": {"momentum": 0.5}}), MODEL) != key
+    multistep = OmegaConf.merge(cfg, {"train": {"schedule": "multistep"}})
+    assert store_path(OmegaConf.merge(multistep, {"train": {"gamma": 0.5}}), MODEL) != store_path(multistep, MODEL)
+
+
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     path = tmp_path / "results.csv"
     atomic_write_text(path, "old\n")
