@@ -18,7 +18,7 @@ from hydra.errors import HydraException
 from hydra.types import RunMode
 
 from kd_cli import __version__
-from kd_cli.errors import KdError, Terminated
+from kd_cli.errors import KdError, Terminated, UsageError
 
 COMMANDS = {
     "train": "train the teacher and the student from labels alone, into the model store",
@@ -148,6 +148,36 @@ def resume_target(command: str, args: list[str]) -> list[str]:
     return []
 
 
+def continued_search(cfg, args: list[str]) -> list[str]:
+    """A seed for the sampler of an Optuna study that hydra.sweeper.storage already holds trials of.
+
+    The preset seeds the sampler with a fixed number, so that a search can be repeated; a sweep that
+    continues a stored study would then draw TPE's random start-up trials again, the earlier sweep's
+    first ones (its seed + the number of trials so far draws others, and is as repeatable).
+    """
+    from omegaconf import OmegaConf
+
+    sweeper = OmegaConf.select(cfg, "hydra.sweeper") if cfg is not None else None
+    if not sweeper or "optuna" not in str(sweeper.get("_target_", "")).lower() or not sweeper.get("storage"):
+        return []
+    seed = OmegaConf.select(sweeper, "sampler.seed", default=None)
+    if seed is None or any(a.lstrip("+").startswith("hydra.sweeper.sampler.seed=") for a in args):
+        return []
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        trials = len(optuna.load_study(study_name=sweeper.study_name, storage=sweeper.storage).trials)
+    except Exception:  # no such study yet, or a storage the sweeper itself will report on
+        return []
+    if not trials:
+        return []
+    print(f"kd: continuing Optuna study '{sweeper.study_name}' ({trials} trial{'' if trials == 1 else 's'} in "
+          f"{sweeper.storage}) with its sampler seeded {seed + trials}, not {seed}, so that it draws new trials "
+          f"(hydra.sweeper.sampler.seed=N to choose)", file=sys.stderr)
+    return [f"hydra.sweeper.sampler.seed={seed + trials}"]
+
+
 def command_help(command: str, overrides: list[str]) -> str:
     """`kd COMMAND --help`: the config groups this command composes, with their options, then its config.
 
@@ -256,12 +286,12 @@ def main() -> None:
                 if preset is not None:
                     started = True
                     sys.exit(run_experiment(args[1:], preset, config_dir()))
-            resumed = resume_target(command, args[1:])
+            resumed = resume_target(command, args[1:]) + continued_search(cfg, args[1:])
         except KdError as e:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             print(e, file=sys.stderr)
-            sys.exit(1)
+            sys.exit(2 if isinstance(e, UsageError) else 1)
         # Hydra's argparse reads no override after a flag: its flags go first.
         sys.argv = [f"kd {command}", *flags, *overrides, *resumed]
         started = True

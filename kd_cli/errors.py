@@ -20,6 +20,10 @@ class KdError(CompactHydraException):
         return f"kd: error: {self.reason}"
 
 
+class UsageError(KdError):
+    """A command line kd cannot parse (a flag without its value): exit status 2, as argparse's."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's time limit, `kill`), raised like Ctrl-C: half-written files are removed and
     a sweep's summary is written, instead of the process vanishing mid-write."""

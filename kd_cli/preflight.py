@@ -24,7 +24,7 @@ from omegaconf.errors import InterpolationResolutionError
 from kd_cli.atomic import check_writable
 from kd_cli.config import ignored_settings, scheme_option_error, validate
 from kd_cli.engine import resolve_device
-from kd_cli.errors import KdError
+from kd_cli.errors import KdError, UsageError
 from kd_cli.losses import LOSSES
 
 # Hydra flags that do not run anything (or run with Hydra's own handling), as split_args names them.
@@ -173,12 +173,14 @@ def _sets_a_value(override, cfg) -> bool:
 
 
 def _all_keys(cfg, prefix: str = "") -> list[str]:
+    """Every dotted key of `cfg`, groups of keys included; nothing resolved (hydra.sweep.subdir reads
+    hydra.job.num, set only in a job)."""
+    node = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else cfg
     keys = []
-    for key, value in cfg.items():
-        path = f"{prefix}{key}"
-        keys.append(path)
-        if OmegaConf.is_dict(value):
-            keys += _all_keys(value, path + ".")
+    for key, value in node.items():
+        keys.append(f"{prefix}{key}")
+        if isinstance(value, dict):
+            keys += _all_keys(value, f"{prefix}{key}.")
     return keys
 
 
@@ -207,21 +209,58 @@ def _explain(error: HydraException, command: str, conf_dir: str, overrides: list
             param = key.removeprefix(_PARAMS)
             return (f"'{key}' cannot be set from the command line; to search over {param}, give it a range: "
                     f"{param}='interval(LOW, HIGH)' or {param}='tag(log, interval(LOW, HIGH))'")
+        if distill_only := _distill_setting(key, command, conf_dir):
+            return distill_only
         root = key.split(".")[0]
-        if command == "train" and root not in cfg and root != "hydra":
-            with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-                distill = compose("distill", return_hydra_config=True)
-            # Its config groups too: hparams_search is one, and no key of the composed config.
-            if root in distill.hydra.runtime.choices or root in distill:
-                return (f"'{key}' is a setting of kd distill, not of kd train, which trains the teacher and the "
-                        f"student from labels alone")
-        known = _all_keys(cfg)
-        close = difflib.get_close_matches(key, known, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = _closest(key, cfg, conf_dir, command)
         # A new key is worth adding only to Hydra's own config (a launcher's option): kd would not read it.
         new = f"; +{key}=... adds it" if root == "hydra" else ""
         return f"unknown key '{key}'{hint} (`kd {command} --cfg job` lists every key{new})"
     return message.strip().splitlines()[0]
+
+
+def _distill_setting(key: str, command: str, conf_dir: str) -> str | None:
+    """Why kd train refuses `key`, when it is a setting of kd distill's."""
+    root = key.split(".")[0]
+    if command != "train" or root == "hydra":
+        return None
+    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+        if root in compose("train"):
+            return None
+        distill = compose("distill", return_hydra_config=True)
+    # Its config groups too: hparams_search is one, and no key of the composed config.
+    if root in distill.hydra.runtime.choices or root in distill:
+        return f"'{key}' is a setting of kd distill, not of kd train, which trains the teacher and the student from labels alone"
+    return None
+
+
+def _closest(key: str, cfg, conf_dir: str, command: str) -> str:
+    """"; did you mean 'KEY'?" for the real key or config group nearest to a misspelled `key`, or ""."""
+    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+        hydra_cfg = compose(command, return_hydra_config=True).hydra
+    if key.startswith("hydra."):
+        known = [f"hydra.{k}" for k in _all_keys(hydra_cfg)]
+    else:  # the config groups too: experiment= and hparams_search= are no key of the composed config
+        known = [*(k for k in _all_keys(cfg) if k.split(".")[0] != "hydra"),
+                 *(g for g in hydra_cfg.runtime.choices if not g.startswith("hydra/"))]
+    # Neither the key that `+key=` added nor the group holding it (teacher for teacher.foo) is a suggestion.
+    known = [k for k in known if k != key and not key.startswith(f"{k}.")]
+    same_letters = [k for k in known if k.lower() == key.lower()]  # t= for T=, which difflib scores 0
+    close = same_letters or difflib.get_close_matches(key, known, n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _check_added_keys(parsed: list, cfg, command: str, conf_dir: str) -> None:
+    """`+KEY=` adds a key that kd never reads (it reads only the keys its config has): a misspelled
+    `+alpah=0.5` would run with the config's alpha, unseen. Hydra's own keys (a launcher's options)
+    and config groups may be added."""
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_add() and key.split(".")[0] != "hydra" and "/" not in key and key not in cfg.hydra.runtime.choices:
+            if distill_only := _distill_setting(key, command, conf_dir):
+                raise KdError(distill_only)
+            raise KdError(f"unknown key '{key}'{_closest(key, cfg, conf_dir, command)} (+{key}=... adds a key that kd "
+                          f"does not read; `kd {command} --cfg job` lists every key)")
 
 
 def _settings_given(parsed: list) -> dict[str, tuple[str, str]]:
@@ -309,7 +348,7 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
             flags.append(f"{name}={value}")
         elif action.nargs is None:  # exactly one value
             if i == len(args) or "=" in args[i] or (action.choices and args[i] not in action.choices):
-                raise KdError(f"{typed} takes a value" + (f": {', '.join(action.choices)}" if action.choices else ""))
+                raise UsageError(f"{typed} takes a value" + (f": {', '.join(action.choices)}" if action.choices else ""))
             flags += [name, args[i]]
             i += 1
         elif action.nargs == "?" and i < len(args) and args[i] in action.choices:
@@ -368,6 +407,7 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
         _unused_in_all(unused, cfg)
         if multirun:
             searched |= set(OmegaConf.select(cfg, "hydra.sweeper.params") or {})
+    _check_added_keys(parsed, cfg, command, conf_dir)
     if not multirun:
         _check_no_lists(parsed, cfg, shown, command, conf_dir)
     if command == "train" and any(o.get_key_element() == "experiment" for o in parsed):

@@ -218,6 +218,8 @@ def test_hydra_flags_go_anywhere_on_the_line(kd):
         with pytest.raises(KdError, match=message):
             split_args(line)
     assert "alpha: 0.3" in kd("distill", "alpha=0.3", "--cfg", "job", "T=2").stdout
+    misread = kd("distill", "--cfg", "jbo", check=False)  # a command line kd cannot parse: 2, as argparse's errors
+    assert misread.returncode == 2 and one_line_error(misread) == "kd: error: --cfg takes a value: job, hydra, all"
     line = one_line_error(kd("distill", "alpha=0.1,0.2", "--cfg", "job", "-m", check=False))
     assert line.startswith("kd: error: -m and --cfg do not combine: --cfg is about one run; drop -m")
     line = one_line_error(kd("distill", "-m", "alpha=0.1,0.2", "--help", check=False))

@@ -336,3 +336,14 @@ def test_an_unknown_key_is_not_advised_to_be_added_unless_hydra_reads_it():
     assert error.value.reason == "unknown key 'qat.epoch'; did you mean 'qat.epochs'? (`kd distill --cfg job` lists every key)"
     with pytest.raises(KdError, match=re.escape("lists every key; +hydra.launcher.foo=... adds it)")):
         preflight("distill", ["hydra.launcher.foo=1"], config_dir())
+
+
+def test_keys_added_with_plus_are_refused_unless_hydra_reads_them(tmp_path, monkeypatch):
+    from kd_cli.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)
+    assert preflight("distill", ["+hydra.job.env_set.FOO=1"], config_dir()).alpha == 0.9  # a launcher's or Hydra's key
+    with pytest.raises(KdError, match=re.escape("unknown key 'zzz' (+zzz=... adds a key that kd does not read")):
+        preflight("distill", ["+zzz=1"], config_dir())
+    with pytest.raises(KdError, match="'alpha' is a setting of kd distill, not of kd train"):
+        preflight("train", ["+alpha=0.5"], config_dir())

@@ -318,6 +318,12 @@ REFUSED_UPFRONT = [
     (["loss=kdd"], "unknown loss 'kdd'; choose one of:"),
     (["scheme=nope"], "unknown scheme 'nope'; choose one of: born_again, multi_teacher, offline, online, self, ta"),
     (["alhpa=0.5"], "unknown key 'alhpa'; did you mean 'alpha'?"),
+    # Added with +, a misspelt key would run with the config's value: the + is no way around the check.
+    (["+alpah=0.5"], "unknown key 'alpah'; did you mean 'alpha'? (+alpah=... adds a key that kd does not read;"),
+    (["-m", "+train.epoch=1,2"], "unknown key 'train.epoch'; did you mean 'train.epochs'? (+train.epoch=... adds"),
+    (["experimnet=demo"], "unknown key 'experimnet'; did you mean 'experiment'?"),  # a config group, no key
+    (["t=2"], "unknown key 't'; did you mean 'T'?"),
+    (["hydra.sweep.dri=x"], "unknown key 'hydra.sweep.dri'; did you mean 'hydra.sweep.dir'?"),
     (["train.epochs=abc"], "train.epochs must be a whole number >= 1, got 'abc'"),
     (["data.augment=maybe"], "data.augment must be true or false, got 'maybe'"),
     (["train.optimizer=adamw"], "train.optimizer must be one of sgd, adam, got 'adamw'"),

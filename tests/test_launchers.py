@@ -158,3 +158,13 @@ def test_optuna_three_trials_pick_by_validation_accuracy(kd):
     assert search["chosen_by"].startswith("validation accuracy on a held-out 0.1 of the training set")
     assert search["winner_test_accuracy"] == winner["accuracy"]
     assert "Optuna (3 trials" in proc.stdout
+    # A later sweep continues the stored study with new trials: the preset's fixed sampler seed would draw the
+    # first sweep's start-up trials again.
+    proc = kd("distill", "-m", *TINY, _search_override(), "hydra.sweeper.n_trials=1",
+              f"hydra.sweeper.storage=sqlite:///{kd.cwd}/optuna.db")
+    assert "continuing Optuna study 'kd_distill' (3 trials in sqlite:///" in proc.stderr
+    (later,) = [p for p in sweep_dirs(kd.cwd)[-1].iterdir() if (p / "results.json").exists()]
+    assert (kd_rows(later)["student_kd"]["alpha"], kd_rows(later)["student_kd"]["T"]) not in [(t["alpha"], t["T"]) for t in trials]
+    import optuna
+
+    assert len(optuna.load_study(study_name="kd_distill", storage=f"sqlite:///{kd.cwd}/optuna.db").trials) == 4
