@@ -71,7 +71,8 @@ def make_plots(report, out: Path) -> list[Path]:
     if ok.empty or "accuracy" not in ok:
         return paths
     kd = ok[ok["role"] == "student_kd"]
-    paths += _two_key_plots(kd, report.keys, out)
+    searches = {str(Path(o["sweep"])) for o in report.optuna}
+    paths += _two_key_plots(kd, report.keys, out, searches)
     paths += _fraction_plot(ok, report.keys, out)
     paths += _teacher_size_plot(kd, report.keys, out)
     paths += _student_size_gain_plot(kd, report.keys, out)
@@ -90,7 +91,9 @@ def _two_keys(kd: pd.DataFrame, keys: list[str]) -> tuple[str, str] | None:
     return (numeric[0], numeric[1]) if len(numeric) == 2 else None
 
 
-def _two_key_plots(kd: pd.DataFrame, keys: list[str], out: Path) -> list[Path]:
+def _two_key_plots(kd: pd.DataFrame, keys: list[str], out: Path, searches: set[str] = frozenset()) -> list[Path]:
+    """A heatmap per facet of a grid over two keys; a scatter where the runs form no grid, or come from
+    an Optuna search (in `searches`), whose drawn values fill cells only by chance."""
     pair = _two_keys(kd, keys)
     if pair is None:
         return []
@@ -104,7 +107,10 @@ def _two_key_plots(kd: pd.DataFrame, keys: list[str], out: Path) -> list[Path]:
         where = ", ".join(f"{k}={_value(v)}" for k, v in zip(others, values))
         suffix = f"_{_slug(where)}" if where else ""
         rows, cols = _distinct(part, row_key), _distinct(part, col_key)
-        grid_like = len(part) >= 0.5 * len(rows) * len(cols) and len(rows) <= 15 and len(cols) <= 15
+        # A row pooled over seeds has no one run (NaN): no search pools its trials.
+        searched = "run" in part and part["run"].map(lambda run: isinstance(run, str) and str(Path(run).parent) in searches).all()
+        grid_like = (len(part) >= 0.5 * len(rows) * len(cols) and len(rows) <= 15 and len(cols) <= 15
+                     and not searched)
         name = f"report_{_slug(row_key)}_{_slug(col_key)}{suffix}.png"
         if grid_like:
             paths.append(heatmap(part, row_key, col_key, rows, cols, where, out / name))
@@ -315,7 +321,8 @@ def _curves(report, out: Path) -> list[Path]:
             epochs = [h["epoch"] for h in history]
             loss_ax.plot(epochs, [h["loss"] for h in history], "o-", color=color, label=role, markersize=3)
             acc_ax.plot(epochs, [h["test_accuracy"] for h in history], "o-", color=color, label=f"{role} test", markersize=3)
-            acc_ax.plot(epochs, [h["train_accuracy"] for h in history], ":", color=color, label=f"{role} train")
+            # Marked too: a one-epoch run's single point draws no line.
+            acc_ax.plot(epochs, [h["train_accuracy"] for h in history], ".:", color=color, label=f"{role} train")
         for ax, ylabel in ((loss_ax, "training loss"), (acc_ax, "accuracy (%)")):
             ax.set_xlabel("epoch")
             ax.set_ylabel(ylabel)

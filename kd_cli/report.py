@@ -192,8 +192,9 @@ def _is_run_dir(path: Path) -> bool:
     return (path / "results.json").is_file() or (path / "error.txt").is_file() or (path / ".hydra").is_dir()
 
 
-def find_runs(paths: list[Path]) -> list[Run]:
-    """Every run folder under `paths` (a run, a sweep, or any folder holding them), each once."""
+def find_runs(paths: list[Path], measurements: list | None = None) -> list[Run]:
+    """Every run folder under `paths` (a run, a sweep, or any folder holding them), each once; the
+    folders of `kd quantize` and `kd bench-model` are appended to `measurements` when it is given."""
     found: dict[Path, None] = {}
     for root in paths:
         root = Path(root)
@@ -215,7 +216,10 @@ def find_runs(paths: list[Path]) -> list[Run]:
         for folder in sorted(candidates, key=_natural_key):
             found[folder.resolve()] = None
     # `kd quantize` / `kd bench-model` folders hold measurements of models, not training runs.
-    return [run for run in map(load_run, found) if run.command in TRAINING_COMMANDS]
+    runs = list(map(load_run, found))
+    if measurements is not None:
+        measurements += [run for run in runs if run.command not in TRAINING_COMMANDS]
+    return [run for run in runs if run.command in TRAINING_COMMANDS]
 
 
 def _natural_key(path: Path):
@@ -953,7 +957,7 @@ def optuna_lines(report: Report) -> list[str]:
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in o["best_params"].items())
         test = o.get("winner_test_accuracy")
         test_text = f"; its test accuracy, reported but not used to choose: {test:.2f}" if test is not None else ""
-        lines.append(f"Optuna ({o['trials']} trials, {o['sweep']}) chose {params} by {o['chosen_by']}: "
+        lines.append(f"Optuna ({o['trials']} trial{'' if o['trials'] == 1 else 's'}, {o['sweep']}) chose {params} by {o['chosen_by']}: "
                      f"{o['best_value']}{test_text}")
     return lines
 
@@ -1071,7 +1075,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kd: error: no such file or folder: {', '.join(missing)}", file=sys.stderr)
         return 2
     try:
-        runs = find_runs(args.paths)
+        measured = []
+        runs = find_runs(args.paths, measured)
+        if not runs and measured:
+            commands = " and ".join(sorted({f"kd {run.command}" for run in measured}))
+            raise ReportError(f"{', '.join(map(str, args.paths))} holds only {commands} measurements, which their "
+                              f"own results.md shows; kd report reads the runs of kd train and kd distill "
+                              f"(point it at outputs/ or a run or sweep folder)")
         if not runs:
             raise ReportError(f"no kd train or distill runs under {', '.join(map(str, args.paths))} "
                               f"(a run folder has results.json, error.txt or .hydra/)")

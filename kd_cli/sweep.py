@@ -218,7 +218,8 @@ def summarize(sweep_dir: Path) -> pd.DataFrame | None:
     numeric = [k for k in swept if pd.api.types.is_numeric_dtype(ran[k])]
     # A grid only: the scattered trials of an Optuna search would leave most cells empty; and never
     # over seeds, which the report pools instead.
-    grid = (len(swept) == 2 and "seed" not in swept
+    searched = any(values.get("hparams_search") not in (None, "null") for values in overrides.values())
+    grid = (len(swept) == 2 and "seed" not in swept and not searched
             and len(ran[swept].drop_duplicates()) >= 0.5 * ran[swept[0]].nunique() * ran[swept[1]].nunique())
     if grid and len(numeric) == 2 and "accuracy" in ran and ran["role"].nunique() == 1:
         path = write_heatmap(ran, *swept, sweep_dir / "heatmap_accuracy.png")

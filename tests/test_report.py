@@ -479,6 +479,10 @@ def test_measurement_folders_of_deploy_commands_are_not_runs(tmp_path, capsys):
     frame = pd.read_csv(io.StringIO(capsys.readouterr().out))
     assert "light6" not in set(frame["model"]) and "mnist_student" in set(frame["model"])
     assert report.main([str(bench), "--no-plots"]) == 1
+    assert f"kd: error: {bench} holds only kd bench-model measurements, which their own results.md shows; kd report " \
+           f"reads the runs of kd train and kd distill" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert report.main([str(tmp_path / "empty"), "--no-plots"]) == 1
     assert "no kd train or distill runs under" in capsys.readouterr().err
 
 

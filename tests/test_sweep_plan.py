@@ -54,6 +54,29 @@ def test_an_interrupted_sweep_lists_its_planned_jobs_as_not_started(tmp_path, ca
     assert cells["job"].tolist() == ["0", "1", "2"]
 
 
+def test_an_optuna_search_gets_no_heatmap_however_few_its_trials(tmp_path, monkeypatch):
+    """Two trials fill half of their 2 x 2 'grid' by chance: a heatmap of it would be mostly empty cells,
+    coloured by test accuracy where the search chose by validation accuracy; the report draws a scatter."""
+    from kd_cli import plots
+
+    trials = [["alpha=0.548", "T=7.26", "hparams_search=optuna"], ["alpha=0.603", "T=4.53", "hparams_search=optuna"]]
+    for num, overrides in enumerate(trials):
+        _job(tmp_path, num, overrides, accuracy=80.0 + num)
+    (tmp_path / "optimization_results.yaml").write_text(yaml.safe_dump({"best_params": {"alpha": 0.603, "T": 4.53},
+                                                                        "best_value": 81.0}))
+    drawn = []
+    monkeypatch.setattr(sweep, "write_heatmap", lambda frame, *args: drawn.append("sweep heatmap") or args[-1])
+    monkeypatch.setattr(plots, "heatmap", lambda *args, **kwargs: drawn.append("report heatmap") or args[-2])
+    monkeypatch.setattr(plots, "_scatter", lambda *args: drawn.append("report scatter") or args[-1])
+    frame = pd.DataFrame([{"role": "student_kd", "alpha": 0.548, "T": 7.26, "accuracy": 80.0, "run": str(tmp_path / "0")},
+                          {"role": "student_kd", "alpha": 0.603, "T": 4.53, "accuracy": 81.0, "run": str(tmp_path / "1")}])
+    sweep.summarize(tmp_path)
+    plots._two_key_plots(frame, ["alpha", "T"], tmp_path, searches={str(tmp_path)})
+    assert "sweep heatmap" not in drawn and drawn[-1] == "report scatter"
+    plots._two_key_plots(frame, ["alpha", "T"], tmp_path)  # the same two points from a grid sweep: a heatmap
+    assert drawn[-1] == "report heatmap"
+
+
 def test_a_resumed_sweep_that_finished_has_one_row_per_job(tmp_path, capsys):
     # The resumed run rewrote the plan with its own command line, resume=true included.
     plan = [[*job, "resume=true"] for job in GRID[:2]]
