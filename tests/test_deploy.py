@@ -99,7 +99,7 @@ def test_quantize_run_reports_size_accuracy_and_latency(distilled, monkeypatch):
     table = pd.read_csv(out / "results.csv").set_index("role")
     fp32, int8 = table.loc["student_kd"], table.loc["student_kd_ptq"]
     recorded = pd.read_csv(distilled / "results.csv").set_index("role").loc["student_kd"]
-    for column in ("scheme", "loss", "alpha", "T"):  # as its row in the run's own table
+    for column in ("scheme", "taught_by", "loss", "alpha", "T"):  # as its row in the run's own table
         assert fp32[column] == int8[column] == recorded[column], column
     assert fp32["size_mb"] / int8["size_mb"] >= 3.5
     assert fp32["params"] == int8["params"] == 693_962 and fp32["flops"] == int8["flops"]
@@ -196,6 +196,16 @@ def test_a_model_for_one_image_size_or_a_dataset_path_is_one_line():
         build_model(OmegaConf.create({"arch": "torchvision", "name": "vit_b_32"}), ImageSpec(3, 32, 10))
     with pytest.raises(KdError, match="unknown dataset '../base'; choose one of: cifar10, cifar100, fashion_mnist, mnist"):
         _dataset("../base")
+
+
+def test_a_stored_model_learnt_from_labels_is_quantized_in_a_row_that_says_so(tmp_path):
+    from types import SimpleNamespace
+
+    from kd_cli.deploy.quantize import trained_how
+
+    # A kd train model from the store: its row in kd train's table says ce, and no run's results.json is beside it.
+    assert trained_how(SimpleNamespace(role="student_scratch", checkpoint=tmp_path / "seed0-abc.pt")) == {"loss": "ce"}
+    assert trained_how(SimpleNamespace(role="teacher", checkpoint=tmp_path / "seed0-abc.pt")) == {"loss": "ce"}
 
 
 def test_distill_quant_qat_end_to_end(distilled):

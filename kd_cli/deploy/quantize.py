@@ -10,6 +10,7 @@ uses FX while torch ships it (docs/deploy.md).
 
 import copy
 import io
+import json
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -162,13 +163,29 @@ QUANTIZE_KEYS = {
 }
 
 
+def trained_how(source) -> dict:
+    """The scheme, taught_by, loss, alpha and T of the model's row in its run's own table (unread alpha or T empty)."""
+    if source.role != "student_kd":  # kd train's models, and kd distill's scratch student, learn from the labels
+        return {"loss": "ce"}
+    cfg, unread = source.cfg, ignored_settings(source.cfg)
+    return {"scheme": cfg.scheme.name, "taught_by": _taught_by(source.checkpoint), "loss": cfg.loss.name,
+            **{k: None if k in unread else cfg[k] for k in ("alpha", "T")}}
+
+
+def _taught_by(checkpoint: Path) -> str | None:
+    """Who taught the student, as the table of the run that wrote `checkpoint` says (a run folder's student.pt);
+    None for a checkpoint without its run's results.json beside it: which scheme taught whom is no config key."""
+    try:
+        rows = json.loads((checkpoint.parent / "results.json").read_text())["rows"]
+        return next((row.get("taught_by") for row in rows if row.get("role") == "student_kd"), None)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def table_row(source, role: str, model: nn.Module, checkpoint: Path, measure_cfg) -> dict:
     """A results-table row (kd_cli/results.py columns) of `model`, measured now on the CPU."""
-    how = {}
-    if source.role == "student_kd":  # the columns of its row in the `kd distill` table, unread alpha or T left empty
-        cfg, unread = source.cfg, ignored_settings(source.cfg)
-        how = {"scheme": cfg.scheme.name, "loss": cfg.loss.name, **{k: None if k in unread else cfg[k] for k in ("alpha", "T")}}
-    return {"role": role, "model": source.label, "dataset": source.cfg.dataset.name, "seed": source.cfg.seed, **how,
+    return {"role": role, "model": source.label, "dataset": source.cfg.dataset.name, "seed": source.cfg.seed,
+            **trained_how(source),
             "accuracy": round(evaluate(model, source.data), 2), **model_costs(model, source.shape, CPU, measure_cfg),
             "checkpoint": str(checkpoint)}
 
