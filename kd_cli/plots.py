@@ -321,8 +321,8 @@ def _curves(report, out: Path) -> list[Path]:
             epochs = [h["epoch"] for h in history]
             loss_ax.plot(epochs, [h["loss"] for h in history], "o-", color=color, label=role, markersize=3)
             acc_ax.plot(epochs, [h["test_accuracy"] for h in history], "o-", color=color, label=f"{role} test", markersize=3)
-            # Marked too: a one-epoch run's single point draws no line.
-            acc_ax.plot(epochs, [h["train_accuracy"] for h in history], ".:", color=color, label=f"{role} train")
+            # Marked too, unlike the test series: a one-epoch run's single point draws no line.
+            acc_ax.plot(epochs, [h["train_accuracy"] for h in history], "x:", color=color, label=f"{role} train", markersize=4)
         for ax, ylabel in ((loss_ax, "training loss"), (acc_ax, "accuracy (%)")):
             ax.set_xlabel("epoch")
             ax.set_ylabel(ylabel)
