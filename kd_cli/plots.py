@@ -107,16 +107,22 @@ def _two_key_plots(kd: pd.DataFrame, keys: list[str], out: Path, searches: set[s
         where = ", ".join(f"{k}={_value(v)}" for k, v in zip(others, values))
         suffix = f"_{_slug(where)}" if where else ""
         rows, cols = _distinct(part, row_key), _distinct(part, col_key)
-        # A row pooled over seeds has no one run (NaN): no search pools its trials.
-        searched = "run" in part and part["run"].map(lambda run: isinstance(run, str) and str(Path(run).parent) in searches).all()
         grid_like = (len(part) >= 0.5 * len(rows) * len(cols) and len(rows) <= 15 and len(cols) <= 15
-                     and not searched)
+                     and not _from_searches(part, searches))
         name = f"report_{_slug(row_key)}_{_slug(col_key)}{suffix}.png"
         if grid_like:
             paths.append(heatmap(part, row_key, col_key, rows, cols, where, out / name))
         else:
             paths.append(_scatter(part, row_key, col_key, where, out / name))
     return paths
+
+
+def _from_searches(part: pd.DataFrame, searches: set[str]) -> bool:
+    """Whether every row of `part` is a trial of one of the Optuna sweeps in `searches` (their folders)."""
+    if "run" not in part:
+        return False
+    # A row pooled over seeds has no one run (NaN): no search pools its trials.
+    return part["run"].map(lambda run: isinstance(run, str) and str(Path(run).parent) in searches).all()
 
 
 def heatmap(part, row_key, col_key, rows, cols, where, path, subject: str = "distilled student") -> Path:
@@ -322,7 +328,8 @@ def _curves(report, out: Path) -> list[Path]:
             loss_ax.plot(epochs, [h["loss"] for h in history], "o-", color=color, label=role, markersize=3)
             acc_ax.plot(epochs, [h["test_accuracy"] for h in history], "o-", color=color, label=f"{role} test", markersize=3)
             # Marked too, unlike the test series: a one-epoch run's single point draws no line.
-            acc_ax.plot(epochs, [h["train_accuracy"] for h in history], "x:", color=color, label=f"{role} train", markersize=4)
+            acc_ax.plot(epochs, [h["train_accuracy"] for h in history], "x:", color=color, label=f"{role} train",
+                        markersize=4)
         for ax, ylabel in ((loss_ax, "training loss"), (acc_ax, "accuracy (%)")):
             ax.set_xlabel("epoch")
             ax.set_ylabel(ylabel)

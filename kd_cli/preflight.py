@@ -230,7 +230,8 @@ def _distill_setting(key: str, command: str, conf_dir: str) -> str | None:
         distill = compose("distill", return_hydra_config=True)
     # Its config groups too: hparams_search is one, and no key of the composed config.
     if root in distill.hydra.runtime.choices or root in distill:
-        return f"'{key}' is a setting of kd distill, not of kd train, which trains the teacher and the student from labels alone"
+        return (f"'{key}' is a setting of kd distill, not of kd train, which trains the teacher and the student "
+                f"from labels alone")
     return None
 
 
@@ -256,7 +257,8 @@ def _check_added_keys(parsed: list, cfg, command: str, conf_dir: str) -> None:
     and config groups may be added."""
     for override in parsed:
         key = override.key_or_group
-        if override.is_add() and key.split(".")[0] != "hydra" and "/" not in key and key not in cfg.hydra.runtime.choices:
+        added_to_kd = key.split(".")[0] != "hydra" and "/" not in key and key not in cfg.hydra.runtime.choices
+        if override.is_add() and added_to_kd:
             if distill_only := _distill_setting(key, command, conf_dir):
                 raise KdError(distill_only)
             raise KdError(f"unknown key '{key}'{_closest(key, cfg, conf_dir, command)} (+{key}=... adds a key that kd "

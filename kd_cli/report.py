@@ -957,8 +957,8 @@ def optuna_lines(report: Report) -> list[str]:
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in o["best_params"].items())
         test = o.get("winner_test_accuracy")
         test_text = f"; its test accuracy, reported but not used to choose: {test:.2f}" if test is not None else ""
-        lines.append(f"Optuna ({o['trials']} trial{'' if o['trials'] == 1 else 's'}, {o['sweep']}) chose {params} by {o['chosen_by']}: "
-                     f"{o['best_value']}{test_text}")
+        trials = f"{o['trials']} trial{'' if o['trials'] == 1 else 's'}"
+        lines.append(f"Optuna ({trials}, {o['sweep']}) chose {params} by {o['chosen_by']}: {o['best_value']}{test_text}")
     return lines
 
 

@@ -6,6 +6,7 @@ the same recipe. A checkpoint is a plain dict of tensors and built-in types, loa
 `weights_only=True`: a crafted file cannot run code.
 """
 
+import functools
 import hashlib
 import json
 import logging
@@ -54,15 +55,21 @@ def _unread_as_default(identity: dict) -> dict:
     """A setting the recipe's optimizer or schedule does not read (train.gamma without multistep; kd warns
     that it changes nothing) counts at its default: the same model, so the same key. The default, not
     nothing: the keys of models stored before stay valid."""
-    from kd_cli.cli import config_dir
     from kd_cli.config import READ_UNDER
 
-    defaults = OmegaConf.load(Path(config_dir()) / "base.yaml")
     for key, (decider, value) in READ_UNDER.items():
         (block, name), setting = key.split("."), decider.split(".")[1]
         if identity[block].get(setting) != value and name in identity[block]:
-            identity[block][name] = OmegaConf.to_container(defaults[block])[name]
+            identity[block][name] = _base_defaults()[block][name]
     return identity
+
+
+@functools.cache
+def _base_defaults() -> dict:
+    """conf/base.yaml, read once per process: every model looked up in the store asks for its recipe."""
+    from kd_cli.cli import config_dir
+
+    return OmegaConf.to_container(OmegaConf.load(Path(config_dir()) / "base.yaml"))
 
 
 def _dataset_identity(dataset_cfg) -> str | dict:
