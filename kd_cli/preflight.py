@@ -26,6 +26,7 @@ from kd_cli.config import ignored_settings, scheme_option_error, validate
 from kd_cli.engine import resolve_device
 from kd_cli.errors import KdError, UsageError
 from kd_cli.losses import LOSSES
+from kd_cli.store import check_made_for, load_checkpoint, named_file
 
 # Hydra flags that do not run anything (or run with Hydra's own handling), as split_args names them.
 _PASSIVE_FLAGS = ("--help", "--hydra-help", "--version", "--info", "--cfg", "--shell-completion", "--package", "--resolve")
@@ -295,12 +296,22 @@ def _ignored_warnings(unused: dict[str, dict[str, str]], given: dict, searched: 
     return lines
 
 
-def _unused_in_all(unused: dict[str, dict[str, str]], cfg) -> None:
-    """Narrow `unused` to what this combination ignores too; alpha and T are kept apart per loss."""
-    ignored = ignored_settings(cfg)
+def _unused_in_all(unused: dict[str, dict[str, str]], ignored: dict[str, str], cfg) -> None:
+    """Narrow `unused` to what this combination ignores (`ignored`) too; alpha and T are kept apart per loss."""
     for group in ("train", *([f"loss={cfg.loss.name}"] if "loss" in cfg else [])):
         mine = {k: v for k, v in ignored.items() if (k in ("alpha", "T")) == (group != "train")}
         unused[group] = {k: _both(v, mine[k]) for k, v in unused.get(group, mine).items() if k in mine}
+
+
+def _check_teacher_checkpoint(cfg, ignored: dict[str, str], checkpoints: dict[str, dict]) -> None:
+    """The teacher.checkpoint a run reads, read now: a missing, corrupt or other model's file would
+    otherwise fail the run after its data had loaded, and leave a failed run's folder behind."""
+    value = OmegaConf.select(cfg, "teacher.checkpoint")
+    if cfg.get("command") != "distill" or not value or "teacher.checkpoint" in ignored:
+        return
+    if str(value) not in checkpoints:
+        checkpoints[str(value)] = load_checkpoint(named_file("teacher.checkpoint", value))
+    check_made_for(checkpoints[str(value)], Path(value), cfg.teacher, cfg)
 
 
 def _both(subject: str, other: str) -> str:
@@ -391,6 +402,7 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
     unused: dict[str, dict[str, str]] = {}  # "train" or a loss -> the settings no combination of it uses
     searched: set[str] = set()  # settings in hparams_search's space
     compositions: dict[tuple, object] = {}
+    checkpoints: dict[str, dict] = {}  # teacher.checkpoint -> its content, read once for all combinations
     # The sweeper's own params (hparams_search's space, say) are swept too.
     swept = _with_sweeper_params(parsed, command, conf_dir, compositions) if multirun else parsed
     combinations = _combinations(swept)
@@ -405,8 +417,11 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
             validate(cfg)
         except InterpolationResolutionError as e:  # `train.lr=${oops}`: OmegaConf meets it where a value is read
             raise KdError(f"{e.full_key}: {str(e).splitlines()[0]}; fix the ${{...}} in that value") from None
+        ignored = ignored_settings(cfg)
         # A loss option can decide it (fitnets' stage1_epochs, combo's terms): unused only if unused everywhere.
-        _unused_in_all(unused, cfg)
+        _unused_in_all(unused, ignored, cfg)
+        if not shown:
+            _check_teacher_checkpoint(cfg, ignored, checkpoints)
         if multirun:
             searched |= set(OmegaConf.select(cfg, "hydra.sweeper.params") or {})
     _check_added_keys(parsed, cfg, command, conf_dir)

@@ -30,8 +30,8 @@ from kd_cli.measure import model_costs
 from kd_cli.models import build_model, model_label
 from kd_cli.provenance import record_run
 from kd_cli.results import add_comparisons, print_table, results_frame, write_results
-from kd_cli.store import (STUDENT_FILE, load_checkpoint, load_into, making, model_spec, recipe, save_checkpoint,
-                           store_path)
+from kd_cli.store import (STUDENT_FILE, load_checkpoint, load_into, making, model_spec, named_file, recipe,
+                           save_checkpoint, store_path)
 
 log = logging.getLogger(__name__)
 
@@ -248,9 +248,7 @@ class Run:
             changed = tuple(leaf_keys(OmegaConf.to_container(self.cfg.teacher_recipe)))
             return Run(cfg, self.run_dir, self.device, data, changed).stored(cfg.teacher, "teacher", alone=True,
                                                                               configured=True)
-        path = Path(self.cfg.teacher.checkpoint)
-        if not path.exists():
-            raise KdError(f"teacher.checkpoint={path} does not exist; check the path")
+        path = named_file("teacher.checkpoint", self.cfg.teacher.checkpoint)
         return (*self.load(self.cfg.teacher, path), path)
 
     def scratch_row(self, rows: list, histories: dict) -> None:

@@ -282,6 +282,14 @@ def _other_torch_file(path: Path) -> str | None:
     return None
 
 
+def named_file(key: str, value) -> Path:
+    """The path a setting (`teacher.checkpoint=PATH`) names; a missing one is reported in the setting's terms."""
+    path = Path(value)
+    if not path.exists():
+        raise KdError(f"{key}={path} does not exist; check the path")
+    return path
+
+
 def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if path.is_dir():
@@ -307,16 +315,21 @@ def trained_with(meta: dict) -> str:
     return meta.get("loss") or (meta.get("lineage") or {}).get("loss", {}).get("name") or "ce"
 
 
-def load_into(model: torch.nn.Module, payload: dict, path: Path, model_cfg, cfg) -> dict:
-    """Load weights after checking the checkpoint is for this architecture and dataset."""
-    meta = payload["meta"]
+def check_made_for(payload: dict, path: Path, model_cfg, cfg) -> None:
+    """Raise KdError unless the checkpoint's model and dataset are those of `model_cfg` and `cfg`."""
     expected = {"model": model_label(model_cfg), "dataset": cfg.dataset.name, "num_classes": cfg.dataset.num_classes}
     for key, want in expected.items():
-        if meta.get(key) != want:
-            raise KdError(f"checkpoint {path} is for {key}={meta.get(key)}, not {want}; point at a matching checkpoint")
+        if payload["meta"].get(key) != want:
+            raise KdError(f"checkpoint {path} is for {key}={payload['meta'].get(key)}, not {want}; "
+                          f"point at a matching checkpoint")
+
+
+def load_into(model: torch.nn.Module, payload: dict, path: Path, model_cfg, cfg) -> dict:
+    """Load weights after checking the checkpoint is for this architecture and dataset."""
+    check_made_for(payload, path, model_cfg, cfg)
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1].strip()
-        raise KdError(f"checkpoint {path} does not fit {expected['model']}: {first}") from e
-    return meta
+        raise KdError(f"checkpoint {path} does not fit {model_label(model_cfg)}: {first}") from e
+    return payload["meta"]
