@@ -165,8 +165,9 @@ class Run:
         shape = (self.data.spec.channels, self.data.spec.size, self.data.spec.size)
         metrics = {k: round(v, 2) for k, v in meta["metrics"].items()}
         label = model_cfg if isinstance(model_cfg, str) else model_label(model_cfg)
+        # A checkpoint's own seed: a teacher.checkpoint may have been trained with another seed than this run's.
         return {"role": role, "model": label, "dataset": self.cfg.dataset.name,
-                "seed": self.cfg.seed, **columns, **metrics,
+                "seed": meta.get("seed", self.cfg.seed), **columns, **metrics,
                 **self.costs(role, model, shape),
                 "checkpoint": str(checkpoint) if checkpoint else None}
 

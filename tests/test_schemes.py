@@ -222,6 +222,11 @@ def test_teacher_free_is_offline_kd_from_the_students_own_model(kd, kd_tiny):
     _, rows = run_rows(kd.cwd)
     assert rows["teacher"]["checkpoint"] == rows["student_scratch"]["checkpoint"]
     assert rows["student_kd"]["taught_by"] == "mnist_student"
+    # Seed 1 taught by seed 0's model, named by its file: the teacher's row gives the seed it was trained with.
+    kd_tiny("teacher=mnist_student", f"teacher.checkpoint={rows['teacher']['checkpoint']}", "seed=1",
+            "hydra.run.dir=seed1")
+    rows = rows_of(kd.cwd / "seed1")
+    assert (rows["teacher"]["seed"], rows["student_scratch"]["seed"], rows["student_kd"]["seed"]) == (0, 1, 1)
 
 
 def test_teacher_recipe_trains_the_teacher_on_other_data(kd, kd_tiny):
