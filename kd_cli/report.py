@@ -315,9 +315,10 @@ def build_records(runs: list[Run]) -> list[dict]:
                     # A stored model is reported by `kd train` and again by every `kd distill` that used it,
                     # with the metrics its file records: other metrics at the same path are another model
                     # (overwrite=true replaced it), which newest_per_seed then tells from the newer one. A
-                    # multi_teacher member is one model whichever position scheme.teachers gives it; an
-                    # ensemble is made by each run, and its T and scheme.* settings make it another one.
-                    key = ("member" if kind == "member" else role, row.get("checkpoint"),
+                    # multi_teacher member is one model whichever position scheme.teachers gives it, and the
+                    # same model as the teacher of another run; an ensemble is made by each run, and its T and
+                    # scheme.* settings make it another one.
+                    key = ("teacher" if kind == "member" else role, row.get("checkpoint"),
                            *((sorted((k, _hashable(v)) for k, v in config.items()) if kind == "ensemble" else
                               # not an ensemble's metrics: each run evaluates it anew, and a GPU's last bits vary
                               [row.get(k) for k in ("accuracy", "best_accuracy", "train_time_s")])))

@@ -584,6 +584,12 @@ def test_each_ensemble_is_a_row_and_each_stored_member_or_link_one(tmp_path):
     assert sorted(zip(ensembles["scheme.weights"], ensembles["accuracy"])) == [("[0,1]", 80.0), ("[1,0]", 85.0)]  # as typed
     for role in ("teacher_1", "teacher_2", "assistant_1"):
         assert len(rows_of(frame, role=role)) == 1, role
+    # The same stored deepnn as the teacher of an offline run: one model, one row.
+    write_run(tmp_path / "offline", config("distill", 0, teacher="deepnn"),
+              [row("teacher", "deepnn", 0, 80.0, checkpoint="store/deepnn.pt"),
+               row("student_kd", "mnist_student", 0, 77.0, loss="kd", alpha=0.5, T=4.0)])
+    frame = report.build_report(report.find_runs([tmp_path])).frame
+    assert len(frame[(frame["model"] == "deepnn") & frame["role"].str.startswith("teacher")]) == 1
 
 
 def test_csv_floats_are_written_without_binary_noise():
