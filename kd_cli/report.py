@@ -87,6 +87,7 @@ class Run:
     rows: list[dict] = field(default_factory=list)
     histories: dict = field(default_factory=dict)
     error: str | None = None
+    unread: frozenset | None = None  # the settings the run did not read, as it recorded them; None: not recorded
 
     @cached_property
     def flat(self) -> dict:
@@ -159,6 +160,9 @@ def _as_written(payload):
     for key in ("config", "histories"):
         if payload.get(key) is not None and not isinstance(payload[key], dict):
             raise ValueError(f"'{key}' is not an object")
+    unread = payload.get("unread")
+    if unread is not None and not (isinstance(unread, list) and all(isinstance(key, str) for key in unread)):
+        raise ValueError("'unread' is not a list of setting names")
     return payload
 
 
@@ -172,8 +176,9 @@ def load_run(path: Path) -> Run:
                 return Run(path, "ok", command, {}, [], {})
             payload = _as_written(payload)
             config = payload.get("config") or _hydra_config(path)
-            return Run(path, "ok", command or config.get("command"), config,
-                       payload["rows"], payload.get("histories") or {})
+            unread = payload.get("unread")
+            return Run(path, "ok", command or config.get("command"), config, payload["rows"],
+                       payload.get("histories") or {}, unread=None if unread is None else frozenset(unread))
         except (ValueError, KeyError, TypeError) as e:
             config = _hydra_config(path)
             return Run(path, "failed", config.get("command"), config, error=f"results.json is unreadable ({e})")
@@ -290,9 +295,14 @@ def build_records(runs: list[Run]) -> list[dict]:
     records, seen_stored = [], {}  # a stored model's key -> its record
     for run in runs:
         flat = run.flat
-        # What a failed run's config does not read, its alpha or T say; ignored_settings builds the loss, which
-        # imports torch: a finished run's rows say the same without it.
-        unread = _unread_settings(run.config) if run.status != "ok" and run.command == "distill" else set()
+        # Runs record what they did not read; for a failed run, or one written before kd recorded it, it is
+        # worked out here (ignored_settings builds the loss, which imports torch: not for every report).
+        unread = run.unread if run.unread is not None else (
+            _unread_settings(run.config) if run.command in ("train", "distill") else set())
+        # kd warned that each "changes nothing": seeds run with and without one pool. (The teacher's keys
+        # are decided below; a row leaves alpha or T empty where they were not read.)
+        flat = {k: v for k, v in flat.items() if k.startswith("teacher.") or k in ("alpha", "T")
+                or not any(k == key or k.startswith(f"{key}.") for key in unread)}
         # A teacher= the run did not use would label its rows with a model never used, and a teacher_recipe its
         # generation 0 (born_again from scratch) with a recipe it was not trained with.
         teacher_used = uses_configured_teacher(flat) and "teacher" not in unread and not (

@@ -309,9 +309,10 @@ class Run:
     def finish(self, rows: list[dict], histories: dict) -> None:
         add_comparisons(rows)
         frame = results_frame(rows)
+        # `unread`: the settings kd warned change nothing, which kd report leaves out of the run's configuration.
         details = {"command": self.cfg.command, "kd_version": kd_cli.__version__, "torch": torch.__version__,
                    "device": str(self.device), "config": OmegaConf.to_container(self.cfg, resolve=True),
-                   "histories": histories}
+                   "unread": sorted(ignored_settings(self.cfg)), "histories": histories}
         write_results(self.run_dir, frame, details)
         state_dir = self.run_dir / "state"
         if state_dir.is_dir():  # the run is complete: its resumable training states are no longer needed

@@ -53,14 +53,15 @@ def history(accuracies):
              "img_per_s": 1000.0} for i, a in enumerate(accuracies)]
 
 
-def write_run(folder: Path, cfg: dict, rows: list[dict] | None = None, error: str | None = None, overrides=()):
+def write_run(folder: Path, cfg: dict, rows: list[dict] | None = None, error: str | None = None, overrides=(),
+              unread=()):
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
     if rows is not None:
         histories = {r["role"]: history([r["accuracy"] - 2, r["accuracy"]]) for r in rows}
         payload = {"command": cfg["command"], "kd_version": "0.1.0", "torch": "2.13.0", "device": "cpu",
-                   "config": cfg, "histories": histories, "rows": rows}
+                   "config": cfg, "unread": list(unread), "histories": histories, "rows": rows}
         (folder / "results.json").write_text(json.dumps(payload))
     if error is not None:
         (folder / "error.txt").write_text(f"Traceback (most recent call last):\n  File \"x.py\", line 1\n{error}\n")
@@ -610,6 +611,28 @@ def test_settings_that_cannot_change_a_result_do_not_split_seeds(tmp_path):
     (tmp_path / "preset" / ".hydra" / "config.yaml").write_text(yaml.safe_dump(results["config"]))
     kd = rows_of(report.build_report(report.find_runs([tmp_path])).frame, role="student_kd")
     assert kd["n"].tolist() == [2] and kd["accuracy"].tolist() == [82.0]
+
+
+def test_settings_a_run_did_not_read_do_not_split_seeds(tmp_path):
+    """kd warned that train.momentum with Adam changes nothing: seeds with and without it are one experiment,
+    told by what each run recorded or, for a run that recorded nothing (an older kd), worked out anew."""
+    from kd_cli.bench.sides import compose_config
+    from kd_cli.config import ignored_settings
+
+    for seed, extra, recorded in ((0, [], True), (1, ["train.momentum=0.5"], True), (2, ["train.momentum=0.7"], False)):
+        overrides = ["loss=kd", "alpha=0.5", "T=4", "train.optimizer=adam", f"seed={seed}", *extra]
+        composed = compose_config("distill", overrides)
+        cfg = OmegaConf.to_container(composed, resolve=True)
+        write_run(tmp_path / str(seed), cfg, [row("student_kd", "mnist_student", seed, 80.0 + seed, loss="kd",
+                                                  scheme="offline", alpha=0.5, T=4.0)],
+                  overrides=overrides, unread=sorted(ignored_settings(composed)))  # as run.Run.finish records it
+        if not recorded:
+            results = json.loads((tmp_path / str(seed) / "results.json").read_text())
+            del results["unread"]
+            (tmp_path / str(seed) / "results.json").write_text(json.dumps(results))
+    kd = rows_of(report.build_report(report.find_runs([tmp_path])).frame, role="student_kd")
+    assert kd["n"].tolist() == [3] and kd["accuracy"].tolist() == [81.0]
+    assert "train.momentum" not in kd.columns
 
 
 def test_a_failed_run_leaves_empty_the_settings_its_loss_does_not_read(tmp_path):
