@@ -53,6 +53,7 @@ STORED_ROLES = re.compile(rf"teacher|student_scratch|{MEMBER_ROLE}|assistant_\d+
 SHORT = {"teacher.arch": "teacher", "student.arch": "student", "loss.name": "loss", "scheme.name": "scheme",
          "dataset.name": "dataset"}
 DESCRIBE = ("loss", "alpha", "T")  # always shown for distilled rows, swept or not
+NAMING = ("role", "model", "dataset", "scheme", "teacher", "student", *DESCRIBE)  # what tells rows apart first
 
 # Two-sided 95% quantiles of Student's t, t_{0.975}(df) for df = 1..30, from scipy.stats.t.ppf(0.975, df)
 # (scipy is not a dependency of kd). Above 30 the Cornish-Fisher expansion below is within 1e-7.
@@ -1046,8 +1047,10 @@ def print_report(report: Report, title: str, summarized: bool = False) -> None:
     if shown.empty:  # a filter can leave no rows, and still name planned jobs that never started
         print(f"{title}: no runs")
     else:
-        # display_frame chose the columns (a swept dataset among them); the keys tell apart rows of one model
-        print_table(shown, title=title, hide=(), keys=["role", "model", *report.keys])
+        # display_frame chose the columns (a swept dataset among them); the keys tell apart rows of one model,
+        # the main choices first: a split table repeats as many as half its width holds, in this order.
+        keys = sorted(["role", "model", *report.keys], key=lambda k: NAMING.index(k) if k in NAMING else len(NAMING))
+        print_table(shown, title=title, hide=(), keys=keys)
     problems = problem_lines(report)
     if summarized and problems:
         problems = [f"{_count(len(problems), 'job')}, each with its status and error in the summary above"]

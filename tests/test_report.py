@@ -4,6 +4,7 @@ The t quantiles in the expected values are t_{0.975}: 4.302653 for 2 degrees of 
 """
 
 import io
+import itertools
 import json
 import math
 import subprocess
@@ -531,6 +532,24 @@ def test_a_rerun_of_one_seed_counts_once_the_newest(tmp_path, capsys):
     assert [(r["run"], r["newer"], r["seed"]) for r in built.repeats] == [(str(tmp_path / "first"), str(tmp_path / "again"), 0)]
     report.print_report(built, "t")
     assert f"left out: {tmp_path / 'first'} (student_kd, seed 0) repeats the configuration and seed of {tmp_path / 'again'}" in capsys.readouterr().out
+
+
+def test_every_part_of_a_split_report_names_the_scheme_of_its_rows(tmp_path, capsys):
+    """Rows of one student and loss, told apart by their scheme: each part of the printed table repeats it
+    before keys of less weight (a combo's term, a scheme's option)."""
+    schemes = {"offline": {}, "self": {"exits": ["features.3"]}, "born_again": {"generations": 2, "start": "scratch"},
+               "online": {"peers": ["conv4"]}}
+    for number, ((scheme, options), dkd) in enumerate(itertools.product(schemes.items(), (1.0, 2.0))):
+        cfg = config("distill", 0)
+        cfg["scheme"] = {"name": scheme, **options}
+        cfg["loss"] = {"name": "combo", "terms": {"dkd": dkd, "kd": 1.0}, "student_layers": ["features.3"]}
+        write_run(tmp_path / str(number), cfg, [row("student_kd", "mnist_student", 0, 80.0 + number, loss="combo",
+                                                    scheme=scheme, alpha=0.5, T=4.0)])
+    report.print_report(report.build_report(report.find_runs([tmp_path])), "t")
+    printed = capsys.readouterr().out
+    headers = [line for line in printed.splitlines() if line.startswith("┃") and "role" in line]
+    assert "(part 2 of" in printed and len(headers) > 1
+    assert all("scheme" in header.split("┃")[3] for header in headers), printed  # right after role and model
 
 
 def test_a_swept_dataset_is_a_column_of_the_printed_table(tmp_path, capsys):
