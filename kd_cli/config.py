@@ -68,6 +68,7 @@ FLAGS = ("data.download", "data.augment", "overwrite", "resume", "deterministic"
 
 CACHE_NEEDS_FIXED_INPUTS = "train.teacher_cache=on needs fixed inputs; set data.augment=false or train.teacher_cache=auto"
 COMPILE_WITH_HOOKS = "train.compile=true does not combine with losses that hook intermediate layers; set train.compile=false"
+COMPILE_WITH_EXITS = "train.compile=true does not combine with scheme=self, whose exits hook intermediate layers; set train.compile=false"
 
 
 def validate(cfg) -> None:
@@ -137,13 +138,19 @@ def validate(cfg) -> None:
     if hint_epochs and hint_epochs >= cfg.train.epochs:
         raise KdError(f"loss.stage1_epochs={hint_epochs} covers every epoch of train.epochs={cfg.train.epochs}, so the "
                       f"student would never learn from the labels; use fewer hint epochs or more train.epochs")
-    hooks_layers = loss_fn is not None and (loss_fn.hooks_layers or OmegaConf.select(cfg, "scheme.name") == "self")
-    if cfg.train.get("compile") and hooks_layers:
-        raise KdError(COMPILE_WITH_HOOKS)
+    if cfg.train.get("compile") and loss_fn is not None:
+        if loss_fn.hooks_layers:
+            raise KdError(COMPILE_WITH_HOOKS)
+        if OmegaConf.select(cfg, "scheme.name") == "self":
+            raise KdError(COMPILE_WITH_EXITS)
     if "scheme" in cfg:
         _validate_scheme(cfg, loss_fn)
     if cfg.get("teacher_recipe"):
-        validate(teacher_config(cfg))
+        recipe = teacher_config(cfg)
+        try:
+            validate(recipe)
+        except KdError as e:  # `data.fraction must be in (0, 1]`, said of the run's own data.fraction, would mislead
+            raise KdError(f"teacher_recipe: {e.reason}") from None
     if cfg.get("quant") == "qat":  # checked now, not after the fp32 student has trained
         _integer(cfg, "qat.epochs", 1)
         _integer(cfg, "qat.calibration_images", 1)

@@ -248,8 +248,11 @@ def _closest(key: str, cfg, conf_dir: str, command: str) -> str:
     # Neither the key that `+key=` added nor the group holding it (teacher for teacher.foo) is a suggestion.
     known = [k for k in known if k != key and not key.startswith(f"{k}.")]
     same_letters = [k for k in known if k.lower() == key.lower()]  # t= for T=, which difflib scores 0
-    close = same_letters or difflib.get_close_matches(key, known, n=1)
-    return f"; did you mean '{close[0]}'?" if close else ""
+    # A real key under another parent: loss.T is T, train.alpha is alpha, data.epochs is train.epochs.
+    leaf = key.rsplit(".", 1)[-1].lower()
+    same_leaf = [k for k in known if "." in key and k.rsplit(".", 1)[-1].lower() == leaf]
+    close = same_letters or same_leaf[:2] or difflib.get_close_matches(key, known, n=1)
+    return f"; did you mean {' or '.join(repr(k) for k in close)}?" if close else ""
 
 
 def _check_added_keys(parsed: list, cfg, command: str, conf_dir: str) -> None:

@@ -235,7 +235,7 @@ SCHEME_REFUSALS = [
     (["scheme=online", "teacher.checkpoint=teacher.pt"],
      "scheme=online trains its peers from scratch alongside the student and loads no teacher.checkpoint"),
     (["scheme=online", "loss=combo", "loss.terms={kd:1,at:1000}"], "scheme=online combines logits"),
-    (["scheme=self", "train.compile=true"], "train.compile=true does not combine with losses that hook"),
+    (["scheme=self", "train.compile=true"], "train.compile=true does not combine with scheme=self, whose exits hook"),
     (["loss=at", "train.compile=true"], "train.compile=true does not combine with losses that hook"),
     (["loss=combo", "loss.terms={kd:1,at:1000}", "train.compile=true"], "train.compile=true does not combine"),
     # scheme=self's exits, traced on one image before anything trains.

@@ -321,6 +321,9 @@ REFUSED_UPFRONT = [
     (["-m", "+train.epoch=1,2"], "unknown key 'train.epoch'; did you mean 'train.epochs'? (+train.epoch=... adds"),
     (["experimnet=demo"], "unknown key 'experimnet'; did you mean 'experiment'?"),  # a config group, no key
     (["t=2"], "unknown key 't'; did you mean 'T'?"),
+    (["loss.T=3"], "unknown key 'loss.T'; did you mean 'T'?"),  # a real key under another parent
+    (["data.epochs=3"], "unknown key 'data.epochs'; did you mean 'train.epochs' or 'qat.epochs'?"),
+    (["+loss.T=3"], "loss.T is no option of a loss: T is a setting of its own; write T=3"),
     (["hydra.sweep.dri=x"], "unknown key 'hydra.sweep.dri'; did you mean 'hydra.sweep.dir'?"),
     (["train.epochs=abc"], "train.epochs must be a whole number >= 1, got 'abc'"),
     (["data.augment=maybe"], "data.augment must be true or false, got 'maybe'"),

@@ -249,6 +249,7 @@ def test_teacher_recipe_trains_the_teacher_on_other_data(kd, kd_tiny):
     (["scheme=self", "student=mnist_student"], "scheme=self needs at least two stages"),
     (["scheme=online", "quant=qat"], "quant=qat fine-tunes a student from its teacher: use it with scheme=offline, ta or born_again"),
     (["teacher_recipe={data:{fractoin:1.0}}"], "teacher_recipe: unknown key 'data.fractoin'; did you mean 'data.fraction'?"),
+    (["teacher_recipe={data:{fraction:2}}"], "kd: error: teacher_recipe: data.fraction must be in (0, 1], got 2"),
     (["teacher_recipe={train:{epochs:1,schedule:{x:1}}}"], "teacher_recipe: 'train.schedule' is a value, not a group of keys"),
     # Options are a scheme's yaml keys: another scheme's option is named as such, also when added with +.
     (["scheme=ta", "scheme.generations=3"],
@@ -258,6 +259,8 @@ def test_teacher_recipe_trains_the_teacher_on_other_data(kd, kd_tiny):
     # Checked in preflight, before any data is loaded or a run folder made.
     (["scheme=self", "loss=dkd"], "scheme=self distils between the student's own exits with KD; leave loss=kd"),
     (["scheme=self", "scheme.exits=[foo.bar]"], "the student has no layer 'foo.bar'; valid paths"),
+    (["scheme=self", "student=light6", "scheme.exits=[features.13]"],
+     "scheme=self needs at least two stages to put exits after; scheme.exits names 1; name scheme.exits=[PATH,...] with two or more"),
     (["scheme=online", "loss=tf_kd"], "scheme=online combines logits"),
 ])
 def test_bad_scheme_settings_exit_with_one_line(kd, kd_tiny, overrides, message):

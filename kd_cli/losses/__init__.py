@@ -157,6 +157,9 @@ def build_loss(cfg, alpha: float | None = None, T: float | None = None) -> Disti
     name = cfg.loss.name
     if name not in LOSSES:
         raise KdError(f"unknown loss '{name}'; choose one of: {', '.join(sorted(LOSSES))}")
+    for key in ("alpha", "T"):  # `+loss.T=3`: every loss is handed the top-level one
+        if key in options:
+            raise KdError(f"loss.{key} is no option of a loss: {key} is a setting of its own; write {key}={options[key]}")
     try:
         return LOSSES[name](alpha=cfg.get("alpha") if alpha is None else alpha, T=cfg.get("T") if T is None else T, **options)
     except (TypeError, ValueError) as e:  # a value of the wrong type, e.g. loss.weight=abc

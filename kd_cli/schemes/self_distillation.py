@@ -124,8 +124,10 @@ def exits_of(cfg, student: nn.Module) -> list[str]:
     stages = list(cfg.scheme.exits) if cfg.scheme.exits else default_layers(student, "stages")
     check_paths(student, stages, "student")
     if len(stages) < 2:
-        raise KdError(f"scheme=self needs at least two stages to put exits after; {model_label(cfg.student)} has "
-                      f"{stages}; choose a deeper student or set scheme.exits=[PATH,...] (the last is the deepest)")
+        given = f"scheme.exits names {len(stages)}" if cfg.scheme.exits else f"{model_label(cfg.student)} has {stages}"
+        raise KdError(f"scheme=self needs at least two stages to put exits after; {given}; "
+                      f"{'name' if cfg.scheme.exits else 'choose a deeper student or set'} scheme.exits=[PATH,...] "
+                      f"with two or more (the last is the deepest)")
     twice = next((path for path in stages if stages.count(path) > 1), None)
     if twice:
         raise KdError(f"scheme.exits names '{twice}' twice; give each layer once")
