@@ -191,3 +191,16 @@ def test_resume_finds_the_experiment_of_the_same_line_in_any_order(tmp_path, mon
     assert experiments._folder("quick_mnist", ["seed=2", "experiment=quick_mnist", "resume=true"]) == earlier
     assert experiments._folder("quick_mnist", ["seed=2", "seed=1", "experiment=quick_mnist", "resume=true"]) != earlier
     assert "no earlier run of this experiment line" in capsys.readouterr().err
+
+
+def test_the_published_vs_measured_figure_labels_bars_as_the_table_gives_them(tmp_path, monkeypatch):
+    """87.25 beside a published 87.25, not 87.2: the figure is read against the document's numbers."""
+    from matplotlib.axes import Axes
+
+    from kd_cli import plots
+
+    labels, annotate = [], Axes.annotate
+    monkeypatch.setattr(Axes, "annotate", lambda self, text, *args, **kw: labels.append(text) or annotate(self, text, *args, **kw))
+    table = pd.DataFrame({"result": ["scratch", "KD"], "published": [87.25, None], "measured": [70.4, 89.0]})
+    plots.published_vs_measured(table, "t", tmp_path / "experiment.png")
+    assert labels == ["87.25", "70.4", "89"]
