@@ -6,6 +6,7 @@ available in both roles and a new model needs no yaml.
 
 import difflib
 import functools
+import json
 from numbers import Real
 from pathlib import Path
 
@@ -145,6 +146,8 @@ def validate(cfg) -> None:
             raise KdError(COMPILE_WITH_EXITS)
     if "scheme" in cfg:
         _validate_scheme(cfg, loss_fn)
+        if loss_fn is not None and loss_fn.hooks_layers and cfg.scheme.name in ("offline", "ta", "born_again"):
+            _check_layers(cfg)
     if cfg.get("teacher_recipe"):
         recipe = teacher_config(cfg)
         try:
@@ -156,6 +159,44 @@ def validate(cfg) -> None:
         _integer(cfg, "qat.calibration_images", 1)
         if cfg.qat.lr is not None and _number(cfg, "qat.lr") <= 0:
             raise KdError(f"qat.lr must be > 0 (or null for train.lr / 10), got {cfg.qat.lr}")
+
+
+def _check_layers(cfg) -> None:
+    """The loss's layers on every (teacher, student) pair of the chain, with the models' initial weights:
+    a misspelt path or an unmatched pairing would otherwise stop the run once its data had loaded, or
+    every job of a sweep."""
+    from kd_cli.schemes.chain import chain_configs
+
+    def spec(model_cfg) -> str:
+        options = OmegaConf.to_container(model_cfg, resolve=True)
+        if "weights" in options:  # torchvision's: the layers are what is checked, and nothing is downloaded
+            options["weights"] = None
+        return json.dumps(options, sort_keys=True)
+
+    models = [spec(m) for m in chain_configs(cfg)]
+    loss = json.dumps(OmegaConf.to_container(cfg.loss, resolve=True), sort_keys=True)
+    image = (cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.num_classes)
+    for teacher, student in zip(models, models[1:]):
+        _attach_to_new_models(teacher, student, loss, image)
+
+
+@functools.cache  # once per pair and loss: the combinations of an alpha x T grid share it
+def _attach_to_new_models(teacher: str, student: str, loss: str, image: tuple) -> None:
+    import logging
+
+    import torch
+
+    from kd_cli.models import ImageSpec, build_model
+
+    spec = ImageSpec(*image)
+    student_model, teacher_model = (build_model(OmegaConf.create(json.loads(m)), spec) for m in (student, teacher))
+    # alpha and T change no layer; the run's own are checked on their own.
+    loss_fn = build_loss(OmegaConf.create({"loss": json.loads(loss), "alpha": 0.5, "T": 4.0}))
+    logging.disable(logging.WARNING)  # what attach says of sizes and memory, the run says
+    try:
+        loss_fn.attach(student_model, teacher_model, torch.zeros(2, spec.channels, spec.size, spec.size), 2)
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 def _check_checkpoints(cfg) -> None:

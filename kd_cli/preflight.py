@@ -411,11 +411,13 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
     combinations = _combinations(swept)
     # A grid over MAX_GRID is checked on its first combination, which cannot say what the others ignore.
     warn = warn and not (len(combinations) == 1 and _sweeps_a_deciding_key(swept))
-    for combination in combinations:
+    for number, combination in enumerate(combinations):
         try:
             cfg = _composed(command, combination, conf_dir, compositions)
         except (ConfigCompositionException, MissingConfigException, OverrideParseException) as e:
             raise KdError(_explain(e, command, conf_dir, combination)) from None
+        if number == 0 and not multirun:  # before a value of the list is checked as if it were the key's one value
+            _check_no_lists(parsed, cfg, shown, command, conf_dir)
         try:
             validate(cfg)
         except InterpolationResolutionError as e:  # `train.lr=${oops}`: OmegaConf meets it where a value is read
@@ -428,8 +430,6 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
         if multirun:
             searched |= set(OmegaConf.select(cfg, "hydra.sweeper.params") or {})
     _check_added_keys(parsed, cfg, command, conf_dir)
-    if not multirun:
-        _check_no_lists(parsed, cfg, shown, command, conf_dir)
     if command == "train" and any(o.get_key_element() == "experiment" for o in parsed):
         _check_train_keys(parsed, conf_dir)
     _check_search(cfg, multirun or shown, command)  # --cfg shows a search's config, which has no -m

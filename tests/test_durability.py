@@ -324,6 +324,11 @@ REFUSED_UPFRONT = [
     (["loss.T=3"], "unknown key 'loss.T'; did you mean 'T'?"),  # a real key under another parent
     (["data.epochs=3"], "unknown key 'data.epochs'; did you mean 'train.epochs' or 'qat.epochs'?"),
     (["+loss.T=3"], "loss.T is no option of a loss: T is a setting of its own; write T=3"),
+    # A feature loss's layers, on every pair of the chain, with the models' initial weights.
+    (["loss=fitnets", "loss.student_layers=[features.99]"], "the student has no layer 'features.99'; valid paths"),
+    (["-m", "loss=at", "alpha=0.2,0.6", "scheme=ta", "scheme.assistants=[conv4]", "loss.teacher_layers=[nope]"],
+     "the teacher has no layer 'nope'"),
+    (["loss=fitnets", "loss.student_layers=[features.0,features.2]"], "loss.student_layers has 2 layers and loss.teacher_layers 1"),
     (["hydra.sweep.dri=x"], "unknown key 'hydra.sweep.dri'; did you mean 'hydra.sweep.dir'?"),
     (["train.epochs=abc"], "train.epochs must be a whole number >= 1, got 'abc'"),
     (["data.augment=maybe"], "data.augment must be true or false, got 'maybe'"),

@@ -909,3 +909,10 @@ def test_methods_doc_covers_every_method():
 def test_every_method_but_kd_and_ce_mixes_with_ce_through_weighted_term():
     assert issubclass(Combo, WeightedTerm)
     assert {n for n in LOSSES if not issubclass(LOSSES[n], WeightedTerm)} == {"ce", "kd"}
+
+
+def test_one_layer_path_without_brackets_is_a_list_of_one():
+    """loss.student_layers=features.2 on the command line is a string: one path, not one path per letter."""
+    loss = build_loss(OmegaConf.create({"loss": {"name": "at", "student_layers": "features.2", "teacher_layers": "layer4"},
+                                        "alpha": 0.5, "T": 4.0}))
+    assert (loss.student_layers, loss.teacher_layers) == (["features.2"], ["layer4"])

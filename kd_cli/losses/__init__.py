@@ -52,8 +52,9 @@ class DistillationLoss(nn.Module):
         given_layers = [k for k, v in (("student_layers", student_layers), ("teacher_layers", teacher_layers)) if v]
         self.check_options([*options, *given_layers])
         super().__init__()
-        self.student_layers: list[str] = list(student_layers or [])
-        self.teacher_layers: list[str] = list(teacher_layers or [])
+        # One path may come without brackets (loss.student_layers=features.2): a list of one, not of its letters.
+        self.student_layers: list[str] = [student_layers] if isinstance(student_layers, str) else list(student_layers or [])
+        self.teacher_layers: list[str] = [teacher_layers] if isinstance(teacher_layers, str) else list(teacher_layers or [])
 
     @property
     def hooks_layers(self) -> bool:

@@ -30,11 +30,22 @@ def offline(run):
     return distill_chain(run, run.teacher(), run.cfg.teacher, links=[], role="")
 
 
+def chain_configs(cfg) -> list:
+    """The model configs of the run's chain, its first teacher first and the student last."""
+    name = cfg.scheme.name
+    if name == "ta":
+        return [cfg.teacher, *(model_config(assistant) for assistant in cfg.scheme.assistants), cfg.student]
+    if name == "born_again":
+        first = cfg.student if cfg.scheme.start == "scratch" else cfg.teacher
+        return [first, *[cfg.student] * cfg.scheme.generations]
+    return [cfg.teacher, cfg.student]
+
+
 @scheme("ta")
 def teacher_assistant(run):
     """Mirzadeh et al. (2020): teacher -> assistant(s) -> student, each link offline KD."""
-    assistants = [model_config(name) for name in run.cfg.scheme.assistants]
-    return distill_chain(run, run.teacher(), run.cfg.teacher, assistants, role="assistant")
+    models = chain_configs(run.cfg)
+    return distill_chain(run, run.teacher(), models[0], models[1:-1], role="assistant")
 
 
 @scheme("born_again")
@@ -46,11 +57,9 @@ def born_again(run):
     learns from a distilled student ("distilled student as teacher").
     """
     cfg = run.cfg
-    if cfg.scheme.start == "scratch":
-        first, first_cfg = run.stored(cfg.student, "teacher"), cfg.student
-    else:
-        first, first_cfg = run.teacher(), cfg.teacher
-    return distill_chain(run, first, first_cfg, [cfg.student] * (cfg.scheme.generations - 1), role="generation")
+    first = run.stored(cfg.student, "teacher") if cfg.scheme.start == "scratch" else run.teacher()
+    models = chain_configs(cfg)
+    return distill_chain(run, first, models[0], models[1:-1], role="generation")
 
 
 def _link_settings(cfg) -> tuple[float, float]:
