@@ -30,7 +30,16 @@ from kd_cli.results import csv_text, failed_since_results
 
 log = logging.getLogger(__name__)
 
-ROLE_ORDER = {"teacher": 0, "student_scratch": 1, "student_kd": 2}
+# Rows in the order a chain runs: teachers, the models in the middle (numbered in their order), the scratch
+# baseline, what a distilled student trained beside it (peers, exits), the distilled student, anything else.
+ROLE_ORDER = ("teacher", "teacher_", "assistant_", "generation_", "student_scratch", "peer_", "exit_", "student_kd")
+
+
+def _role_rank(role: str) -> tuple[int, int]:
+    """(place in ROLE_ORDER, number): teacher_2 after teacher_1, assistant_10 after assistant_9."""
+    numbered = re.fullmatch(r"(.+_)(\d+)", role)
+    stem, number = (numbered[1], int(numbered[2])) if numbered else (role, 0)
+    return (ROLE_ORDER.index(stem) if stem in ROLE_ORDER else len(ROLE_ORDER)), number
 # Pooled over seeds as mean, std and n; `accuracy` is the last epoch's, `best_accuracy` the best epoch's.
 METRICS = ("accuracy", "best_accuracy", "val_accuracy")
 # Properties of the model or of the machine, not of the seed: averaged, shown without spread.
@@ -793,11 +802,11 @@ def _sorted(frame: pd.DataFrame, keys: list[str], sort: str | None) -> pd.DataFr
             columns.append(name)
             ascending.append(not item.strip().startswith("-"))
         return frame.sort_values(columns, ascending=ascending, na_position="last", kind="stable").reset_index(drop=True)
-    order = frame.assign(_role=frame["role"].map(ROLE_ORDER).fillna(len(ROLE_ORDER)),
-                         _failed=frame["status"] != "ok")
-    by = ["_role", "model", *[k for k in keys if k in frame.columns], "_failed"]
+    ranks = frame["role"].map(_role_rank)
+    order = frame.assign(_role=ranks.str[0], _number=ranks.str[1], _failed=frame["status"] != "ok")
+    by = ["_role", "_number", "model", *[k for k in keys if k in frame.columns], "_failed"]
     order = order.sort_values(by, na_position="first", kind="stable", key=_sort_key)
-    return order.drop(columns=["_role", "_failed"]).reset_index(drop=True)
+    return order.drop(columns=["_role", "_number", "_failed"]).reset_index(drop=True)
 
 
 def _sort_key(column: pd.Series) -> pd.Series:

@@ -796,3 +796,19 @@ def test_pareto_plot_of_runs_with_long_labels_warns_nothing(tmp_path):
         warnings.simplefilter("error")
         paths = _pareto_plots(frame, keys, tmp_path)
     assert [p.name for p in paths] == ["report_pareto_size.png", "report_pareto_flops.png"]
+
+
+def test_rows_come_in_the_order_a_chain_runs(tmp_path):
+    """Teachers, the models in the middle by their number, the scratch baseline, what trained beside the
+    distilled student, then the distilled student: not every numbered role after student_kd."""
+    cfg = config("distill", 0)
+    cfg["scheme"] = {"name": "ta", "assistants": ["conv8"] * 10, "link_alpha": 0.5, "link_T": 4.0}
+    roles = ["student_kd", "assistant_10", "student_scratch", "assistant_2", "teacher", "assistant_1"]
+    write_run(tmp_path / "ta", cfg, [row(role, "mnist_student", 0, 80.0 + number, checkpoint=f"store/{role}.pt")
+                                     for number, role in enumerate(roles)])
+    cfg = config("distill", 0)
+    cfg["scheme"] = {"name": "online", "peers": ["conv4", "conv6"]}
+    write_run(tmp_path / "online", cfg, [row(role, "mnist_student", 0, 70.0) for role in ("peer_2", "student_kd", "peer_1")])
+    frame = report.build_report(report.find_runs([tmp_path])).frame
+    assert frame["role"].tolist() == ["teacher", "assistant_1", "assistant_2", "assistant_10", "student_scratch",
+                                      "peer_1", "peer_2", "student_kd", "student_kd"]
