@@ -7,15 +7,17 @@ available in both roles and a new model needs no yaml.
 import difflib
 import functools
 import json
+import logging
 from numbers import Real
 from pathlib import Path
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from kd_cli.errors import KdError
 from kd_cli.losses import build_loss
-from kd_cli.models import CATALOGUE
+from kd_cli.models import CATALOGUE, ImageSpec, build_model
 
 
 # Keys that may differ between a run and its resumption without changing what it trains: `measure`
@@ -182,12 +184,6 @@ def _check_layers(cfg) -> None:
 
 @functools.cache  # once per pair and loss: the combinations of an alpha x T grid share it
 def _attach_to_new_models(teacher: str, student: str, loss: str, image: tuple) -> None:
-    import logging
-
-    import torch
-
-    from kd_cli.models import ImageSpec, build_model
-
     spec = ImageSpec(*image)
     student_model, teacher_model = (build_model(OmegaConf.create(json.loads(m)), spec) for m in (student, teacher))
     # alpha and T change no layer; the run's own are checked on their own.
@@ -401,7 +397,6 @@ def _validate_scheme(cfg, loss_fn) -> None:
             raise KdError(f"scheme=self distils between the student's own exits with KD; leave loss=kd (got loss={cfg.loss.name})")
         if _number(cfg, "scheme.feature_weight") < 0:
             raise KdError(f"scheme.feature_weight must be >= 0, got {scheme.feature_weight}")
-        from kd_cli.models import ImageSpec, build_model
         from kd_cli.schemes.self_distillation import exits_of
 
         exits_of(cfg, build_model(cfg.student, ImageSpec.of(cfg.dataset)))

@@ -33,13 +33,6 @@ log = logging.getLogger(__name__)
 # Rows in the order a chain runs: teachers, the models in the middle (numbered in their order), the scratch
 # baseline, what a distilled student trained beside it (peers, exits), the distilled student, anything else.
 ROLE_ORDER = ("teacher", "teacher_", "assistant_", "generation_", "student_scratch", "peer_", "exit_", "student_kd")
-
-
-def _role_rank(role: str) -> tuple[int, int]:
-    """(place in ROLE_ORDER, number): teacher_2 after teacher_1, assistant_10 after assistant_9."""
-    numbered = re.fullmatch(r"(.+_)(\d+)", role)
-    stem, number = (numbered[1], int(numbered[2])) if numbered else (role, 0)
-    return (ROLE_ORDER.index(stem) if stem in ROLE_ORDER else len(ROLE_ORDER)), number
 # Pooled over seeds as mean, std and n; `accuracy` is the last epoch's, `best_accuracy` the best epoch's.
 METRICS = ("accuracy", "best_accuracy", "val_accuracy")
 # Properties of the model or of the machine, not of the seed: averaged, shown without spread.
@@ -807,6 +800,13 @@ def _sorted(frame: pd.DataFrame, keys: list[str], sort: str | None) -> pd.DataFr
     by = ["_role", "_number", "model", *[k for k in keys if k in frame.columns], "_failed"]
     order = order.sort_values(by, na_position="first", kind="stable", key=_sort_key)
     return order.drop(columns=["_role", "_number", "_failed"]).reset_index(drop=True)
+
+
+def _role_rank(role: str) -> tuple[int, int]:
+    """(place in ROLE_ORDER, number): teacher_2 after teacher_1, assistant_10 after assistant_9."""
+    numbered = re.fullmatch(r"(.+_)(\d+)", role)
+    stem, number = (numbered[1], int(numbered[2])) if numbered else (role, 0)
+    return (ROLE_ORDER.index(stem) if stem in ROLE_ORDER else len(ROLE_ORDER)), number
 
 
 def _sort_key(column: pd.Series) -> pd.Series:
