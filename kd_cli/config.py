@@ -71,7 +71,8 @@ FLAGS = ("data.download", "data.augment", "overwrite", "resume", "deterministic"
 
 CACHE_NEEDS_FIXED_INPUTS = "train.teacher_cache=on needs fixed inputs; set data.augment=false or train.teacher_cache=auto"
 COMPILE_WITH_HOOKS = "train.compile=true does not combine with losses that hook intermediate layers; set train.compile=false"
-COMPILE_WITH_EXITS = "train.compile=true does not combine with scheme=self, whose exits hook intermediate layers; set train.compile=false"
+COMPILE_WITH_EXITS = ("train.compile=true does not combine with scheme=self, whose exits hook intermediate layers; "
+                      "set train.compile=false")
 
 
 def validate(cfg) -> None:
@@ -226,6 +227,17 @@ def _unread_link_settings(cfg, loss_fn) -> dict[str, str]:
         return {}
     name = "alpha" if scheme.link_alpha is None else "scheme.link_alpha"
     return {"scheme.link_T": f"loss={cfg.loss.name}" + (f" with {name}={alpha}" if "T" in loss_fn.uses else "")}
+
+
+def distill_columns(cfg) -> dict:
+    """The scheme, loss, alpha and T columns of a distilled model's row in the results table.
+
+    alpha or T is left empty where the run does not read it (loss=at has no temperature, nor
+    has loss=kd at alpha=0): a table showing T=4 beside such a row would say it mattered.
+    """
+    ignored = ignored_settings(cfg)
+    return {"scheme": cfg.scheme.name, "loss": cfg.loss.name,
+            **{key: None if key in ignored else cfg[key] for key in ("alpha", "T")}}
 
 
 def settings_read(uses, alpha) -> set[str]:

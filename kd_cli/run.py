@@ -20,7 +20,8 @@ from omegaconf import OmegaConf
 
 import kd_cli
 from kd_cli.atomic import check_writable
-from kd_cli.config import RUN_ONLY, ignored_settings, leaf_keys, run_identity, teacher_config, validate
+from kd_cli.config import (RUN_ONLY, distill_columns, ignored_settings, leaf_keys, run_identity, teacher_config,
+                            validate)
 from kd_cli.data import ImageData, load_data, normalize
 from kd_cli.engine import FitResult, fit, num_threads, resolve_device, seed_everything
 from kd_cli.errors import KdError
@@ -292,14 +293,8 @@ class Run:
         return student, meta, result
 
     def distill_columns(self) -> dict:
-        """The scheme, loss, alpha and T columns of the rows this run's own distillation produced.
-
-        alpha or T is left empty where the run does not read it (loss=at has no temperature, nor
-        has loss=kd at alpha=0): a table showing T=4 beside such a row would say it mattered.
-        """
-        ignored = ignored_settings(self.cfg)
-        return {"scheme": self.cfg.scheme.name, "loss": self.cfg.loss.name,
-                **{key: None if key in ignored else self.cfg[key] for key in ("alpha", "T")}}
+        """The scheme, loss, alpha and T columns of the rows this run's own distillation produced."""
+        return distill_columns(self.cfg)
 
     def student_kd_row(self, student, meta: dict, loss_fn: DistillationLoss, **columns) -> dict:
         """The distilled student's row; `helper_params` counts what its loss trained beside it (regressors, peers, exits)."""

@@ -22,7 +22,7 @@ from torch.ao.quantization import get_default_qat_qconfig_mapping, get_default_q
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
 from kd_cli.atomic import atomic_write
-from kd_cli.config import ignored_settings
+from kd_cli.config import distill_columns
 from kd_cli.data import normalize
 from kd_cli.deploy.source import SOURCE_KEYS, THREADS_KEY, integer, load_source, parse, set_threads
 from kd_cli.engine import evaluate
@@ -167,9 +167,7 @@ def trained_how(source) -> dict:
     """The scheme, taught_by, loss, alpha and T of the model's row in its run's own table (unread alpha or T empty)."""
     if source.role != "student_kd":  # kd train's models, and kd distill's scratch student, learn from the labels
         return {"loss": "ce"}
-    cfg, unread = source.cfg, ignored_settings(source.cfg)
-    return {"scheme": cfg.scheme.name, "taught_by": _taught_by(source.checkpoint), "loss": cfg.loss.name,
-            **{k: None if k in unread else cfg[k] for k in ("alpha", "T")}}
+    return distill_columns(source.cfg) | {"taught_by": _taught_by(source.checkpoint)}
 
 
 def _taught_by(checkpoint: Path) -> str | None:
