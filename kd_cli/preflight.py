@@ -299,6 +299,13 @@ def _ignored_warnings(unused: dict[str, dict[str, str]], given: dict, searched: 
     return lines
 
 
+def run_warnings(cfg, overrides: list[str]) -> list[str]:
+    """The warnings for one run's own overrides (a sweep job's values), for its log file: preflight
+    printed the command line's before the run began, and the log is what is read later."""
+    given = _settings_given(OverridesParser.create().parse_overrides(overrides))
+    return _ignored_warnings({"run": ignored_settings(cfg)}, given, searched=set())
+
+
 def _unused_in_all(unused: dict[str, dict[str, str]], ignored: dict[str, str], cfg) -> None:
     """Narrow `unused` to what this combination ignores (`ignored`) too; alpha and T are kept apart per loss."""
     for group in ("train", *([f"loss={cfg.loss.name}"] if "loss" in cfg else [])):

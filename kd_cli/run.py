@@ -29,6 +29,7 @@ from kd_cli.losses import DistillationLoss
 from kd_cli.losses.hinton import CrossEntropy
 from kd_cli.measure import model_costs
 from kd_cli.models import build_model, model_label
+from kd_cli.preflight import run_warnings
 from kd_cli.provenance import record_run
 from kd_cli.results import add_comparisons, print_table, results_frame, write_results
 from kd_cli.store import (STUDENT_FILE, load_checkpoint, load_into, making, model_spec, named_file, recipe,
@@ -78,10 +79,7 @@ def train_command(cfg, model_cfg=None, recipe_keys=()) -> str:
     With `model_cfg`, the line trains that model as the teacher (a multi-teacher member, say).
     `recipe_keys`: the data.* / train.* keys a teacher_recipe set, given whether typed or not.
     """
-    try:
-        overrides = list(HydraConfig.get().overrides.task)
-    except ValueError:  # called without Hydra (tests, notebooks)
-        overrides = []
+    overrides = _task_overrides()
     keys = [o.lstrip("+~").split("=")[0] for o in overrides]
     kept = [o for o, key in zip(overrides, keys) if key not in _DISTILL_ONLY and key.split(".")[0] not in _DISTILL_ONLY]
     # The recipe as `cfg` has it: a teacher_recipe may have changed data.* or train.* values.
@@ -98,6 +96,22 @@ def train_command(cfg, model_cfg=None, recipe_keys=()) -> str:
     if val_fraction and not any(o.startswith("data.val_fraction=") for o in kept):
         kept.append(f"data.val_fraction={val_fraction}")  # set by hparams_search=optuna, part of the recipe
     return " ".join(["kd train", *map(shlex.quote, kept)])
+
+
+def _task_overrides() -> list[str]:
+    """This run's command-line overrides (a sweep job's own values)."""
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # called without Hydra (tests, notebooks)
+        return []
+
+
+def _log_to_file(message: str) -> None:
+    """`message` into the run's log file only: the terminal showed it before the run began."""
+    record = log.makeRecord(log.name, logging.WARNING, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def _typed(value) -> str:
@@ -133,6 +147,8 @@ class Run:
             torch.backends.cudnn.benchmark = False
             torch.use_deterministic_algorithms(True)
         record_run(run_dir, device)
+        for line in run_warnings(cfg, _task_overrides()):
+            _log_to_file(line)
         data = load_data(cfg).to(device)
         log.info("%s on %s: %d training / %d test images, %d classes, run directory %s",
                  cfg.dataset.name, device, len(data.train_y), len(data.test_y), data.spec.num_classes, run_dir)

@@ -82,11 +82,16 @@ def test_train_distill_and_sweep(kd):
 def test_loss_ce_trains_with_labels_only_and_matches_scratch(kd):
     """Same seed, same recipe, labels only: the distill command reproduces the scratch student exactly."""
     kd("train", *TINY)
-    kd("distill", *TINY, "loss=ce")
-    table = results(only_run_dir(kd.cwd / "outputs" / "distill")).set_index("role")
+    run = kd("distill", *TINY, "loss=ce", "T=3")
+    run_dir = only_run_dir(kd.cwd / "outputs" / "distill")
+    table = results(run_dir).set_index("role")
     assert table.loc["student_kd", "loss"] == "ce"
     assert table.loc["student_kd", ["alpha", "T"]].isna().all()  # labels only: neither is read, neither is shown
     assert table.loc["student_kd", "accuracy"] == table.loc["student_scratch", "accuracy"]
+    # A setting that changes nothing is warned of once on the terminal, and kept in the run's log.
+    warning = "kd: warning: loss=ce does not use T, so T=3 changes nothing"
+    assert (run.stdout + run.stderr).count(warning) == 1
+    assert warning in (run_dir / "distill.log").read_text()
 
 
 def test_a_loss_without_a_teacher_needs_none_trained(kd):
