@@ -269,3 +269,18 @@ def test_bad_scheme_settings_exit_with_one_line(kd, kd_tiny, overrides, message)
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr
     assert message in lines[0]
     assert not (kd.cwd / "outputs" / "distill").exists()  # refused before a run folder was made
+
+
+def test_a_teacher_assistant_chain_that_does_not_shrink_is_warned_of(caplog):
+    from kd_cli.schemes.chain import _warn_where_a_link_does_not_shrink
+
+    spec = ImageSpec(3, 32, 10)
+    chain = lambda *archs: [OmegaConf.create({"arch": a}) for a in archs]  # noqa: E731
+    rng = torch.get_rng_state()
+    _warn_where_a_link_does_not_shrink(chain("conv10", "conv8", "conv4", "conv2"), spec)
+    assert caplog.messages == []
+    _warn_where_a_link_does_not_shrink(chain("conv10", "conv2", "conv4"), spec)
+    assert caplog.messages == ["kd: warning: scheme=ta: conv2 (15,338 parameters) teaches conv4 (76,010 parameters), "
+                               "which is not smaller; list scheme.assistants from the largest to the smallest, each "
+                               "between the teacher and the student in size"]
+    assert torch.equal(torch.get_rng_state(), rng)  # counting parameters drew no random numbers

@@ -8,13 +8,15 @@ sweep over alpha and T of the last link trains the earlier links once. The final
 the run folder.
 """
 
+import itertools
 import logging
 
+import torch
 from omegaconf import OmegaConf
 
 from kd_cli.config import settings_read
 from kd_cli.losses import build_loss
-from kd_cli.models import model_label
+from kd_cli.models import build_model, model_label
 from kd_cli.schemes import model_config, scheme
 from kd_cli.store import checksum, store_path, trained_with
 
@@ -45,7 +47,24 @@ def chain_configs(cfg) -> list:
 def teacher_assistant(run):
     """Mirzadeh et al. (2020): teacher -> assistant(s) -> student, each link offline KD."""
     models = chain_configs(run.cfg)
+    _warn_where_a_link_does_not_shrink(models, run.data.spec)
     return distill_chain(run, run.teacher(), models[0], models[1:-1], role="assistant")
+
+
+def _warn_where_a_link_does_not_shrink(models: list, spec) -> None:
+    """An assistant bridges the gap in size between the teacher and the student: a link whose student is
+    not smaller than its teacher is more likely a slip in scheme.assistants than the experiment meant."""
+    # Parameter counts only: on the meta device no memory is used and no random numbers are drawn, and
+    # without pretrained weights (the same count) nothing is read or downloaded.
+    architectures = [OmegaConf.merge(m, {"weights": None}) if "weights" in m else m for m in models]
+    with torch.device("meta"):
+        params = [sum(p.numel() for p in build_model(m, spec).parameters()) for m in architectures]
+    for (teacher, teacher_params), (student, student_params) in itertools.pairwise(zip(models, params)):
+        if student_params >= teacher_params:
+            log.warning("kd: warning: scheme=ta: %s (%s parameters) teaches %s (%s parameters), which is not smaller; "
+                        "list scheme.assistants from the largest to the smallest, each between the teacher and the "
+                        "student in size", model_label(teacher), f"{teacher_params:,}", model_label(student),
+                        f"{student_params:,}")
 
 
 @scheme("born_again")
