@@ -8,6 +8,7 @@ one batched operation on the training device.
 import gzip
 import logging
 import pickle
+import sys
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -81,27 +82,45 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _idx_folders(cfg_dataset, root: Path) -> list[Path]:
-    """Where IDX files may be: torchvision's layout under data.root, data.root itself, system copies."""
+def _folders(cfg_dataset, root: Path) -> list[Path]:
+    """Where the dataset's files may be. IDX: torchvision's layout under data.root, data.root itself,
+    system copies; CIFAR: its folder under data.root."""
+    if cfg_dataset.format == "cifar":
+        return [root / cfg_dataset.folder]
     return [root / cfg_dataset.torchvision_class / "raw", root, *map(Path, cfg_dataset.get("system_dirs", []))]
 
 
-def _load_idx_dataset(cfg_dataset, root: Path, download: bool):
-    folders = _idx_folders(cfg_dataset, root)
-    for folder in folders:
+def _files_in(cfg_dataset, folder: Path) -> dict[str, list[Path]] | None:
+    """Each split's files of the dataset in `folder`, or None where one is missing."""
+    if cfg_dataset.format == "cifar":
+        names = {"train": cfg_dataset.train_files, "test": cfg_dataset.test_files}
+        files = {split: [folder / n if (folder / n).is_file() else None for n in split_names]
+                 for split, split_names in names.items()}
+    else:
         files = {split: [_find_idx(folder, stem) for stem in stems] for split, stems in _IDX_FILES.items()}
-        if all(p is not None for pair in files.values() for p in pair):
+    return files if all(p is not None for paths in files.values() for p in paths) else None
+
+
+def find_files(cfg_dataset, root: Path, download: bool) -> dict[str, list[Path]]:
+    """The dataset's files, split -> paths; downloaded first where they are missing and `download` allows."""
+    folders = _folders(cfg_dataset, root)
+    for folder in folders:
+        if (files := _files_in(cfg_dataset, folder)) is not None:
             log.info("%s from %s", cfg_dataset.name, folder)
-            split_arrays = {s: _idx_pair(x, y, cfg_dataset.image_size) for s, (x, y) in files.items()}
-            return {s: (x[:, None, :, :], y) for s, (x, y) in split_arrays.items()}
+            return files
     if download:
         _torchvision_download(cfg_dataset, root, folders[0])
-        return _load_idx_dataset(cfg_dataset, root, download=False)
-    looked = ", ".join(str(f) for f in folders)
-    raise KdError(
-        f"{cfg_dataset.name} not found (looked in {looked}); set data.root=DIR to a folder that has it, "
-        f"or data.download=true with internet access"
-    )
+        return find_files(cfg_dataset, root, download=False)
+    if cfg_dataset.format == "cifar":
+        raise KdError(f"{cfg_dataset.name} not found in {folders[0]}; set data.root=DIR to a folder that has "
+                      f"'{cfg_dataset.folder}', or data.download=true with internet access")
+    raise KdError(f"{cfg_dataset.name} not found (looked in {', '.join(map(str, folders))}); set data.root=DIR to a "
+                  f"folder that has it, or data.download=true with internet access")
+
+
+def _load_idx(cfg_dataset, files: dict[str, list[Path]]):
+    split_arrays = {split: _idx_pair(x, y, cfg_dataset.image_size) for split, (x, y) in files.items()}
+    return {split: (x[:, None, :, :], y) for split, (x, y) in split_arrays.items()}
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -130,20 +149,10 @@ def read_cifar_batch(path: Path, label_key: str):
         raise KdError(f"dataset file {path} is unreadable or corrupt ({e}); delete it and download again") from e
 
 
-def _load_cifar(cfg_dataset, root: Path, download: bool):
-    folder = root / cfg_dataset.folder
-    files = {"train": list(cfg_dataset.train_files), "test": list(cfg_dataset.test_files)}
-    if not all((folder / name).is_file() for names in files.values() for name in names):
-        if not download:
-            raise KdError(
-                f"{cfg_dataset.name} not found in {folder}; set data.root=DIR to a folder that has "
-                f"'{cfg_dataset.folder}', or data.download=true with internet access"
-            )
-        _torchvision_download(cfg_dataset, root, folder)
-    log.info("%s from %s", cfg_dataset.name, folder)
+def _load_cifar(cfg_dataset, files: dict[str, list[Path]]):
     out = {}
-    for split, names in files.items():
-        parts = [read_cifar_batch(folder / name, cfg_dataset.label_key) for name in names]
+    for split, paths in files.items():
+        parts = [read_cifar_batch(path, cfg_dataset.label_key) for path in paths]
         out[split] = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
     return out
 
@@ -153,7 +162,8 @@ def _torchvision_download(cfg_dataset, root: Path, files_in: Path) -> None:
     import torchvision
 
     cls = getattr(torchvision.datasets, cfg_dataset.torchvision_class)
-    log.info("downloading %s into %s", cfg_dataset.name, root)
+    # On the terminal: kd's checks before a run download a missing dataset, before any log exists.
+    print(f"kd: downloading {cfg_dataset.name} into {root} (data.download=true)", file=sys.stderr, flush=True)
     created = [folder for folder in (root, *root.parents) if not folder.exists()]
     try:
         for train in (True, False):
@@ -178,7 +188,7 @@ def _remove_empty(created: list[Path]) -> None:
             folder.rmdir()
 
 
-_LOADERS = {"idx": _load_idx_dataset, "cifar": _load_cifar}
+_LOADERS = {"idx": _load_idx, "cifar": _load_cifar}
 
 
 @lru_cache(maxsize=4)
@@ -186,7 +196,7 @@ def _load_arrays(dataset_key: str, cfg_dataset_yaml: str, root: str, download: b
     from omegaconf import OmegaConf
 
     cfg_dataset = OmegaConf.create(cfg_dataset_yaml)
-    return _LOADERS[cfg_dataset.format](cfg_dataset, Path(root).expanduser(), download)
+    return _LOADERS[cfg_dataset.format](cfg_dataset, find_files(cfg_dataset, Path(root).expanduser(), download))
 
 
 # ---------------------------------------------------------------- subsets and batches

@@ -23,6 +23,7 @@ from omegaconf.errors import InterpolationResolutionError
 
 from kd_cli.atomic import check_writable
 from kd_cli.config import ignored_settings, scheme_option_error, validate
+from kd_cli.data import find_files
 from kd_cli.engine import resolve_device
 from kd_cli.errors import KdError, UsageError
 from kd_cli.losses import LOSSES
@@ -324,6 +325,20 @@ def _check_teacher_checkpoint(cfg, ignored: dict[str, str], checkpoints: dict[st
     check_made_for(checkpoints[str(value)], Path(value), cfg.teacher, cfg)
 
 
+def _dataset_of(cfg, multirun: bool) -> tuple | None:
+    """What `_check_datasets` looks for; None for a SLURM sweep, whose jobs may read data.root on their own nodes."""
+    if multirun and "Slurm" in str(OmegaConf.select(cfg, "hydra.launcher._target_")):
+        return None
+    return OmegaConf.to_yaml(cfg.dataset), str(cfg.data.root), bool(cfg.data.download)
+
+
+def _check_datasets(datasets: set) -> None:
+    """Each dataset's files, found now (or downloaded, once for a whole sweep), last of the checks since
+    a download takes a while: a missing dataset would otherwise fail every job after Hydra had made its folder."""
+    for dataset_yaml, root, download in sorted(d for d in datasets if d is not None):
+        find_files(OmegaConf.create(dataset_yaml), Path(root).expanduser(), download)
+
+
 def _both(subject: str, other: str) -> str:
     """`train.schedule=cosine` and `train.schedule=constant` -> `train.schedule=cosine,constant`:
     a sweep over the deciding setting, every value of which ignores the key."""
@@ -397,10 +412,11 @@ def settings_of(args: list[str]) -> dict[str, str]:
     return {key: value for key, _, value in (o.partition("=") for o in kept)}
 
 
-def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
+def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True, data: bool = True):
     """Raise KdError (one line) if the command line cannot run; return its config (that of the last
     combination checked, for a sweep), or None for Hydra's flags that run nothing. With `warn`, print
-    a warning for a setting the run ignores: an alpha or T that the chosen loss ignores, momentum with Adam."""
+    a warning for a setting the run ignores: an alpha or T that the chosen loss ignores, momentum with Adam.
+    With `data`, find the datasets the runs read, or download them."""
     flags, overrides = split_args(args)
     # --cfg prints the config a run would have: checked as the run would be, though nothing runs.
     shown = "--cfg" in flags
@@ -413,6 +429,7 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
     searched: set[str] = set()  # settings in hparams_search's space
     compositions: dict[tuple, object] = {}
     checkpoints: dict[str, dict] = {}  # teacher.checkpoint -> its content, read once for all combinations
+    datasets: set[tuple | None] = set()  # the datasets the combinations read
     # The sweeper's own params (hparams_search's space, say) are swept too.
     swept = _with_sweeper_params(parsed, command, conf_dir, compositions) if multirun else parsed
     combinations = _combinations(swept)
@@ -434,6 +451,7 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
         _unused_in_all(unused, ignored, cfg)
         if not shown:
             _check_teacher_checkpoint(cfg, ignored, checkpoints)
+            datasets.add(_dataset_of(cfg, multirun))
         if multirun:
             searched |= set(OmegaConf.select(cfg, "hydra.sweeper.params") or {})
     _check_added_keys(parsed, cfg, command, conf_dir)
@@ -465,4 +483,6 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True):
     # checks it just before storing a model it has to train (train_missing=true, a chain's links).
     if command == "train":
         check_writable(cfg.store_dir, "the model store", "store_dir=PATH")
+    if data:
+        _check_datasets(datasets)
     return cfg

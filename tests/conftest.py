@@ -54,6 +54,16 @@ def fashion_mnist():
     return FASHION
 
 
+@pytest.fixture(autouse=True)
+def datasets_looked_for(monkeypatch) -> set:
+    """The datasets an in-process preflight would find or download, recorded instead: its checks of
+    configs are under test there, and the default dataset (CIFAR-10) cannot be downloaded here. The
+    `kd` fixture's runs are processes of their own, so they find (or fail to find) the real files."""
+    looked_for = set()
+    monkeypatch.setattr("kd_cli.preflight.find_files", lambda dataset, root, download: looked_for.add(dataset.name))
+    return looked_for
+
+
 @pytest.fixture
 def one_thread():
     """Torch on one thread for the test. The models in such tests are tiny, and on a shared 2-core

@@ -320,6 +320,22 @@ def test_cfg_job_shows_a_valid_config_without_warnings(tmp_path, monkeypatch, ca
     assert capsys.readouterr().err == ""
 
 
+def test_the_datasets_of_a_sweep_are_looked_for_before_it_runs_except_on_slurm(tmp_path, monkeypatch, datasets_looked_for):
+    from kd_cli.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)
+    preflight("distill", ["-m", "dataset=mnist,fashion_mnist", "alpha=0.1,0.9"], config_dir())
+    assert datasets_looked_for == {"mnist", "fashion_mnist"}
+    datasets_looked_for.clear()
+    preflight("distill", ["dataset=mnist", "--cfg", "job"], config_dir())  # shows the config, runs nothing
+    assert datasets_looked_for == set()
+    # A SLURM job may read data.root on its own node; run without -m, the launcher is not used.
+    preflight("distill", ["-m", "dataset=mnist", "alpha=0.1,0.9", "hydra/launcher=slurm"], config_dir())
+    assert datasets_looked_for == set()
+    preflight("distill", ["dataset=mnist", "hydra/launcher=slurm"], config_dir())
+    assert datasets_looked_for == {"mnist"}
+
+
 def test_a_glob_sweep_is_checked_over_the_configs_it_picks(tmp_path, monkeypatch):
     from kd_cli.preflight import _combinations, parse_overrides, preflight
 

@@ -35,7 +35,7 @@ def test_every_seed_experiment_has_a_quick_variant():
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_preset_composes_and_every_part_passes_preflight(name, capsys):
+def test_preset_composes_and_every_part_passes_preflight(name, capsys, datasets_looked_for):
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("distill", [f"experiment={name}"])
     preset = cfg.preset
@@ -43,6 +43,7 @@ def test_preset_composes_and_every_part_passes_preflight(name, capsys):
     assert cfg.train_missing is True
     for part in preset.runs:
         preflight("distill", [f"experiment={name}", *part.split(), "-m"], config_dir())  # raises on any bad combination
+    assert datasets_looked_for == {cfg.dataset.name}
     assert "warning" not in capsys.readouterr().err  # no preset sweeps a value its loss ignores
     for entry in preset.published:
         assert entry.label and "match" in entry and "role" in entry.match
@@ -204,3 +205,12 @@ def test_the_published_vs_measured_figure_labels_bars_as_the_table_gives_them(tm
     table = pd.DataFrame({"result": ["scratch", "KD"], "published": [87.25, None], "measured": [70.4, 89.0]})
     plots.published_vs_measured(table, "t", tmp_path / "experiment.png")
     assert labels == ["87.25", "70.4", "89"]
+
+
+def test_an_experiment_without_its_dataset_stops_before_making_its_folder(kd):
+    """Each retry would otherwise add an experiment folder of failed jobs, and suggest resume=true."""
+    proc = kd("distill", "experiment=tutorial", "data.download=false", check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == ("kd: error: cifar10 not found in data/cifar-10-batches-py; set data.root=DIR to a "
+                                   "folder that has 'cifar-10-batches-py', or data.download=true with internet access")
+    assert not (kd.cwd / "outputs").exists() and not (kd.cwd / "data").exists()
