@@ -107,7 +107,8 @@ def _task_overrides() -> list[str]:
 
 
 def _log_to_file(message: str) -> None:
-    """`message` into the run's log file only: the terminal showed it before the run began."""
+    """`message` into the run's log file only: the terminal had preflight's warnings, for the whole
+    command line, before the run began."""
     record = log.makeRecord(log.name, logging.WARNING, __file__, 0, message, None, None)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
