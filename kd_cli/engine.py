@@ -189,6 +189,7 @@ class Teacher:
         self.precision = self._choose_precision(cfg.train, device, cached=mode != "off" and not augment)
         self.cache = None
         self.seconds_reused = 0.0  # what computing a cache kept by an earlier fit cost
+        self.seconds_waited = 0.0  # spent waiting for a parallel job's pass, which it counts as its own
         if mode == "on" and augment:
             raise KdError(CACHE_NEEDS_FIXED_INPUTS)
         if mode != "off" and not augment:
@@ -253,14 +254,17 @@ class Teacher:
             disk_mb = train_cfg.get("teacher_cache_disk_mb") or 0
             # A parallel job with this teacher and these images may be computing the same outputs, to be
             # saved: wait for them rather than compute them twice (worth it only where they will be saved).
+            asked = time.perf_counter()
             with kept_outputs.computing(key, folder if mb <= disk_mb else None) as waited:
+                self.seconds_waited = time.perf_counter() - asked
                 found = kept_outputs.find(key, folder, first, n) if waited else None
                 if not found:
                     kept_outputs.forget()  # before the new pass: one cache in memory at a time
                     cache = self._whole_pass(first, data, chunk)
                     log.info("teacher cache: on (teacher outputs for %d images, computed and kept in %s, %.1f MB, "
                              "reused every epoch)", n, self.precision, mb)
-                    kept_outputs.keep(key, cache, time.perf_counter() - started, folder, disk_mb)
+                    seconds = time.perf_counter() - started - self.seconds_waited
+                    kept_outputs.keep(key, cache, seconds, folder, disk_mb)
                     return cache
         cache, self.seconds_reused, where = found
         log.info("teacher cache: on (teacher outputs for %d images in %s, %.1f MB, taken from %s: same teacher "
@@ -457,8 +461,9 @@ def _fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, de
     teacher_outputs = None
     if loss_fn.needs_teacher:
         teacher_outputs = Teacher(teacher, loss_fn.teacher_layers, data, cfg, device, augment, teacher_outputs_folder)
-        # A cache kept by an earlier fit counts at what it cost: train_time_s compares across runs.
-        started -= teacher_outputs.seconds_reused
+        # A cache kept by an earlier fit counts at what it cost, and the wait for a parallel job's pass not
+        # at all (that pass is counted as reused): train_time_s compares across runs.
+        started -= teacher_outputs.seconds_reused - teacher_outputs.seconds_waited
     if teacher_outputs is None or teacher_outputs.cache is None:
         kept_outputs.forget()
     loss_fn.to(device)

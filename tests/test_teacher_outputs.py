@@ -4,6 +4,7 @@ Every reuse must train exactly as a fresh pass would; anything that changes the 
 teacher, the images, the tapped layers, a temperature the digest cannot see) gets a pass of its own.
 """
 
+import contextlib
 import copy
 import os
 import time
@@ -156,13 +157,30 @@ def test_a_parallel_job_waits_for_the_outputs_another_is_computing_then_reads_th
             time.sleep(0.5)
             saved.write_bytes(content)
 
+    asked_and_got = []
+    computing = teacher_outputs.computing
+
+    @contextlib.contextmanager
+    def timed_computing(*args):
+        asked = time.perf_counter()
+        with computing(*args) as waited:
+            asked_and_got.append((asked, time.perf_counter()))
+            yield waited
+
     other = threading.Thread(target=other_job)
     other.start()
     assert holding.wait(5)
+    monkeypatch.setattr(teacher_outputs, "computing", timed_computing)  # this job's, not the other's
     with caplog.at_level("INFO"):
-        _, calls, _ = fitted(cfg, folder=tmp_path)
+        started = time.perf_counter()
+        _, calls, result = fitted(cfg, folder=tmp_path)
+        wall = time.perf_counter() - started
     other.join()
     assert calls == 1  # the first batch, to check what it read; no pass of its own
+    # The other job's pass counts at what it cost, as a cache an earlier fit kept; the wait for it does not count.
+    (asked, got), = asked_and_got
+    assert got - asked > 0.1
+    assert result.train_time_s <= wall - (got - asked) + torch.load(saved, weights_only=True)["seconds"]
     assert f"waiting for {saved.name}" in caplog.text and f"taken from {saved}" in caplog.text
     assert list(tmp_path.iterdir()) == [saved]  # no lock file left
 
