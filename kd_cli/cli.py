@@ -18,6 +18,7 @@ from hydra.errors import HydraException
 from hydra.types import RunMode
 
 from kd_cli import __version__
+from kd_cli.atomic import atomic_write_text
 from kd_cli.errors import KdError, Terminated, UsageError
 
 COMMANDS = {
@@ -60,8 +61,12 @@ def _task(name: str):
             (run_dir / "error.txt").unlink(missing_ok=True)
             raise
         except BaseException as e:
-            # Left in the run directory for sweep summaries and for whoever looks at it later.
-            (run_dir / "error.txt").write_text("".join(traceback.format_exception(e)) + f"{e}\n")
+            # Left in the run directory for sweep summaries and for whoever looks at it later; atomically,
+            # so that a full disk leaves no empty file, and without replacing the run's own error.
+            try:
+                atomic_write_text(run_dir / "error.txt", "".join(traceback.format_exception(e)) + f"{e}\n")
+            except KdError:
+                pass
             single_run = HydraConfig.get().mode == RunMode.RUN
             if isinstance(e, KdError) and single_run and os.environ.get("HYDRA_FULL_ERROR") != "1":
                 print(e, file=sys.stderr)  # one line; Hydra would add its own lines around it
@@ -306,13 +311,16 @@ def main() -> None:
             print(f"kd: {how} before the run started; nothing was written", file=sys.stderr)
         sys.exit(status)
     finally:
-        skipped = False
+        failed_after = 0  # the exit status of a summary that went wrong once the jobs had ended
         for sweep_dir in sweep.started_sweeps if sweep else []:
             try:
                 sweep.summarize(sweep_dir)
             except KeyboardInterrupt:  # a second Ctrl-C, or one once the jobs had ended: one line, not a traceback
                 print(f"kd: interrupted; the summary of {sweep_dir} was skipped (`kd report {sweep_dir}` writes its "
                       f"report)", file=sys.stderr)
-                skipped = True
-        if skipped and sys.exc_info()[0] is None:  # the sweep had ended: its exit status says it was stopped
-            sys.exit(130)
+                failed_after = 130
+            except KdError as e:  # summary.csv could not be written (a full disk): one line, not a traceback
+                print(e, file=sys.stderr)
+                failed_after = failed_after or 1
+        if failed_after and sys.exc_info()[0] is None:  # the sweep had ended: its exit status says what went wrong after
+            sys.exit(failed_after)

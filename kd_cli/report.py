@@ -26,7 +26,7 @@ import yaml
 
 from kd_cli.atomic import atomic_write_text, check_writable
 from kd_cli.errors import KdError
-from kd_cli.results import csv_text, failed_since_results
+from kd_cli.results import csv_text, failed_since_results, last_line
 
 log = logging.getLogger(__name__)
 
@@ -137,11 +137,6 @@ def _hydra_config(path: Path) -> dict:
         return OmegaConf.to_container(conf, resolve=True)
     except Exception:  # an interpolation that only resolves inside the job (hydra.*): keep it unresolved
         return OmegaConf.to_container(conf, resolve=False)
-
-
-def last_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "(empty error.txt)"
 
 
 _NUMBERS = (*METRICS, *COSTS, "alpha", "T", "seed")

@@ -31,6 +31,12 @@ def failed_since_results(folder: Path) -> bool:
         return False
 
 
+def last_line(error_text: str) -> str:
+    """The last line of a run's error.txt: the one-line error (a full disk may have left the file empty)."""
+    lines = [line.strip() for line in error_text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "(empty error.txt)"
+
+
 def add_comparisons(rows: list[dict]) -> None:
     """Fill the distilled rows' gain over the scratch student and their share of the teacher."""
     by_role = {r["role"]: r for r in rows}

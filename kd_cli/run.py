@@ -34,6 +34,7 @@ from kd_cli.provenance import record_run
 from kd_cli.results import add_comparisons, print_table, results_frame, write_results
 from kd_cli.store import (STUDENT_FILE, load_checkpoint, load_into, making, model_spec, named_file, recipe,
                            save_checkpoint, store_path)
+from kd_cli.sweep import override_value
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def train_command(cfg, model_cfg=None, recipe_keys=()) -> str:
     kept = [o for o, key in zip(overrides, keys) if key not in _DISTILL_ONLY and key.split(".")[0] not in _DISTILL_ONLY]
     # The recipe as `cfg` has it: a teacher_recipe may have changed data.* or train.* values.
     kept = [f"{key}={_typed(OmegaConf.select(cfg, key))}" if key.startswith(("data.", "train.")) and
-            _parsed(value) != OmegaConf.select(cfg, key) else f"{key}={value}"
+            override_value(value) != OmegaConf.select(cfg, key) else f"{key}={value}"
             for key, _, value in (o.partition("=") for o in kept)]
     kept += [f"{key}={_typed(OmegaConf.select(cfg, key))}" for key in recipe_keys]
     # A key given twice is given once, with the value that took effect.
@@ -120,14 +121,6 @@ def _typed(value) -> str:
     if OmegaConf.is_config(value):
         value = OmegaConf.to_container(value, resolve=True)
     return json.dumps(value, separators=(",", ":")) if isinstance(value, list | bool) or value is None else str(value)
-
-
-def _parsed(text: str):
-    """An override's value as the config holds it (OmegaConf's YAML reads 1e-3 as a number)."""
-    try:
-        return OmegaConf.to_container(OmegaConf.create(f"v: {text}"))["v"]
-    except Exception:
-        return text
 
 
 @dataclass

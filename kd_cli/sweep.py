@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from kd_cli.atomic import atomic_write_text
 from kd_cli.errors import KdError
-from kd_cli.results import csv_text, failed_since_results, print_table
+from kd_cli.results import csv_text, failed_since_results, last_line, print_table
 
 log = logging.getLogger(__name__)
 
@@ -142,11 +142,17 @@ def _job_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(jobs, key=lambda p: _job_order(p.name))
 
 
-def _parse_value(text: str):
+def override_value(text: str):
+    """An override's value as the config holds it: OmegaConf's YAML reads 1e-3 as a number, where
+    PyYAML's (YAML 1.1) reads a string."""
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
+        return OmegaConf.to_container(OmegaConf.create(f"v: {text}"))["v"]
+    except Exception:
         return text
+
+
+def _parse_value(text: str):
+    value = override_value(text)
     return value if isinstance(value, (int, float, str, bool)) or value is None else text
 
 
@@ -190,7 +196,7 @@ def _job_rows(job: Path, overrides: dict) -> list[dict]:
         return [{**base, "status": "ok", **{k: v for k, v in r.items() if v is not None or k not in base}} for r in rows]
     error = job / "error.txt"
     if error.exists():
-        return [{**base, "status": "failed", "error": error.read_text().strip().splitlines()[-1]}]
+        return [{**base, "status": "failed", "error": last_line(error.read_text(errors="replace"))}]
     return [{**base, "status": "unfinished"}]
 
 

@@ -503,6 +503,15 @@ def test_bad_inputs_through_the_cli_are_one_line_and_lose_nothing(kd):
         assert path.read_bytes() == content, f"{path} changed"
 
 
+def test_a_sweep_summary_that_cannot_be_written_is_one_line_after_the_jobs(kd):
+    (kd.cwd / "sweep" / "summary.csv").mkdir(parents=True)  # a folder where the file goes: as a full disk would
+    proc = kd("distill", *TINY, "loss=ce", "-m", "seed=0", "hydra.sweep.dir=sweep", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("kd: error: cannot write sweep/summary.csv: Is a directory; "
+                                                    "its previous version is intact")
+    assert (kd.cwd / "sweep" / "0" / "results.json").is_file()  # the job itself finished
+
+
 def test_full_traceback_on_request(kd):
     proc = kd("distill", *TINY, "device=cuda", check=False)
     assert "Traceback" not in proc.stderr

@@ -102,6 +102,28 @@ def test_a_swept_value_the_loss_did_not_read_still_names_its_job(tmp_path, capsy
     assert pd.read_csv(tmp_path / "summary.csv")["T"].tolist() == [1, 2]
 
 
+def test_values_in_exponent_form_are_numbers_and_get_their_heatmap(tmp_path, monkeypatch):
+    """`train.lr=1e-3,5e-4`: the config reads numbers (OmegaConf's YAML); PyYAML's 1.1 would read strings."""
+    jobs = [[f"alpha={a}", f"train.lr={lr}"] for a in (0.5, 0.9) for lr in ("1e-3", "5e-4")]
+    for num, overrides in enumerate(jobs):
+        _job(tmp_path, num, overrides, accuracy=80.0 + num)
+    heatmaps = []
+    monkeypatch.setattr(sweep, "write_heatmap", lambda frame, *args: heatmaps.append(args[:2]) or args[-1])
+    sweep.summarize(tmp_path)
+    assert pd.read_csv(tmp_path / "summary.csv")["train.lr"].tolist() == [0.001, 0.0005, 0.001, 0.0005]
+    assert heatmaps == [("alpha", "train.lr")]
+
+
+def test_an_empty_error_file_is_a_failed_job(tmp_path):
+    """A full disk can leave error.txt empty: the job is still listed as failed."""
+    _job(tmp_path, 0, ["alpha=0.3"], accuracy=80.0)
+    _job(tmp_path, 1, ["alpha=0.7"])
+    (tmp_path / "1" / "error.txt").write_text("")
+    sweep.summarize(tmp_path)
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert summary["status"].tolist() == ["ok", "failed"] and summary["error"].iloc[1] == "(empty error.txt)"
+
+
 def test_without_a_plan_only_started_jobs_are_listed(tmp_path):
     """An Optuna sweep (its trials are not known in advance) or a sweep started by an older kd."""
     _job(tmp_path, 0, ["alpha=0.3"], accuracy=80.0)
