@@ -117,7 +117,9 @@ def _schedule(optimizer, train_cfg):
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
     if name == "multistep":
-        milestones = [max(1, round(f * epochs)) for f in train_cfg.milestones]
+        # After epoch 1 at the earliest and epoch `epochs`-1 at the latest: a drop after the last epoch
+        # would change nothing (0.9 of 4 epochs rounds to 4).
+        milestones = [min(max(1, round(f * epochs)), max(1, epochs - 1)) for f in train_cfg.milestones]
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=train_cfg.gamma)
     if name == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)

@@ -205,3 +205,22 @@ def test_a_fit_hands_the_teacher_back_in_its_own_memory_layout(cifar):
     data, student, teacher, loss_fn = seeded_kd_setup(cfg)
     fit(student, loss_fn, data, cfg, torch.device("cpu"), teacher=teacher)
     assert all(p.is_contiguous() for p in [*teacher.parameters(), *student.parameters()])
+
+
+@pytest.mark.parametrize("epochs, fractions, lrs", [
+    (4, [0.5, 0.9], [1.0, 1.0, 0.1, 0.01]),  # 0.9 of 4 epochs rounds to 4: its drop comes before the last epoch
+    (200, [0.5, 0.75], [1.0] * 100 + [0.1] * 50 + [0.01] * 50),
+    (3, [0.5, 0.75], [1.0, 1.0, 0.01]),  # both fall after epoch 2: each milestone multiplies by gamma
+])
+def test_multistep_milestones_fall_within_the_training(epochs, fractions, lrs):
+    from omegaconf import OmegaConf
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    train_cfg = OmegaConf.create({"schedule": "multistep", "epochs": epochs, "milestones": fractions, "gamma": 0.1})
+    schedule = engine._schedule(optimizer, train_cfg)
+    seen = []
+    for _ in range(epochs):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert seen == pytest.approx(lrs)
