@@ -245,10 +245,9 @@ def main() -> None:
     logging.raiseExceptions = False
     args = sys.argv[1:]
     if not args or args[0] in ("-h", "--help", "help"):
-        sys.exit(_until_the_reader_stops(lambda: print(usage()) or 0))
+        sys.exit(_until_the_reader_stops(lambda: print(usage(), flush=True) or 0))
     if args[0] == "--version":
-        print(__version__)
-        return
+        sys.exit(_until_the_reader_stops(lambda: print(__version__, flush=True) or 0))
     command = args[0]
     if command not in COMMANDS:
         print(f"kd: error: unknown command '{command}'; choose one of: {', '.join(COMMANDS)} (kd --help)", file=sys.stderr)
@@ -299,6 +298,10 @@ def main() -> None:
             sys.exit(2 if isinstance(e, UsageError) else 1)
         # Hydra's argparse reads no override after a flag: its flags go first.
         sys.argv = [f"kd {command}", *flags, *overrides, *resumed]
+        if cfg is None and hasattr(signal, "SIGPIPE"):
+            # Hydra only prints (--cfg, --info), with its own handler of errors: once the reader stops
+            # (| head), the process ends as a shell tool does, quietly with 141, not with a traceback.
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         started = True
         hydra.main(config_path=config_dir(), config_name=command, version_base="1.3")(_task(command))()
     except KeyboardInterrupt as stop:

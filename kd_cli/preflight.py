@@ -362,7 +362,7 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
 
     kd takes `-m` and `--cfg job` anywhere on the line; Hydra's argparse reads no override after a
     flag, so `kd distill loss=at -m T=1,2` would stop at "unrecognized arguments: T=1,2". A flag Hydra
-    does not know is kept for its parser to report.
+    does not know is refused here, before any check that could take a while (a dataset's download).
     """
     actions = _hydra_options()
     flags, overrides, modes, i = [], [], [], 0
@@ -377,8 +377,9 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
             prefixed = {a for o, a in actions.items() if o.startswith(typed)}
             action = prefixed.pop() if len(prefixed) == 1 else None
         if action is None:
-            flags.append(arg)
-            continue
+            close = difflib.get_close_matches(typed, [o for o in actions if o.startswith("--")], n=1)
+            raise UsageError(f"unknown flag {typed}" + (f"; did you mean {close[0]}?" if close else "") +
+                             f" (kd takes Hydra's flags: {', '.join(sorted({a.option_strings[0] for a in actions.values()}))})")
         name = action.option_strings[0]
         if action.dest in _MODES:
             modes.append(_MODES[action.dest])
@@ -392,6 +393,8 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
         elif action.nargs == "?" and i < len(args) and args[i] in action.choices:
             flags += [name, args[i]]
             i += 1
+        elif action.nargs == "?":  # its value spelled out: Hydra's argparse would take the first override for it
+            flags.append(f"{name}={action.const}")
         else:
             flags.append(name)
     modes = list(dict.fromkeys(modes))

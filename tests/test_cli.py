@@ -1,6 +1,7 @@
 """End to end through the installed `kd` command on real Fashion-MNIST subsets."""
 
 import re
+import signal
 import subprocess
 from pathlib import Path
 
@@ -229,6 +230,25 @@ def test_hydra_flags_go_anywhere_on_the_line(kd):
     assert line.startswith("kd: error: -m and --cfg do not combine: --cfg is about one run; drop -m")
     line = one_line_error(kd("distill", "-m", "alpha=0.1,0.2", "--help", check=False))
     assert line.startswith("kd: error: --help shows one run's config; drop -m and give each key one value (")
+
+
+@pytest.mark.parametrize("args", [["--version"], ["distill", "dataset=fashion_mnist", "--cfg", "job"],
+                                  ["train", "--info", "dataset=fashion_mnist"]])
+def test_what_only_prints_ends_quietly_when_its_reader_has_gone(args):
+    """`kd --version | true`: the pipe is closed before kd writes. As a shell tool: no traceback, and status
+    141, which a shell also shows for a process killed by SIGPIPE (what Hydra's printing leaves to the signal)."""
+    proc = subprocess.Popen([kd_executable(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait() in (141, -signal.SIGPIPE) and stderr == "", stderr
+
+
+def test_an_unknown_flag_is_refused_before_anything_is_looked_for(kd):
+    proc = kd("train", "--multirn", "alpha=0.5", check=False)  # CIFAR-10, the default dataset, is not here
+    assert proc.returncode == 2
+    assert one_line_error(proc).startswith("kd: error: unknown flag --multirn; did you mean --multirun? (kd takes "
+                                           "Hydra's flags: --cfg, ")
+    assert "download" not in proc.stderr and not (kd.cwd / "data").exists()
 
 
 def test_runs_without_a_torchvision_model_do_not_import_torchvision():
