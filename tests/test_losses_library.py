@@ -819,6 +819,8 @@ def test_unequal_stage_counts_pair_the_deepest_stages_unless_layers_are_given():
         attached("at", teacher_arch="light6", teacher_layers=["features.6", "features.13", "features.20"])
     with pytest.raises(KdError, match=r"loss.student_layers has 1 layer and loss.teacher_layers 2 layers \(its default"):
         attached("at", student_layers=["features.2"])
+    with pytest.raises(KdError, match=r"loss.student_layers has 1 layer and loss.teacher_layers 2 layers; give"):
+        attached("at", student_layers=["features.2"], teacher_layers=["features.4", "features.9"])  # both given
 
 
 def test_a_misspelt_option_is_an_error_not_ignored():

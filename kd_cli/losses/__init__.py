@@ -102,7 +102,7 @@ class DistillationLoss(nn.Module):
                 teacher_default = default_layers(teacher, self.layer_kind)
                 count = min(len(student_default), len(teacher_default), self.max_layers or len(student_default))
                 self.student_layers, self.teacher_layers = student_default[-count:], teacher_default[-count:]
-            else:  # one side given: the other side's defaults
+            elif not (self.student_layers and self.teacher_layers):  # one side given: the other side's defaults
                 defaulted = "student" if not self.student_layers else "teacher"
                 self.student_layers = self.student_layers or self._deepest(default_layers(student, self.layer_kind))
                 self.teacher_layers = self.teacher_layers or self._deepest(default_layers(teacher, self.layer_kind))
