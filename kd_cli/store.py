@@ -45,9 +45,11 @@ _DATASET_SETTINGS = ("channels", "image_size", "num_classes", "mean", "std", "cr
 
 def recipe(cfg) -> dict:
     """Everything besides the architecture and seed that determines a trained model."""
-    out = {"dataset": _dataset_identity(cfg.dataset)}
+    out = {"dataset": _dataset_identity(cfg.dataset, augmented=bool(cfg.data.get("augment", True)))}
     for block, skip in _RUNTIME_ONLY.items():
         out[block] = {k: v for k, v in OmegaConf.to_container(cfg[block], resolve=True).items() if k not in skip}
+    if "val_fraction" in out["data"] and out["data"]["val_fraction"] is None:  # null holds nothing out, as 0 does
+        out["data"]["val_fraction"] = _base_defaults()["data"]["val_fraction"]
     return _unread_as_default(out)
 
 
@@ -72,15 +74,17 @@ def _base_defaults() -> dict:
     return OmegaConf.to_container(OmegaConf.load(Path(config_dir()) / "base.yaml"))
 
 
-def _dataset_identity(dataset_cfg) -> str | dict:
+def _dataset_identity(dataset_cfg, augmented: bool) -> str | dict:
     """The dataset's name, with its settings that differ from its file in conf/dataset/ (all of them for
-    a dataset without one). Only changed ones: the keys of models stored before kd counted them stay valid."""
+    a dataset without one). Only changed ones: the keys of models stored before kd counted them stay valid.
+    Without augmentation its crop and flip settings are not read: they change no model."""
     from kd_cli.cli import config_dir
 
     shipped = Path(config_dir()) / "dataset" / f"{dataset_cfg.name}.yaml"
     defaults = OmegaConf.to_container(OmegaConf.load(shipped)) if shipped.is_file() else {}
     settings = OmegaConf.to_container(dataset_cfg, resolve=True)
-    changed = {k: settings[k] for k in _DATASET_SETTINGS
+    read = [k for k in _DATASET_SETTINGS if augmented or k not in ("crop_padding", "hflip")]
+    changed = {k: settings[k] for k in read
                if k in settings and _numbers_as_floats(settings[k]) != _numbers_as_floats(defaults.get(k))}
     return {"name": dataset_cfg.name, **changed} if changed else dataset_cfg.name
 

@@ -361,3 +361,14 @@ def test_dataset_settings_that_change_the_model_are_part_of_its_key(tmp_path):
     paths = {store_path(OmegaConf.merge(cfg, {"dataset": change}), MODEL) for change in changed}
     assert len(paths) == len(changed) and shipped not in paths
     assert store_path(OmegaConf.merge(cfg, {"dataset": {"crop_padding": 2.0, "system_dirs": ["/elsewhere"]}}), MODEL) == shipped
+    # Without augmentation the crop and flip settings are not read: the same model, so the same key.
+    plain = OmegaConf.merge(cfg, {"data": {"augment": False}})
+    assert store_path(OmegaConf.merge(plain, {"dataset": {"crop_padding": 4, "hflip": False}}), MODEL) == store_path(plain, MODEL)
+
+
+def test_a_null_validation_fraction_is_the_recipe_without_one():
+    """data.val_fraction=null holds nothing out, as the default 0 does: the same model, so the same key."""
+    assert store_path(OmegaConf.merge(CFG, {"data": {"val_fraction": None}}), MODEL) == \
+        store_path(OmegaConf.merge(CFG, {"data": {"val_fraction": 0.0}}), MODEL)
+    assert store_path(OmegaConf.merge(CFG, {"data": {"val_fraction": 0.1}}), MODEL) != \
+        store_path(OmegaConf.merge(CFG, {"data": {"val_fraction": 0.0}}), MODEL)
