@@ -30,6 +30,7 @@ from kd_cli.data import ImageData, epoch_batches, normalize, random_crop_flip
 from kd_cli.errors import KdError
 from kd_cli.features import FeatureTaps
 from kd_cli.losses import DistillationLoss
+from kd_cli.measure import synchronize
 from kd_cli.models import has_conv
 from kd_cli.store import checksum, nested_checksum, safe_load
 
@@ -281,8 +282,7 @@ class Teacher:
         parts = [first] + [self._forward(normalize(data.train_x[i: i + chunk], data))
                            for i in range(chunk, len(data.train_y), chunk)]
         cache = {k: torch.cat([p[k] for p in parts]) for k in first}
-        if data.train_x.device.type == "cuda":
-            torch.cuda.synchronize(data.train_x.device)
+        synchronize(data.train_x.device)
         return cache
 
     def _forward(self, x: torch.Tensor) -> dict:
@@ -551,8 +551,7 @@ def _fit(student: nn.Module, loss_fn: DistillationLoss, data: ImageData, cfg, de
                 progress.step()
             lr = optimizer.param_groups[0]["lr"]  # the epoch's own, before the schedule moves it on
             schedule.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            synchronize(device)
             seconds = time.perf_counter() - epoch_start
             if first_bad_step.item() >= 0:
                 kept = f"; the last good state is in {state_path}" if state_path and state_path.exists() else ""

@@ -20,6 +20,15 @@ log = logging.getLogger(__name__)
 CPU = torch.device("cpu")
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device`: a GPU runs kernels after the Python call returns, so a
+    clock read without this would time the queueing, not the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def packed_layers(model: nn.Module) -> list[nn.Module]:
     """The quantized convolutions and linear layers of `model` (none in a float model)."""
     return [m for m in model.modules() if hasattr(m, "_packed_params") and callable(getattr(m, "weight", None))]
@@ -104,7 +113,7 @@ def latency_stats(model: nn.Module, shape, device: torch.device, runs: int = 50,
     was_training = model.training
     model.eval()
     x = _example(model, shape, device, batch).contiguous(memory_format=memory_format)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = lambda: synchronize(device)  # noqa: E731
     for _ in range(warmup):
         model(x)
     sync()

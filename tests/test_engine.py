@@ -224,3 +224,15 @@ def test_multistep_milestones_fall_within_the_training(epochs, fractions, lrs):
         optimizer.step()
         schedule.step()
     assert seen == pytest.approx(lrs)
+
+
+@pytest.mark.parametrize("device, waits_on", [("cuda", "cuda"), ("mps", "mps"), ("cpu", None)])
+def test_timings_wait_for_the_work_a_gpu_has_queued(monkeypatch, device, waits_on):
+    """CUDA and MPS run kernels after the Python call returns: epoch times, the teacher's pass and latency wait for them."""
+    from kd_cli.measure import synchronize
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *_: waited.append("cuda"))
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: waited.append("mps"))
+    synchronize(torch.device(device))
+    assert waited == ([waits_on] if waits_on else [])

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd_cli.measure import synchronize
+
 
 def train_flops_per_image(student: nn.Module, teacher: nn.Module | None, teacher_share: float, spec) -> float:
     """FLOPs of one student forward + backward, plus `teacher_share` teacher forwards, per image."""
@@ -50,7 +52,7 @@ def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, repeats: int = 
     kd's convolutions run on. The faster of the two is the peak.
     """
     n = 8192 if device.type == "cuda" else 2048
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = lambda: synchronize(device)  # noqa: E731
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     rate = 2 * n**3 / _best_seconds(lambda: a @ b, sync, repeats)

@@ -22,6 +22,7 @@ import torch
 from kd_cli.bench.cost import own_cpu_seconds, train_flops_per_image
 from kd_cli.bench.tutorial import ALPHA, BATCH_SIZE, LR, T, plain_ce_step, plain_dataset, plain_epoch, plain_kd_step
 from kd_cli.data import ImageData
+from kd_cli.measure import synchronize
 
 
 @dataclass(frozen=True)
@@ -175,8 +176,7 @@ class PlainSide(_Side):
         loader = DataLoader(dataset, batch_size=BATCH_SIZE, shuffle=True, num_workers=2)
         start = time.perf_counter()
         seen = plain_epoch(loader, step, self.device)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         # One epoch: every epoch of this loop costs the same (its workers are started anew each epoch too).
         return seen / (time.perf_counter() - start)
 
