@@ -26,6 +26,7 @@ import yaml
 
 from kd_cli.atomic import atomic_write_text, check_writable
 from kd_cli.errors import KdError
+from kd_cli.identity import settings_read
 from kd_cli.results import csv_text, failed_since_results, last_line
 
 log = logging.getLogger(__name__)
@@ -245,10 +246,14 @@ def _kind(role: str, flat: dict) -> str:
 
 
 def _counts(key: str) -> bool:
-    if key in IGNORED or key.startswith(IGNORED_PREFIXES):
-        return False
-    # dataset.* other than the name follow from the name
-    return not (key.startswith("dataset.") and key != "dataset.name")
+    return not (key in IGNORED or key.startswith(IGNORED_PREFIXES))
+
+
+def _dataset_as_read(flat: dict) -> dict:
+    """`flat` with, of its dataset.* keys, the name and the settings that change the model: the others say
+    where the files are, and without augmentation the crop and flip settings are not read (identity.py)."""
+    kept = {"name", *settings_read(bool(flat.get("data.augment", True)))}
+    return {k: v for k, v in flat.items() if not k.startswith("dataset.") or k.removeprefix("dataset.") in kept}
 
 
 def _model_label(cfg: dict) -> str | None:
@@ -301,6 +306,7 @@ def build_records(runs: list[Run]) -> list[dict]:
         # are decided below; a row leaves alpha or T empty where they were not read.)
         flat = {k: v for k, v in flat.items() if k.startswith("teacher.") or k in ("alpha", "T")
                 or not any(k == key or k.startswith(f"{key}.") for key in unread)}
+        flat = _dataset_as_read(flat)
         # A teacher= the run did not use would label its rows with a model never used, and a teacher_recipe its
         # generation 0 (born_again from scratch) with a recipe it was not trained with.
         teacher_used = uses_configured_teacher(flat) and "teacher" not in unread and not (

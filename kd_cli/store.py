@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 import kd_cli
 from kd_cli.atomic import atomic_torch_save, remove_abandoned_writes
 from kd_cli.errors import KdError
+from kd_cli.identity import dataset_identity, numbers_as_floats
 from kd_cli.models import model_label
 
 log = logging.getLogger(__name__)
@@ -39,13 +40,10 @@ _RUNTIME_ONLY = {"train": {"amp", "teacher_cache", "teacher_cache_max_mb", "teac
                  "data": {"root", "download"}}
 
 
-# The dataset settings that change which model comes out (its other keys say where its files are).
-_DATASET_SETTINGS = ("channels", "image_size", "num_classes", "mean", "std", "crop_padding", "hflip")
-
-
 def recipe(cfg) -> dict:
     """Everything besides the architecture and seed that determines a trained model."""
-    out = {"dataset": _dataset_identity(cfg.dataset, augmented=bool(cfg.data.get("augment", True)))}
+    dataset = OmegaConf.to_container(cfg.dataset, resolve=True)
+    out = {"dataset": dataset_identity(dataset, augmented=bool(cfg.data.get("augment", True)))}
     for block, skip in _RUNTIME_ONLY.items():
         out[block] = {k: v for k, v in OmegaConf.to_container(cfg[block], resolve=True).items() if k not in skip}
     if "val_fraction" in out["data"] and out["data"]["val_fraction"] is None:  # null holds nothing out, as 0 does
@@ -74,33 +72,8 @@ def _base_defaults() -> dict:
     return OmegaConf.to_container(OmegaConf.load(Path(config_dir()) / "base.yaml"))
 
 
-def _dataset_identity(dataset_cfg, augmented: bool) -> str | dict:
-    """The dataset's name, with its settings that differ from its file in conf/dataset/ (all of them for
-    a dataset without one). Only changed ones: the keys of models stored before kd counted them stay valid.
-    Without augmentation its crop and flip settings are not read: they change no model."""
-    from kd_cli.cli import config_dir
-
-    shipped = Path(config_dir()) / "dataset" / f"{dataset_cfg.name}.yaml"
-    defaults = OmegaConf.to_container(OmegaConf.load(shipped)) if shipped.is_file() else {}
-    settings = OmegaConf.to_container(dataset_cfg, resolve=True)
-    read = [k for k in _DATASET_SETTINGS if augmented or k not in ("crop_padding", "hflip")]
-    changed = {k: settings[k] for k in read
-               if k in settings and _numbers_as_floats(settings[k]) != _numbers_as_floats(defaults.get(k))}
-    return {"name": dataset_cfg.name, **changed} if changed else dataset_cfg.name
-
-
 def model_spec(model_cfg) -> dict:
     return {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if k != "checkpoint"}
-
-
-def _numbers_as_floats(value):
-    """`data.fraction=1` typed on a command line is the int 1, the config's default the float 1.0:
-    one recipe, so one key."""
-    if isinstance(value, dict):
-        return {k: _numbers_as_floats(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_numbers_as_floats(v) for v in value]
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
 
 
 def _digest(identity: dict) -> str:
@@ -112,7 +85,7 @@ def store_path(cfg, model_cfg, lineage: dict | None = None) -> Path:
     (a teacher-assistant link or a born-again generation: which teacher, loss, alpha and T)."""
     identity = {"recipe": recipe(cfg), "model": model_spec(model_cfg)} | ({"lineage": lineage} if lineage else {})
     folder = Path(cfg.store_dir) / cfg.dataset.name / model_label(model_cfg)
-    path = folder / f"seed{cfg.seed}-{_digest(_numbers_as_floats(identity))}.pt"
+    path = folder / f"seed{cfg.seed}-{_digest(numbers_as_floats(identity))}.pt"
     # Earlier kd hashed numbers as typed: a model stored so keeps serving its recipe typed that way.
     as_typed = folder / f"seed{cfg.seed}-{_digest(identity)}.pt"
     return as_typed if not path.exists() and as_typed.exists() else path

@@ -505,6 +505,27 @@ def test_teachers_from_different_files_are_not_pooled_as_seeds(tmp_path):
     assert kd["accuracy"].tolist() == [82.0]
 
 
+@pytest.mark.parametrize("augment", [True, False])
+def test_dataset_settings_split_configurations_as_the_model_store_keys_them(tmp_path, augment):
+    """`dataset.crop_padding=2,4` with augmentation trains two models (two store keys): two rows, not one
+    row with the other's runs left out as repeats. Without augmentation the crop is not read: one model."""
+    for padding, accuracy in ((2, 80.0), (4, 84.0)):
+        for seed in (0, 1):
+            cfg = config("distill", seed)
+            cfg["data"]["augment"] = augment
+            cfg["dataset"] |= {"crop_padding": padding, "folder": f"elsewhere{padding}"}  # where files are: no matter
+            rows = [row("student_kd", "mnist_student", seed, accuracy + seed, loss="kd", scheme="offline", alpha=0.5,
+                        T=4.0, checkpoint=str(tmp_path / f"{padding}{seed}" / "student.pt"))]
+            write_run(tmp_path / f"{padding}{seed}", cfg, rows, overrides=[f"dataset.crop_padding={padding}", f"seed={seed}"])
+    result = report.build_report(report.find_runs([tmp_path]))
+    if augment:
+        assert result.frame["accuracy"].tolist() == [80.5, 84.5] and set(result.frame["n"]) == {2}
+        assert result.frame["dataset.crop_padding"].tolist() == [2, 4] and not result.repeats
+    else:  # one configuration: each seed's second run repeats it
+        assert len(result.frame) == 1 and result.frame["n"].tolist() == [2] and len(result.repeats) == 2
+        assert "dataset.crop_padding" not in result.frame
+
+
 def test_a_stored_models_latency_is_the_median_of_every_runs_timing(tmp_path):
     """Every run that uses a stored teacher times it again; on a busy machine one timing can be 10x the others."""
     for job, (alpha, teacher_ms) in enumerate(((0.1, 118.6), (0.5, 14.6), (0.9, 10.6))):

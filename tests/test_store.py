@@ -120,7 +120,8 @@ def test_a_setting_the_recipe_does_not_read_keeps_its_key():
     from pathlib import Path
 
     from kd_cli.cli import config_dir
-    from kd_cli.store import _digest, _numbers_as_floats, _RUNTIME_ONLY, model_spec
+    from kd_cli.identity import numbers_as_floats
+    from kd_cli.store import _digest, _RUNTIME_ONLY, model_spec
 
     cfg = OmegaConf.merge(CFG, {"train": OmegaConf.load(Path(config_dir()) / "base.yaml").train})  # sgd, cosine
     key = store_path(cfg, MODEL)
@@ -128,7 +129,7 @@ def test_a_setting_the_recipe_does_not_read_keeps_its_key():
     as_before = {"recipe": {"dataset": "fashion_mnist", **{block: {k: v for k, v in OmegaConf.to_container(cfg[block]).items()
                                                                   if k not in skip} for block, skip in _RUNTIME_ONLY.items()}},
                  "model": model_spec(MODEL)}
-    assert key.name == f"seed0-{_digest(_numbers_as_floats(as_before))}.pt"
+    assert key.name == f"seed0-{_digest(numbers_as_floats(as_before))}.pt"
     # kd warns that these change nothing: the same model, so the same key (not a needless retrain).
     assert store_path(OmegaConf.merge(cfg, {"train": {"gamma": 0.5, "milestones": [0.3]}}), MODEL) == key
     adam = OmegaConf.merge(cfg, {"train": {"optimizer": "adam"}})
@@ -349,14 +350,15 @@ def test_making_a_model_clears_what_a_killed_write_left_in_its_folder(tmp_path, 
 def test_dataset_settings_that_change_the_model_are_part_of_its_key(tmp_path):
     """Another normalisation or augmentation trains another model; the dataset's own values keep the key
     models were stored under before kd counted them."""
-    from kd_cli.store import _digest, _numbers_as_floats, model_spec
+    from kd_cli.identity import numbers_as_floats
+    from kd_cli.store import _digest, model_spec
 
     settings = {"name": "fashion_mnist", "num_classes": 10, "mean": [0.2860], "std": [0.3530], "crop_padding": 2, "hflip": True}
     cfg = OmegaConf.merge(CFG, {"store_dir": str(tmp_path), "dataset": settings})
     shipped = store_path(cfg, MODEL)
     before = {"recipe": {"dataset": "fashion_mnist", "train": {"epochs": 2, "lr": 0.1}, "data": {"fraction": 1.0}},
               "model": model_spec(MODEL)}
-    assert shipped.name == f"seed0-{_digest(_numbers_as_floats(before))}.pt"
+    assert shipped.name == f"seed0-{_digest(numbers_as_floats(before))}.pt"
     changed = [{"mean": [0.5]}, {"std": [0.5]}, {"crop_padding": 4}, {"hflip": False}]
     paths = {store_path(OmegaConf.merge(cfg, {"dataset": change}), MODEL) for change in changed}
     assert len(paths) == len(changed) and shipped not in paths
