@@ -622,13 +622,6 @@ def build_report(runs: list[Run], filters: list[str] = (), sort: str | None = No
     others = [k for k in names if k not in DESCRIBE]
     keys = others[:first] + described + others[first:]
 
-    scratch_rows = [r for r in records if r["role"] == "student_scratch" and r["status"] == "ok"]
-    scratch_by_checkpoint = {r["checkpoint"]: r for r in scratch_rows if r.get("checkpoint")}
-    scratch_by_recipe: dict[tuple, list[dict]] = {}
-    for r in scratch_rows:
-        if (recipe := _recipe_of(r.get("checkpoint"))) is not None:
-            scratch_by_recipe.setdefault(recipe, []).append(r)
-
     def configuration(record: dict) -> tuple:
         return record["role"], record.get("model"), *(_hashable(record.get(k)) for k in keys)
 
@@ -640,6 +633,13 @@ def build_report(runs: list[Run], filters: list[str] = (), sort: str | None = No
     for key, group in groups.items():
         groups[key], repeated = newest_per_seed(group)
         repeats += repeated
+    # The baselines of the gains: the scratch students the table shows, not one that overwrite=true replaced.
+    scratch_rows = [r for (role, *_), group in groups.items() if role == "student_scratch" for r in group]
+    scratch_by_checkpoint = {r["checkpoint"]: r for r in scratch_rows if r.get("checkpoint")}
+    scratch_by_recipe: dict[tuple, list[dict]] = {}
+    for r in scratch_rows:
+        if (recipe := _recipe_of(r.get("checkpoint"))) is not None:
+            scratch_by_recipe.setdefault(recipe, []).append(r)
 
     rows = []
     for (role, model, *values), group in groups.items():

@@ -7,7 +7,9 @@ import io
 import itertools
 import json
 import math
+import os
 import subprocess
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -524,6 +526,26 @@ def test_dataset_settings_split_configurations_as_the_model_store_keys_them(tmp_
     else:  # one configuration: each seed's second run repeats it
         assert len(result.frame) == 1 and result.frame["n"].tolist() == [2] and len(result.repeats) == 2
         assert "dataset.crop_padding" not in result.frame
+
+
+def test_the_gain_is_over_the_scratch_students_the_table_shows_not_replaced_ones(tmp_path):
+    """Scratch students retrained with overwrite=true replace the old ones at the same store paths: the
+    gains of students distilled without a scratch row of their own are over the new ones too."""
+    def train(folder, seed, accuracy, age_s):
+        cfg = config("train", seed)
+        write_run(folder, cfg, [row("teacher", "mnist_teacher", seed, 85.0 + seed, checkpoint=checkpoint(cfg, "teacher")),
+                                row("student_scratch", "mnist_student", seed, accuracy, loss="ce",
+                                    checkpoint=checkpoint(cfg, "student"))])
+        os.utime(folder / "results.json", (time.time() - age_s,) * 2)
+
+    for seed in (0, 1):
+        train(tmp_path / "train-multirun" / "s" / str(seed), seed, 70.0 + seed, age_s=300)  # replaced
+        train(tmp_path / "train" / str(seed), seed, 80.0 + seed, age_s=100)
+        distill_run(tmp_path / "distill" / str(seed), seed, 0.5, 82.0 + 1.5 * seed, None, 85.0 + seed, with_scratch=False)
+    frame = report.build_report(report.find_runs([tmp_path])).frame
+    assert rows_of(frame, role="student_scratch")["accuracy"].tolist() == [80.5]
+    kd = rows_of(frame, role="student_kd").iloc[0]
+    assert kd["gain"] == pytest.approx(2.25) and kd["gain_ci_low"] < 0 < kd["gain_ci_high"]
 
 
 def test_a_stored_models_latency_is_the_median_of_every_runs_timing(tmp_path):
