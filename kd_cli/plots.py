@@ -64,6 +64,12 @@ def _distinct(frame: pd.DataFrame, key: str) -> list:
     return sorted(frame[key].dropna().unique().tolist(), key=lambda v: (isinstance(v, str), v))
 
 
+def _splits(frame: pd.DataFrame, key: str) -> bool:
+    """Whether `key` tells rows of `frame` apart into separate plots or series. An empty cell is a value
+    too: runs with a store teacher beside runs naming a teacher.checkpoint are two configurations."""
+    return key in frame and frame[key].nunique(dropna=False) > 1
+
+
 def make_plots(report, out: Path) -> list[Path]:
     frame = report.frame
     ok = frame[frame["status"] == "ok"] if not frame.empty else frame
@@ -99,7 +105,7 @@ def _two_key_plots(kd: pd.DataFrame, keys: list[str], out: Path, searches: set[s
         return []
     row_key, col_key = pair
     kd = kd.dropna(subset=list(pair))  # rows of a loss that reads no T (loss=cosine beside an alpha x T grid)
-    others = [k for k in ["model", *keys] if k not in pair and len(_distinct(kd, k)) > 1]
+    others = [k for k in ["model", *keys] if k not in pair and _splits(kd, k)]
     paths = []
     facets = kd.groupby(others, dropna=False) if others else [((), kd)]
     for values, part in itertools.islice(facets, MAX_FACETS):
@@ -203,9 +209,10 @@ def _fraction_plot(ok: pd.DataFrame, keys: list[str], out: Path) -> list[Path]:
     key = "data.fraction"
     if len(_distinct(ok, key)) < 2:
         return []
-    others = [k for k in keys if k != key and len(_distinct(ok, k)) > 1]
     series = {}
     for (role, model), part in ok.groupby(["role", "model"], sort=False):
+        # Within the role: alpha and T, empty for the scratch student, split nothing between roles.
+        others = [k for k in keys if k != key and _splits(part, k)]
         for values, sub in (part.groupby(others, dropna=False) if others else [((), part)]):
             values = values if isinstance(values, tuple) else (values,)
             extra = ", ".join(f"{k}={_value(v)}" for k, v in zip(others, values) if pd.notna(v))
@@ -228,7 +235,7 @@ def _series_by(frame: pd.DataFrame, keys: list[str], single_label: str) -> dict[
 def _teacher_size_plot(kd: pd.DataFrame, keys: list[str], out: Path) -> list[Path]:
     if "teacher_params" not in kd or len(_distinct(kd, "teacher_params")) < 2:
         return []
-    others = [k for k in ["model", *keys] if k not in ("teacher",) and len(_distinct(kd, k)) > 1]
+    others = [k for k in ["model", *keys] if k not in ("teacher",) and _splits(kd, k)]
     return [_series_plot(_series_by(kd, others, "student"), "teacher_params", "accuracy", _std_err, "teacher parameters",
                          "distilled student test accuracy (%)", "student accuracy vs teacher size",
                          out / "report_student_accuracy_vs_teacher_size.png", logx=True)]
@@ -246,7 +253,7 @@ def _student_size_gain_plot(kd: pd.DataFrame, keys: list[str], out: Path) -> lis
     kd = kd[kd["gain"].notna()]
     if len(_distinct(kd, "params")) < 2:
         return []
-    others = [k for k in keys if k not in ("student",) and len(_distinct(kd, k)) > 1]
+    others = [k for k in keys if k not in ("student",) and _splits(kd, k)]
     return [_series_plot(_series_by(kd, others, "gain"), "params", "gain", _ci_err, "student parameters",
                          "gain over scratch (points), 95% CI", "KD gain vs student size",
                          out / "report_gain_vs_student_size.png", logx=True, zero_line=True)]

@@ -439,6 +439,20 @@ def test_scope_fraction_and_teacher_plots(tmp_path, capsys):
         assert (tmp_path / name).stat().st_size > 1000, name
 
 
+def test_a_key_empty_in_some_rows_still_splits_the_plots(tmp_path, monkeypatch):
+    """An alpha x T grid with the store's teacher beside the same grid with a teacher.checkpoint file:
+    two heatmaps, not one whose cells the second grid overwrites."""
+    from kd_cli import plots
+
+    grid = [{"role": "student_kd", "model": "lightnn", "teacher.checkpoint": checkpoint_file, "alpha": alpha, "T": T,
+             "accuracy": base + i} for checkpoint_file, base in ((None, 80.0), ("/teachers/a.pt", 60.0))
+            for i, (alpha, T) in enumerate(itertools.product((0.25, 0.75), (2.0, 4.0)))]
+    drawn = []
+    monkeypatch.setattr(plots, "heatmap", lambda part, *args, **kwargs: drawn.append(part["accuracy"].tolist()) or args[-1])
+    plots._two_key_plots(pd.DataFrame(grid), ["teacher.checkpoint", "alpha", "T"], tmp_path)
+    assert sorted(drawn) == [[60.0, 61.0, 62.0, 63.0], [80.0, 81.0, 82.0, 83.0]]
+
+
 def test_through_the_kd_command(sweep):
     proc = subprocess.run([kd_executable(), "report", str(sweep), "--no-plots"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
