@@ -795,7 +795,8 @@ def _sorted(frame: pd.DataFrame, keys: list[str], sort: str | None) -> pd.DataFr
                 raise ReportError(f"--sort {name}: not a column of the report; columns: {', '.join(frame.columns)}")
             columns.append(name)
             ascending.append(not item.strip().startswith("-"))
-        return frame.sort_values(columns, ascending=ascending, na_position="last", kind="stable").reset_index(drop=True)
+        return frame.sort_values(columns, ascending=ascending, na_position="last", kind="stable",
+                                 key=_sort_key).reset_index(drop=True)
     ranks = frame["role"].map(_role_rank)
     order = frame.assign(_role=ranks.str[0], _number=ranks.str[1], _failed=frame["status"] != "ok")
     by = ["_role", "_number", "model", *[k for k in keys if k in frame.columns], "_failed"]
@@ -811,9 +812,11 @@ def _role_rank(role: str) -> tuple[int, int]:
 
 
 def _sort_key(column: pd.Series) -> pd.Series:
-    # Mixed columns (numbers and text, e.g. a key only some roles have) sort as text rather than fail.
+    # Mixed columns (numbers, text and booleans: train.amp=auto,false, or a key only some roles have) sort
+    # empty cells first, then numbers by value, then the rest as text, rather than fail.
     if column.dtype == object:
-        return column.map(lambda v: "" if v is None else f"{v:020.6f}" if isinstance(v, (int, float)) else str(v))
+        return column.map(lambda v: (0, 0.0, "") if v is None or (isinstance(v, float) and math.isnan(v)) else
+                          (1, float(v), "") if isinstance(v, int | float) and not isinstance(v, bool) else (2, 0.0, str(v)))
     return column
 
 
@@ -827,8 +830,13 @@ def optuna_results(runs: list[Run]) -> list[dict]:
         results = sweep / "optimization_results.yaml"
         if not results.exists():
             continue
-        data = yaml.safe_load(results.read_text()) or {}
-        best = data.get("best_params") or {}
+        try:  # Hydra's Optuna sweeper writes it in place: a sweep stopped at its end can leave it cut short
+            data = yaml.safe_load(results.read_text(errors="replace"))
+        except (OSError, yaml.YAMLError):
+            continue
+        best = data.get("best_params") if isinstance(data, dict) else None
+        if not isinstance(best, dict) or not best:  # no winner to name, rather than the first trial
+            continue
         jobs = [r for r in runs if r.sweep == sweep]
         winner = next((r for r in jobs if all(same(_overrides(r).get(k), _parse(str(v))) for k, v in best.items())), None)
         fractions = {r.flat.get("data.val_fraction") for r in jobs}

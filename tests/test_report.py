@@ -323,6 +323,31 @@ def test_a_one_epoch_runs_curves_mark_whole_epochs(tmp_path, monkeypatch):
     assert shown == [[1.0], [1.0]]  # loss and accuracy, each marked at epoch 1 only
 
 
+def test_a_column_of_mixed_types_sorts_numbers_by_value_then_text(tmp_path):
+    """`--sort train.amp` over train.amp=auto,false, and negative numbers beside text, in one column."""
+    for job, amp in enumerate(("auto", False)):
+        distill_run(tmp_path / str(job), 0, 0.5, 80.0 + job, 78.0, 85.0)
+        results = tmp_path / str(job) / "results.json"
+        payload = json.loads(results.read_text())
+        payload["config"]["train"]["amp"] = amp
+        results.write_text(json.dumps(payload))
+    frame = report.build_report(report.find_runs([tmp_path]), sort="train.amp").frame
+    # The stored teacher and scratch student are one model for both runs (train.amp changes no model).
+    assert frame["train.amp"].tolist() == [False, "auto", "auto", "auto"]  # False is 0: a number
+    column = pd.Series([-1.5, "x", None, -3.0, 2], dtype=object)
+    assert column.sort_values(key=report._sort_key).tolist() == [None, -3.0, -1.5, 2, "x"]
+
+
+@pytest.mark.parametrize("content", ["best_params:\n  alpha: 0.5\n best_value: [", "best_params: 0.5\n", "[1, 2]\n"])
+def test_a_damaged_optuna_results_file_names_no_winner(tmp_path, content):
+    """Hydra's Optuna sweeper writes optimization_results.yaml in place: a stopped sweep can leave it cut short."""
+    (tmp_path / "multirun.yaml").write_text("hydra: {overrides: {task: ['alpha=0.5']}}\n")
+    (tmp_path / "optimization_results.yaml").write_text(content)
+    distill_run(tmp_path / "0", 0, 0.5, 80.0, 78.0, 85.0)
+    result = report.build_report(report.find_runs([tmp_path]))
+    assert result.optuna == [] and len(result.frame) == 3
+
+
 def test_filter_sort_and_formats(sweep, capsys, tmp_path):
     assert report.main([str(sweep), "--no-plots", "--format", "csv"]) == 0  # the sweep's own report
     assert f"report: {sweep / 'report.md'} (.csv, .json), 0 plots" in capsys.readouterr().err
