@@ -843,7 +843,8 @@ def test_a_misspelt_option_is_an_error_not_ignored():
     ({"name": "dkd", "nckd_weight": -8}, "loss=dkd: loss.nckd_weight must be >= 0 (a negative weight maximises its term)"),
     ({"name": "dist", "intra_weight": -1}, "loss=dist: loss.intra_weight must be >= 0"),
     ({"name": "rkd", "angle_weight": -50}, "loss=rkd: loss.angle_weight must be >= 0"),
-    ({"name": "at", "p": 0}, "loss=at: loss.p must be > 0"),
+    ({"name": "at", "p": 0}, "loss=at: loss.p must be >= 1"),
+    ({"name": "at", "p": 0.5}, "loss=at: loss.p must be >= 1"),  # NaN gradients where a ReLU's output is 0
     ({"name": "dkd", "warmup_epochs": -1}, "loss=dkd: loss.warmup_epochs must be a whole number of epochs >= 0, got -1"),
     ({"name": "fsp", "stage1_epochs": 1.5}, "loss=fsp: loss.stage1_epochs must be a whole number of epochs >= 0, got 1.5"),
     ({"name": "nst", "degree": 2.5}, "loss=nst: loss.degree must be a whole number >= 1, got 2.5"),  # not truncated to 2
@@ -856,7 +857,7 @@ def test_a_misspelt_option_is_an_error_not_ignored():
     ({"name": "crd", "nce_t": 0}, "loss=crd: loss.nce_t must be > 0"),
     ({"name": "crd", "momentum": 1}, "loss=crd: loss.momentum must be in [0, 1)"),
     ({"name": "combo", "terms": {"kd": -1}}, "loss.terms.kd: the weight must be >= 0, got -1"),
-    ({"name": "combo", "terms": {"at": {"weight": 1, "p": 0}}}, "loss.terms.at: loss.p must be > 0"),
+    ({"name": "combo", "terms": {"at": {"weight": 1, "p": 0}}}, "loss.terms.at: loss.p must be >= 1"),
 ])
 def test_every_loss_rejects_options_it_does_not_take(loss, message):
     with pytest.raises(KdError, match=re.escape(message)):

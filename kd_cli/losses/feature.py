@@ -125,8 +125,9 @@ class AttentionTransfer(WeightedTerm, name="at"):
     def __init__(self, alpha, T, weight=1000.0, p=2.0, **options):
         super().__init__(alpha, T, weight, **options)
         self.p = float(p)
-        if self.p <= 0:
-            raise ValueError(f"loss.p must be > 0 (the power of the attention maps; at 0 they are constant), got {p}")
+        # Below 1 the gradient of |A|^p is infinite where a feature is exactly 0, as after every ReLU: NaN.
+        if self.p < 1:
+            raise ValueError(f"loss.p must be >= 1 (the power of the attention maps; the paper uses 1, 2 and 4), got {p}")
 
     def setup(self, student_shapes, teacher_shapes, num_train):
         self.require_maps(student_shapes, teacher_shapes)
