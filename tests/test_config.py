@@ -125,7 +125,6 @@ IGNORED = [
     (["loss=combo", "loss.terms={at:1000,kd:1}", "T=3"], []),
     (["loss=combo", "loss.terms={at:1000}", "T=3"], ["kd: warning: loss=combo does not use T, so T=3 changes nothing"]),
     (["-m", "loss=combo", "loss.terms={at:1000},{at:1000,kd:1}", "T=1,4"], []),
-    (["scheme=multi_teacher", "scheme.teachers=[deepnn,resnet18]", "loss=logits_mse", "T=3"], []),  # mixed at T
     (["-m", "hparams_search=optuna", "loss=at"],
      ["kd: warning: loss=at does not use T, so searching it wastes trials; drop it with '~hydra.sweeper.params.T'"]),
     (["-m", "hparams_search=optuna", "loss=at", "~hydra.sweeper.params.T"], []),

@@ -246,6 +246,11 @@ def test_teacher_recipe_trains_the_teacher_on_other_data(kd, kd_tiny):
     (["scheme=multi_teacher", "scheme.teachers=[conv2,conv4]", "scheme.weights=[1]"], "scheme.weights must be 2 non-negative numbers"),
     (["scheme=born_again", "scheme.generations=0"], "scheme.generations must be a whole number >= 1, got 0"),
     (["scheme=multi_teacher", "scheme.teachers=[conv2]", "loss=at"], "scheme=multi_teacher combines logits"),
+    # The ensemble's T * log of averaged probabilities are no logits to regress (shifted per sample, by T).
+    (["scheme=multi_teacher", "scheme.teachers=[conv2]", "loss=logits_mse"],
+     "scheme=multi_teacher averages its teachers' probabilities, and a mixture has no logits for loss=logits_mse"),
+    (["scheme=multi_teacher", "scheme.teachers=[conv2]", "loss=combo", "loss.terms={kd:1,logits_mse:1}"],
+     "a mixture has no logits for loss=combo to regress"),
     (["scheme=self", "student=mnist_student"], "scheme=self needs at least two stages"),
     (["scheme=online", "quant=qat"], "quant=qat fine-tunes a student from its teacher: use it with scheme=offline, ta or born_again"),
     (["teacher_recipe={data:{fractoin:1.0}}"], "teacher_recipe: unknown key 'data.fractoin'; did you mean 'data.fraction'?"),

@@ -25,6 +25,8 @@ class DistillationLoss(nn.Module):
 
     Class attributes:
       needs_teacher  whether the teacher runs at all;
+      regresses_logits  whether it reads the teacher's logits as values, not only the probabilities
+                     softmax gives of them (which a per-sample shift leaves unchanged);
       layer_kind     None for logit-only methods, else which default layers of each model to hook:
                      "stages" (feature maps at the end of each stage) or "embedding" (the vector the
                      classifier head sees). `loss.student_layers` / `loss.teacher_layers` override them.
@@ -36,6 +38,7 @@ class DistillationLoss(nn.Module):
     """
 
     needs_teacher = True
+    regresses_logits = False
     layer_kind: str | None = None
     max_layers: int | None = None
     uses: frozenset[str] = frozenset()

@@ -42,6 +42,7 @@ class Combo(WeightedTerm, name="combo"):
         self.terms = nn.ModuleDict(built)
         self.uses = self.uses.union(*(term.uses for term in built.values()))
         self.needs_teacher = any(term.needs_teacher for term in self.terms.values())
+        self.regresses_logits = any(term.regresses_logits for term in self.terms.values())
 
     @property
     def hooks_layers(self) -> bool:

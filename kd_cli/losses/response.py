@@ -24,6 +24,8 @@ class LogitsMSE(WeightedTerm, name="logits_mse"):
     also divide by the class count and drop the 1/2. Temperature-free: T does not apply.
     """
 
+    regresses_logits = True
+
     def term(self, student, teacher, targets, indices=None):
         diff = student["logits"] - teacher["logits"].detach()
         return 0.5 * diff.pow(2).sum(1).mean()

@@ -40,7 +40,14 @@ def logit_loss_only(loss_fn, cfg) -> None:
     """Schemes that mix several models' logits cannot pair their intermediate features."""
     if loss_fn.hooks_layers or list(loss_fn.parameters()) or not loss_fn.needs_teacher:
         raise KdError(f"scheme={cfg.scheme.name} combines logits, so it takes a loss on the teacher's logits: "
-                      f"kd, soft_ce, logits_mse, dkd or dist (not loss={cfg.loss.name})")
+                      f"kd, soft_ce, {'' if cfg.scheme.name == 'multi_teacher' else 'logits_mse, '}dkd or dist "
+                      f"(not loss={cfg.loss.name})")
+    # The ensemble's "logits" are T * log of its averaged probabilities: the probabilities are exact, but
+    # as values they are shifted per sample, and by an amount that depends on T.
+    if cfg.scheme.name == "multi_teacher" and loss_fn.regresses_logits:
+        raise KdError(f"scheme=multi_teacher averages its teachers' probabilities, and a mixture has no logits for "
+                      f"loss={cfg.loss.name} to regress (it would fit a shift that depends on T); use kd, soft_ce, "
+                      f"dkd or dist")
 
 
 # Importing the modules fills SCHEMES.
