@@ -170,13 +170,7 @@ def _check_layers(cfg) -> None:
     every job of a sweep."""
     from kd_cli.schemes.chain import chain_configs
 
-    def spec(model_cfg) -> str:
-        options = OmegaConf.to_container(model_cfg, resolve=True)
-        if "weights" in options:  # torchvision's: the layers are what is checked, and nothing is downloaded
-            options["weights"] = None
-        return json.dumps(options, sort_keys=True)
-
-    models = [spec(m) for m in chain_configs(cfg)]
+    models = [json.dumps(OmegaConf.to_container(m, resolve=True), sort_keys=True) for m in chain_configs(cfg)]
     loss = json.dumps(OmegaConf.to_container(cfg.loss, resolve=True), sort_keys=True)
     image = (cfg.dataset.channels, cfg.dataset.image_size, cfg.dataset.num_classes)
     for teacher, student in zip(models, models[1:]):
@@ -186,7 +180,9 @@ def _check_layers(cfg) -> None:
 @functools.cache  # once per pair and loss: the combinations of an alpha x T grid share it
 def _attach_to_new_models(teacher: str, student: str, loss: str, image: tuple) -> None:
     spec = ImageSpec(*image)
-    student_model, teacher_model = (build_model(OmegaConf.create(json.loads(m)), spec) for m in (student, teacher))
+    # Without torchvision's pretrained weights: the layers are what is checked, and nothing is downloaded.
+    student_model, teacher_model = (build_model(OmegaConf.create(json.loads(m)), spec, pretrained=False)
+                                    for m in (student, teacher))
     # alpha and T change no layer; the run's own are checked on their own.
     loss_fn = build_loss(OmegaConf.create({"loss": json.loads(loss), "alpha": 0.5, "T": 4.0}))
     logging.disable(logging.WARNING)  # what attach says of sizes and memory, the run says

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 DATASET_SETTINGS = ("channels", "image_size", "num_classes", "mean", "std", "crop_padding", "hflip")
 
 
-def settings_read(augmented: bool) -> tuple[str, ...]:
+def dataset_settings_read(augmented: bool) -> tuple[str, ...]:
     """The dataset settings a training reads: the crop and flip only when it augments."""
     return tuple(k for k in DATASET_SETTINGS if augmented or k not in ("crop_padding", "hflip"))
 
@@ -23,7 +23,7 @@ def dataset_identity(dataset: dict, augmented: bool) -> str | dict:
     a dataset without one). Only changed ones: the keys of models stored before kd counted them stay valid.
     Without augmentation its crop and flip settings are not read: they change no model."""
     defaults = _shipped(dataset["name"])
-    changed = {k: dataset[k] for k in settings_read(augmented)
+    changed = {k: dataset[k] for k in dataset_settings_read(augmented)
                if k in dataset and numbers_as_floats(dataset[k]) != numbers_as_floats(defaults.get(k))}
     return {"name": dataset["name"], **changed} if changed else dataset["name"]
 

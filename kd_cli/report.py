@@ -26,7 +26,7 @@ import yaml
 
 from kd_cli.atomic import atomic_write_text, check_writable
 from kd_cli.errors import KdError
-from kd_cli.identity import settings_read
+from kd_cli.identity import dataset_settings_read
 from kd_cli.results import csv_text, failed_since_results, last_line
 
 log = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ def _counts(key: str) -> bool:
 def _dataset_as_read(flat: dict) -> dict:
     """`flat` with, of its dataset.* keys, the name and the settings that change the model: the others say
     where the files are, and without augmentation the crop and flip settings are not read (identity.py)."""
-    kept = {"name", *settings_read(bool(flat.get("data.augment", True)))}
+    kept = {"name", *dataset_settings_read(bool(flat.get("data.augment", True)))}
     return {k: v for k, v in flat.items() if not k.startswith("dataset.") or k.removeprefix("dataset.") in kept}
 
 

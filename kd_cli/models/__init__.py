@@ -46,11 +46,15 @@ def has_conv(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
-def build_model(model_cfg, spec: ImageSpec) -> nn.Module:
+def build_model(model_cfg, spec: ImageSpec, pretrained: bool = True) -> nn.Module:
+    """The model `model_cfg` names; `pretrained=False` leaves out torchvision's weights: the same layers
+    and parameter count, and nothing read or downloaded (for checks that need only the architecture)."""
     arch = model_cfg.arch
     if arch not in CATALOGUE:
         raise KdError(f"unknown model '{arch}'; choose one of: {', '.join(sorted(CATALOGUE))}")
     options = {k: v for k, v in model_cfg.items() if k not in ("arch", "checkpoint")}
+    if not pretrained and "weights" in options:
+        options["weights"] = None
     return CATALOGUE[arch](spec, **options)
 
 

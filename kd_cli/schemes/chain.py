@@ -54,11 +54,9 @@ def teacher_assistant(run):
 def _warn_where_a_link_does_not_shrink(models: list, spec) -> None:
     """An assistant bridges the gap in size between the teacher and the student: a link whose student is
     not smaller than its teacher is more likely a slip in scheme.assistants than the experiment meant."""
-    # Parameter counts only: on the meta device no memory is used and no random numbers are drawn, and
-    # without pretrained weights (the same count) nothing is read or downloaded.
-    architectures = [OmegaConf.merge(m, {"weights": None}) if "weights" in m else m for m in models]
+    # Parameter counts only: on the meta device no memory is used and no random numbers are drawn.
     with torch.device("meta"):
-        params = [sum(p.numel() for p in build_model(m, spec).parameters()) for m in architectures]
+        params = [sum(p.numel() for p in build_model(m, spec, pretrained=False).parameters()) for m in models]
     for (teacher, teacher_params), (student, student_params) in itertools.pairwise(zip(models, params)):
         if student_params >= teacher_params:
             log.warning("kd: warning: scheme=ta: %s (%s parameters) teaches %s (%s parameters), which is not smaller; "
