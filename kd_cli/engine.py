@@ -182,38 +182,47 @@ class Teacher:
 
     def __init__(self, model: nn.Module, layers: list[str], data: ImageData, cfg, device: torch.device, augment: bool,
                  outputs_folder: Path | None = None):
+        mode = str(cfg.train.teacher_cache)
+        if mode == "on" and augment:
+            raise KdError(CACHE_NEEDS_FIXED_INPUTS)
         self.model = model.to(device).eval().requires_grad_(False)
         self.layers = list(layers)
         self.taps = FeatureTaps(self.model, layers, "teacher")
         self.channels_last = use_channels_last(self.model, cfg.train, device)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        mode = str(cfg.train.teacher_cache)
-        self.precision = self._choose_precision(cfg.train, device, cached=mode != "off" and not augment)
+        cached = mode != "off" and not augment
+        self.precision, why = self._choose_precision(cfg.train, device, cached)
         self.cache = None
         self.seconds_reused = 0.0  # what computing a cache kept by an earlier fit cost
         self.seconds_waited = 0.0  # spent waiting for a parallel job's pass, which it counts as its own
-        if mode == "on" and augment:
-            raise KdError(CACHE_NEEDS_FIXED_INPUTS)
-        if mode != "off" and not augment:
+        if cached:
             # On a CPU a training batch at a time, whatever the C library: with glibc's default
             # allocator DeepNN's pass over 2,048 images took 0.51 s this way and 0.82 s in chunks of 1000
             # (each chunk's 256 MB of first-layer activations mmapped and faulted in anew); after
             # keep_freed_memory(), 0.50 s either way.
             chunk = 1000 if device.type == "cuda" else cfg.train.batch_size
             self.cache = self._outputs_for_all(data, cfg.train, strict=(mode == "on"), chunk=chunk, folder=outputs_folder)
+            if self.cache is None:  # too big to keep: the teacher runs on every step after all
+                self.precision, why = self._choose_precision(cfg.train, device, cached=False)
         else:
             log.info("teacher cache: off (%s); the teacher runs on every step in %s",
                      "inputs are augmented" if augment else "train.teacher_cache=off", self.precision)
+        if why:
+            log.info("teacher precision: %s (%s; train.teacher_precision=fp32|bf16 to choose)", self.precision, why)
 
     def _autocast(self, device: torch.device):
         return torch.autocast(device.type, dtype=torch.bfloat16) if self.precision == "bf16" else nullcontext()
 
-    def _choose_precision(self, train_cfg, device, cached: bool) -> str:
-        """fp32 or bf16 for the teacher's forward pass; never decided by timing, so runs stay reproducible."""
+    @staticmethod
+    def _choose_precision(train_cfg, device, cached: bool) -> tuple[str, str]:
+        """fp32 or bf16 for the teacher's forward pass, and why `auto` chose it (empty when the user did).
+
+        Never decided by timing, so runs stay reproducible.
+        """
         mode = train_cfg.get("teacher_precision", "auto")
         if mode != "auto":
-            return mode
+            return mode, ""
         if device.type == "mps" or (cached and device.type == "cuda"):
             choice, why = "fp32", "MPS" if device.type == "mps" else "its outputs are computed once"
         elif device.type == "cuda":
@@ -226,8 +235,7 @@ class Teacher:
             # cached run's time: the cache is computed in bf16 and kept in bf16, half the memory of fp32.
             supported = cpu_has_native_bf16()
             choice, why = ("bf16" if supported else "fp32"), f"this CPU {'has' if supported else 'lacks'} native bf16"
-        log.info("teacher precision: %s (%s; train.teacher_precision=fp32|bf16 to choose)", choice, why)
-        return choice
+        return choice, why
 
     def _outputs_for_all(self, data: ImageData, train_cfg, strict: bool, chunk: int, folder: Path | None) -> dict | None:
         """Every output the loss needs, for the whole (unaugmented) training set, computed once.

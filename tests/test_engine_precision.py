@@ -209,3 +209,26 @@ def test_freed_memory_is_kept_for_reuse_only_after_keep_freed_memory(setting):
         assert returned_to_kernel < 2**20
     else:
         assert returned_to_kernel > 250 * 2**20
+
+
+def test_a_cache_too_big_to_keep_leaves_the_teacher_in_the_precision_of_a_teacher_run_every_step(cifar, monkeypatch, caplog):
+    """On CUDA, auto computes a cache in fp32 (once) but runs an every-step teacher in bf16.
+
+    The CPU teacher here is given CUDA's rule: a cache turned down for its size must not leave the
+    teacher in the cache's fp32 for every step of the fit.
+    """
+    cuda_rule = Teacher._choose_precision
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(Teacher, "_choose_precision",
+                        staticmethod(lambda train_cfg, device, cached: cuda_rule(train_cfg, torch.device("cuda"), cached)))
+    cfg = distill_config(cifar, "train.teacher_cache_max_mb=0.0001")
+    data = load_data(cfg)
+    teacher_model = build_model(cfg.teacher, data.spec)
+    with caplog.at_level(logging.INFO, logger="kd_cli.engine"):
+        teacher = Teacher(teacher_model, [], data, cfg, CPU, augment=False)
+    assert teacher.cache is None and teacher.precision == "bf16"
+    assert "teacher precision: bf16 (this GPU has bf16" in caplog.text
+    assert "teacher precision: fp32" not in caplog.text
+
+    kept = distill_config(cifar)
+    assert Teacher(copy.deepcopy(teacher_model), [], data, kept, CPU, augment=False).precision == "fp32"
