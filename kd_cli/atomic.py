@@ -64,27 +64,55 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
 
     If anything fails (a full disk, say), `path` keeps its previous content and the error is one line.
     """
-    path = Path(path)
-    tmp = None
+    atomic_write_files({Path(path): write})
+
+
+def atomic_write_files(writes: dict[Path, bytes | Callable[[IO[bytes]], None]]) -> None:
+    """Files that belong together (a model and the results that describe it), each given as its bytes or
+    as a function that writes them, each written as `atomic_write` does. Every temporary file is written
+    and synced before the first rename, so a failure while writing (a full disk) leaves all as they were.
+    """
+    paths = [Path(p) for p in writes]
+    for path in paths:
+        if path.is_dir():  # a rename over a folder fails only after the files before it were replaced
+            raise KdError(f"cannot write {path}: a folder has that name; move it away or write elsewhere")
+    temps: dict[Path, str] = {}
+    replaced: list[Path] = []
+    path = paths[0]
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            # mkstemp makes the file owner-only; give it the mode any new file gets (0644 under umask 022),
-            # so that colleagues on a shared machine can read results and reuse the model store.
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        for path, write in zip(paths, writes.values()):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, temps[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                # mkstemp makes the file owner-only; give it the mode any new file gets (0644 under umask 022),
+                # so that colleagues on a shared machine can read results and reuse the model store.
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
+                if callable(write):
+                    write(f)
+                else:
+                    f.write(write)
+                f.flush()
+                os.fsync(f.fileno())
+        for path in paths:
+            os.replace(temps.pop(path), path)
+            replaced.append(path)
     except OSError as e:
-        kept = "; its previous version is intact" if path.exists() else ""
-        raise KdError(f"cannot write {path}: {e.strerror or e}{kept}") from e
+        raise KdError(f"cannot write {path}: {e.strerror or e}{_what_was_kept(paths, replaced)}") from e
     finally:
-        if tmp is not None and Path(tmp).exists():
-            Path(tmp).unlink()
-    _fsync_folder(path)
+        for tmp in temps.values():
+            Path(tmp).unlink(missing_ok=True)
+    for path in {p.parent: p for p in paths}.values():  # one sync per folder
+        _fsync_folder(path)
+
+
+def _what_was_kept(paths: list[Path], replaced: list[Path]) -> str:
+    kept = [p for p in paths if p not in replaced and p.exists()]
+    if len(paths) == 1:
+        return "; its previous version is intact" if kept else ""
+    if replaced:
+        return (f"; already replaced: {', '.join(p.name for p in replaced)}"
+                + (f"; previous versions intact: {', '.join(p.name for p in kept)}" if kept else ""))
+    return f"; none of {', '.join(p.name for p in paths)} was replaced"
 
 
 # What a file system that cannot fsync a folder (some network and FUSE ones) answers.
@@ -107,7 +135,7 @@ def _fsync_folder(path: Path) -> None:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write_files({Path(path): text.encode()})
 
 
 def atomic_torch_save(path: Path, obj) -> None:

@@ -108,8 +108,13 @@ def latency_stats(model: nn.Module, shape, device: torch.device, runs: int = 50,
 
     `warmup` untimed passes come first (allocator, oneDNN / cuDNN kernel choice, caches), so the
     figures are of the steady state only. `memory_format` is the input's layout (torch.channels_last
-    to time a model converted to it), set before the timed passes.
+    to time a model converted to it), set before the timed passes. An int8 model is timed as it ships:
+    its TorchScript file, loaded back.
     """
+    if is_quantized(model):
+        from kd_cli.deploy.quantize import as_shipped  # deploy builds on this module
+
+        model = as_shipped(model)
     was_training = model.training
     model.eval()
     x = _example(model, shape, device, batch).contiguous(memory_format=memory_format)
@@ -144,10 +149,11 @@ def int8_costs(model: nn.Module, shape, runs: int, warmup: int) -> dict:
 
     try:
         int8 = quantize(model, [_example(model, shape, CPU, 8)])
+        latency = latency_ms(int8, shape, CPU, runs, warmup)
     except KdError as e:
         log.warning("%s; its int8 columns stay empty", e.reason)
         return {}
-    return {"int8_size_mb": round(size_mb(int8), 4), "int8_latency_ms": round(latency_ms(int8, shape, CPU, runs, warmup), 4)}
+    return {"int8_size_mb": round(size_mb(int8), 4), "int8_latency_ms": round(latency, 4)}
 
 
 # A 90th percentile over twice the median, and over it by a scheduler's time slice (~1 ms or more):
@@ -168,7 +174,7 @@ def model_costs(model: nn.Module, shape, device: torch.device, measure_cfg, labe
     latency = latency_stats(model, shape, device, runs, warmup)
     fastest, median, p90 = latency["min_ms"], latency["median_ms"], latency["p90_ms"]
     if _unsteady(median, p90) or _unsteady(fastest, median):
-        advice = ("; measure.threads=1 (or `kd bench-model ... threads=1`) times it more steadily"
+        advice = ("; one thread times it more steadily (measure.threads=1; threads=1 for kd quantize and kd bench-model)"
                   if measure_cfg.get("threads") != 1 and device.type == "cpu" else "")
         log.warning("%s: latency unsteady (fastest %.3g ms, median %.3g ms, 90th percentile %.3g ms), likely other "
                     "processes on the machine%s", label, fastest, median, p90, advice)

@@ -11,7 +11,7 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from kd_cli.atomic import atomic_write_text
+from kd_cli.atomic import atomic_write_files
 
 COLUMNS = [
     "role", "model", "dataset", "scheme", "taught_by", "loss", "seed", "alpha", "T",
@@ -68,12 +68,17 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return shown.where(shown.notna(), None).to_markdown(index=False, missingval="-")
 
 
-def write_results(run_dir: Path, frame: pd.DataFrame, details: dict) -> None:
-    run_dir = Path(run_dir)
-    atomic_write_text(run_dir / "results.csv", csv_text(frame))
-    atomic_write_text(run_dir / "results.md", markdown_table(frame) + "\n")
+def results_files(run_dir: Path, frame: pd.DataFrame, details: dict) -> dict[Path, bytes]:
+    """results.csv, .md and .json of `frame` in `run_dir`, for `atomic_write_files`; `details` go into the json."""
     records = json.loads(frame.to_json(orient="records"))
-    atomic_write_text(run_dir / "results.json", json.dumps({**details, "rows": records}, indent=2) + "\n")
+    texts = {"results.csv": csv_text(frame), "results.md": markdown_table(frame) + "\n",
+             "results.json": json.dumps({**details, "rows": records}, indent=2) + "\n"}
+    return {Path(run_dir) / name: text.encode() for name, text in texts.items()}
+
+
+def write_results(run_dir: Path, frame: pd.DataFrame, details: dict) -> None:
+    """The three results files, all replaced or none (a full disk leaves the previous three)."""
+    atomic_write_files(results_files(run_dir, frame, details))
 
 
 def _cell(value, column: str) -> str:

@@ -135,6 +135,37 @@ def test_quantize_run_reports_size_accuracy_and_latency(distilled, monkeypatch):
         command.main([f"run={distilled}", "calibration=8", "threads=1"])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
+    # So does a results file that cannot be replaced: the int8 model is not written without it.
+    monkeypatch.setattr(command, "table_row", measured)
+    (out / "results.md").unlink()
+    (out / "results.md").mkdir()
+    with pytest.raises(KdError, match="results.md: a folder has that name"):
+        command.main([f"run={distilled}", "calibration=8", "threads=1"])
+    (out / "results.md").rmdir()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {k: v for k, v in before.items() if k != "results.md"}
+
+
+def test_quantize_times_with_the_runs_measure_threads_unless_told_otherwise(distilled, tmp_path, monkeypatch):
+    from kd_cli.deploy import quantize as command
+
+    loaded = command.load_source
+
+    def run_timed_with_one_thread(options, prog):
+        source = loaded(options, prog)
+        source.cfg.measure.threads = 1
+        return source
+
+    monkeypatch.setattr(command, "load_source", run_timed_with_one_thread)
+    previous = torch.get_num_threads()
+    try:
+        for given, expected in (([], 1), (["threads=2"], 2)):
+            torch.set_num_threads(3 - expected)
+            command.main([f"run={distilled}", "calibration=8", f"out={tmp_path}", *given])
+            details = json.loads((tmp_path / "results.json").read_text())
+            assert details["device_name"].endswith(f"torch threads: {expected}")
+    finally:
+        torch.set_num_threads(previous)
+
 
 @pytest.mark.parametrize("arch", ["lightnn", "light6", "conv4", "mnist_student"])
 def test_int8_conv_students_are_at_least_3_5x_smaller(arch):
@@ -178,7 +209,7 @@ def test_the_table_times_models_with_measure_threads_and_says_when_a_timing_is_u
     assert seen == [1] and torch.get_num_threads() == threads
 
     lightnn = build_model(OmegaConf.create({"arch": "lightnn"}), FASHION_SPEC)
-    advice = "; measure.threads=1 (or `kd bench-model ... threads=1`) times it more steadily"
+    advice = "; one thread times it more steadily (measure.threads=1; threads=1 for kd quantize and kd bench-model)"
     for fastest, median, p90, threads, warned in ((0.28, 0.3, 48.0, None, advice),
                                                   (0.28, 0.3, 48.0, 1, ""),  # nothing to advise: already one thread
                                                   (0.14, 72.0, 75.0, None, advice),  # busy for most of the runs
@@ -287,6 +318,27 @@ def test_latency_excludes_warmup():
     model = SlowStart()
     stats = latency_stats(model, (1, 2, 2), torch.device("cpu"), runs=5, warmup=3)
     assert model.calls == 8 and stats["p90_ms"] < 25
+
+
+@pytest.mark.parametrize("arch", ["lightnn", "mnist_student"])  # static and dynamic int8
+def test_an_int8_model_is_timed_as_the_torchscript_file_a_user_loads(arch, monkeypatch):
+    """The FX module kd quantizes calls each layer from Python; the file kd writes is what ships."""
+    class Counted(nn.Module):
+        def __init__(self, loaded_file):
+            super().__init__()
+            self.loaded_file, self.calls = loaded_file, 0
+
+        def forward(self, x):
+            self.calls += 1
+            return self.loaded_file(x)
+
+    int8 = quantize(build_model(OmegaConf.create({"arch": arch}), FASHION_SPEC).eval(), [torch.randn(8, 1, 28, 28)])
+    loaded, real_load = [], torch.jit.load
+    monkeypatch.setattr(torch.jit, "load", lambda f: loaded.append(Counted(real_load(f))) or loaded[-1])
+    stats = latency_stats(int8, (1, 28, 28), torch.device("cpu"), runs=3, warmup=1)
+    assert len(loaded) == 1 and loaded[0].calls == 4 and stats["median_ms"] > 0
+    x = torch.randn(4, 1, 28, 28)
+    torch.testing.assert_close(loaded[0].loaded_file(x), int8(x), rtol=0, atol=0)
 
 
 def test_unsupported_models_are_refused_in_one_line():

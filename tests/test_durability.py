@@ -507,8 +507,8 @@ def test_a_sweep_summary_that_cannot_be_written_is_one_line_after_the_jobs(kd):
     (kd.cwd / "sweep" / "summary.csv").mkdir(parents=True)  # a folder where the file goes: as a full disk would
     proc = kd("distill", *TINY, "loss=ce", "-m", "seed=0", "hydra.sweep.dir=sweep", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == ("kd: error: cannot write sweep/summary.csv: Is a directory; "
-                                                    "its previous version is intact")
+    assert proc.stderr.strip().splitlines()[-1] == ("kd: error: cannot write sweep/summary.csv: a folder has that name; "
+                                                    "move it away or write elsewhere")
     assert (kd.cwd / "sweep" / "0" / "results.json").is_file()  # the job itself finished
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from kd_cli.atomic import atomic_write, atomic_write_text
+from kd_cli.atomic import atomic_write, atomic_write_files, atomic_write_text
 from kd_cli.errors import KdError
 from kd_cli.models import ImageSpec, build_model
 from kd_cli.store import load_checkpoint, load_into, save_checkpoint, store_path
@@ -152,6 +152,33 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
         atomic_write(path, fail)
     assert path.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]  # no temporary file left behind
+
+
+def test_files_written_together_are_all_replaced_or_none_is(tmp_path):
+    """A model and the results that describe it (kd quantize, kd export) stay a matching set."""
+    paths = [tmp_path / name for name in ("a.pt", "b.json", "c.md")]
+    for path in paths:
+        path.write_bytes(b"old")
+
+    def fail(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(KdError, match=r"cannot write .*b.json: No space left on device; none of a.pt, b.json, c.md was replaced"):
+        atomic_write_files({paths[0]: b"new", paths[1]: fail, paths[2]: b"new"})
+    assert [p.read_bytes() for p in paths] == [b"old"] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.json", "c.md"]  # no temporary file left behind
+
+    # A rename over a folder would fail after the files before it were replaced: refused before any write.
+    paths[2].unlink()
+    paths[2].mkdir()
+    with pytest.raises(KdError, match=r"cannot write .*c.md: a folder has that name"):
+        atomic_write_files({path: b"new" for path in paths})
+    assert [p.read_bytes() for p in paths[:2]] == [b"old"] * 2
+
+    paths[2].rmdir()
+    atomic_write_files({path: b"new" for path in paths})
+    assert [p.read_bytes() for p in paths] == [b"new"] * 3
 
 
 def test_a_run_stopped_mid_write_keeps_the_old_file_and_leaves_no_temporary_one(tmp_path):

@@ -13,7 +13,7 @@ import json
 import torch
 from torch import nn
 
-from kd_cli.atomic import atomic_write, atomic_write_text
+from kd_cli.atomic import atomic_write_files
 from kd_cli.data import normalize
 from kd_cli.deploy.source import SOURCE_KEYS, class_names, load_source, parse
 from kd_cli.engine import evaluate
@@ -117,9 +117,8 @@ def export(source) -> dict:
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                      "onnx_opset": next(o.version for o in onnx.load_from_string(onnx_bytes).opset_import if o.domain == "")},
     }
-    atomic_write(files["onnx"], lambda f: f.write(onnx_bytes))
-    atomic_write(files["torch_export"], lambda f: f.write(pt2.getbuffer()))
-    atomic_write_text(files["json"], json.dumps(info, indent=2) + "\n")
+    atomic_write_files({files["onnx"]: onnx_bytes, files["torch_export"]: pt2.getvalue(),
+                        files["json"]: (json.dumps(info, indent=2) + "\n").encode()})
     return info
 
 
