@@ -23,7 +23,7 @@ from kd_cli.atomic import check_writable
 from kd_cli.config import (RUN_ONLY, distill_columns, ignored_settings, leaf_keys, run_identity, teacher_config,
                             validate)
 from kd_cli.data import ImageData, load_data, normalize
-from kd_cli.engine import FitResult, fit, num_threads, resolve_device, seed_everything
+from kd_cli.engine import FitResult, evaluate, fit, num_threads, resolve_device, seed_everything
 from kd_cli.errors import KdError
 from kd_cli.losses import DistillationLoss
 from kd_cli.losses.hinton import CrossEntropy
@@ -261,7 +261,21 @@ class Run:
             return Run(cfg, self.run_dir, self.device, data, changed).stored(cfg.teacher, "teacher", alone=True,
                                                                               configured=True)
         path = named_file("teacher.checkpoint", self.cfg.teacher.checkpoint)
-        return (*self.load(self.cfg.teacher, path), path)
+        model, meta = self.load(self.cfg.teacher, path)
+        return model, self._scored_here(model, meta, path), path
+
+    def _scored_here(self, model, meta: dict, path: Path) -> dict:
+        """`meta` with the teacher file's accuracy on this run's test split. The accuracy it records is from
+        the run that trained it, whose data.test_fraction may have picked other test images: the teacher's
+        row and the students' teacher_retained would then compare two test sets."""
+        theirs = (meta.get("config") or {}).get("data", {}).get("test_fraction")
+        if theirs == self.cfg.data.test_fraction:
+            return meta
+        accuracy = evaluate(model, self.data)
+        log.info("teacher.checkpoint %s was scored on the test split of data.test_fraction=%s; on this run's "
+                 "(data.test_fraction=%s) it scores %.2f%%", path, theirs, self.cfg.data.test_fraction, accuracy)
+        metrics = {k: v for k, v in meta["metrics"].items() if k != "best_accuracy"}  # the best of its epochs, there
+        return {**meta, "metrics": {**metrics, "accuracy": accuracy}}
 
     def scratch_row(self, rows: list, histories: dict) -> None:
         """Add the scratch student (the no-KD baseline) when the store has it or may train it."""

@@ -401,3 +401,26 @@ def test_a_null_validation_fraction_is_the_recipe_without_one():
         store_path(OmegaConf.merge(CFG, {"data": {"val_fraction": 0.0}}), MODEL)
     assert store_path(OmegaConf.merge(CFG, {"data": {"val_fraction": 0.1}}), MODEL) != \
         store_path(OmegaConf.merge(CFG, {"data": {"val_fraction": 0.0}}), MODEL)
+
+
+@pytest.mark.usefixtures("fashion_mnist")
+@pytest.mark.parametrize("scored_on, rescored", [(0.1, False), (0.5, True), (None, True)])
+def test_a_teacher_file_is_scored_on_this_runs_test_split(tmp_path, scored_on, rescored):
+    """A teacher.checkpoint trained with another data.test_fraction recorded its accuracy on other test images."""
+    from conftest import TINY
+    from kd_cli.bench.sides import compose_config
+    from kd_cli.engine import evaluate
+    from kd_cli.run import Run
+
+    path = tmp_path / "teacher.pt"
+    config = {"data": {"test_fraction": scored_on}} if scored_on else {}  # None: a file that does not say
+    save_checkpoint(path, build_model(OmegaConf.create({"arch": "mnist_teacher"}), SPEC),
+                    {"model": "mnist_teacher", "dataset": "fashion_mnist", "num_classes": 10, "config": config,
+                     "metrics": {"accuracy": 99.0, "best_accuracy": 99.5}})
+    cfg = compose_config("distill", [*TINY, f"teacher.checkpoint={path}", "device=cpu"])  # data.test_fraction=0.1
+    run = Run.start(cfg, tmp_path / "run")
+    model, meta, _ = run.teacher()
+    if rescored:
+        assert meta["metrics"] == {"accuracy": evaluate(model, run.data)}
+    else:
+        assert meta["metrics"] == {"accuracy": 99.0, "best_accuracy": 99.5}
