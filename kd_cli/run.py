@@ -244,6 +244,18 @@ class Run:
         raise KdError(f"no trained {role} {model_label(model_cfg)} for {self.cfg.dataset.name} (seed {self.cfg.seed}, "
                       f"this recipe) at {path}; run `{command}` first{others}")
 
+    def require_stored(self, model_cfgs: list, role: str) -> None:
+        """Refuse, before any is loaded, a list of models of which the store lacks some, naming every one:
+        `stored` stops at the first missing one, after loading those before it."""
+        missing = [m for m in model_cfgs if not store_path(self.cfg, m).exists()]
+        if not missing or self.cfg.get("train_missing"):
+            return
+        names = ", ".join(model_label(m) for m in missing)
+        commands = " and ".join(f"`{train_command(self.cfg, m, self.recipe_keys)}`" for m in missing)
+        raise KdError(f"no trained {role} {names} for {self.cfg.dataset.name} (seed {self.cfg.seed}, this recipe) in "
+                      f"{self.cfg.store_dir}; run {commands} first, or pass train_missing=true to train "
+                      f"{'it' if len(missing) == 1 else 'them'} here")
+
     def teacher(self):
         """(model, meta, path) of the configured teacher: `teacher.checkpoint`, or the model store.
 

@@ -289,3 +289,25 @@ def test_a_teacher_assistant_chain_that_does_not_shrink_is_warned_of(caplog):
                                "which is not smaller; list scheme.assistants from the largest to the smallest, each "
                                "between the teacher and the student in size"]
     assert torch.equal(torch.get_rng_state(), rng)  # counting parameters drew no random numbers
+
+
+def test_multi_teacher_names_every_missing_teacher_before_loading_any(tmp_path, fashion_mnist, monkeypatch):
+    from kd_cli import run as run_module
+    from kd_cli.bench.sides import compose_config
+    from kd_cli.errors import KdError
+    from kd_cli.schemes.ensemble import multi_teacher
+
+    cfg = compose_config("distill", [*TINY, f"store_dir={tmp_path / 'store'}", "device=cpu", "scheme=multi_teacher",
+                                     "scheme.teachers=[conv4,mnist_teacher,conv2]"])
+    run = run_module.Run.start(cfg, tmp_path / "run")
+    store_path = run_module.store_path
+    conv4 = store_path(cfg, OmegaConf.create({"arch": "conv4"}))
+    conv4.parent.mkdir(parents=True)
+    conv4.touch()  # stored: not named, and not loaded either (this empty file would be refused)
+    with pytest.raises(KdError) as refused:
+        multi_teacher(run)
+    message = str(refused.value)
+    assert message.startswith(f"kd: error: no trained teacher mnist_teacher, conv2 for fashion_mnist (seed 0, this recipe) "
+                              f"in {tmp_path / 'store'}; run `kd train")
+    assert "teacher=mnist_teacher '~student'` and `kd train" in message and "teacher=conv2 '~student'`" in message
+    assert message.endswith("first, or pass train_missing=true to train them here")

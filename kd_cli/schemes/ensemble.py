@@ -45,8 +45,9 @@ def multi_teacher(run):
     cfg = run.cfg
     loss_fn = build_loss(cfg)  # config.validate has checked it is a loss on logits
     members, rows, histories = [], [], {}
-    for number, name in enumerate(cfg.scheme.teachers, 1):
-        model_cfg = model_config(name)
+    model_cfgs = [model_config(name) for name in cfg.scheme.teachers]
+    run.require_stored(model_cfgs, "teacher")
+    for number, model_cfg in enumerate(model_cfgs, 1):
         model, meta, path = run.stored(model_cfg, "teacher")
         members.append(model)
         rows.append(run.row(f"teacher_{number}", model, model_cfg, meta, path, loss=trained_with(meta)))
