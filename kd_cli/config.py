@@ -8,6 +8,7 @@ import difflib
 import functools
 import json
 import logging
+import math
 from numbers import Real
 from pathlib import Path
 
@@ -77,14 +78,15 @@ COMPILE_WITH_EXITS = ("train.compile=true does not combine with scheme=self, who
 
 def validate(cfg) -> None:
     """Reject values that would fail late or silently give a wrong table."""
+    _check_finite(cfg)
     for key, choices in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             spelled = ("null" if c is None else str(c).lower() if isinstance(c, bool) else str(c) for c in choices)  # as typed
             raise KdError(f"{key} must be one of {', '.join(spelled)}, got {value!r}")
     for key in FLAGS:
-        value = OmegaConf.select(cfg, key)
-        if value is not None and not isinstance(value, bool):
+        value = OmegaConf.select(cfg, key, default=False)  # the default: a key of the other command's config
+        if not isinstance(value, bool):
             raise KdError(f"{key} must be true or false, got {value!r}")
     _check_checkpoints(cfg)
     if cfg.get("command") == "train" and "teacher" not in cfg and "student" not in cfg:
@@ -162,6 +164,30 @@ def validate(cfg) -> None:
         _integer(cfg, "qat.calibration_images", 1)
         if cfg.qat.lr is not None and _number(cfg, "qat.lr") <= 0:
             raise KdError(f"qat.lr must be > 0 (or null for train.lr / 10), got {cfg.qat.lr}")
+
+
+def _check_finite(cfg) -> None:
+    """Every number of the config, resolved: NaN passes every `x <= 0` check and inf is no setting, and
+    either would fail late (a NaN loss blamed on train.lr). Resolving also meets a bad ${...} here."""
+    for key in cfg:
+        if key != "hydra":  # Hydra's own (hydra.sweep.subdir reads hydra.job.num, set only in a job)
+            node = cfg[key]
+            value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+            for name, number in _floats(value, str(key)):
+                if not math.isfinite(number):
+                    raise KdError(f"{name} must be a finite number, got {number}")
+
+
+def _floats(value, key: str):
+    """(dotted key, value) of each float in a plain container."""
+    if isinstance(value, dict):
+        for name, inner in value.items():
+            yield from _floats(inner, f"{key}.{name}")
+    elif isinstance(value, list):
+        for i, inner in enumerate(value):
+            yield from _floats(inner, f"{key}[{i}]")
+    elif isinstance(value, float):
+        yield key, value
 
 
 def _check_layers(cfg) -> None:

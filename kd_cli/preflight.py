@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.utils import create_config_search_path
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -36,6 +37,9 @@ _MODES = {"run": "--run", "multirun": "-m", "cfg": "--cfg", "info": "--info", "s
 # Set for the sweeps a seed experiment runs as child processes: each runs as a plain sweep, and the
 # parent has already warned about its command line.
 EXPERIMENT_PART_ENV = "KD_EXPERIMENT_PART"
+# Config groups whose default is no config (conf/distill.yaml): `experiment=null` chooses that default,
+# and Hydra would refuse it with a traceback, so it is left out as a choice already made.
+_NULL_CHOICES = ("experiment=null", "hparams_search=null")
 MAX_GRID = 500  # combinations checked one by one; larger grids are checked on their first combination
 
 
@@ -158,10 +162,23 @@ def _composed(command: str, combination: list[str], conf_dir: str, compositions:
     choices = tuple(o.input_line for o in parsed if o not in plain)
     if choices not in compositions:
         with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-            compositions[choices] = compose(command, list(choices), return_hydra_config=True)
+            try:
+                compositions[choices] = compose(command, list(choices), return_hydra_config=True)
+            except ValueError:  # Hydra's refusal of a config group set to null, with a traceback
+                raise KdError(_null_group(parsed, command)) from None
     cfg = copy.deepcopy(compositions[choices])
     ConfigLoaderImpl._apply_overrides_to_config(plain, cfg)
     return cfg
+
+
+def _null_group(parsed: list, command: str) -> str:
+    """Why `GROUP=null` cannot be composed (called inside initialize_config_dir): a config group takes one of its options."""
+    choices = compose(command, return_hydra_config=True).hydra.runtime.choices
+    group = next(o.key_or_group for o in parsed if o.key_or_group in choices and not o.is_delete() and o.value() is None)
+    if command == "train" and group in ("teacher", "student"):
+        return f"{group}=null is no model; to train only the other one, write '~{group}' (quoted in a shell)"
+    options = GlobalHydra.instance().config_loader().get_group_options(group)
+    return f"{group}=null chooses no {group}, and kd {command} needs one; choose one of: {', '.join(options)}"
 
 
 def _sets_a_value(override, cfg) -> bool:
@@ -369,7 +386,8 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
     while i < len(args):
         arg, i = args[i], i + 1
         if not arg.startswith("-"):
-            overrides.append(arg)
+            if arg.lower() not in _NULL_CHOICES:
+                overrides.append(arg)
             continue
         typed, given, value = arg.partition("=")
         action = actions.get(typed)

@@ -99,10 +99,37 @@ def test_alpha_and_T_are_top_level():
     ("train.teacher_cache_max_mb=lots", "train.teacher_cache_max_mb must be a number, got 'lots'"),
     ("train.teacher_cache_max_mb=null", "train.teacher_cache_max_mb must be a number, got None"),
     ("measure.int8=no", "measure.int8 must be true or false, got 'no'"),  # a string would have turned it on
+    ("data.augment=null", "data.augment must be true or false, got None"),  # stored under a key of its own
 ])
 def test_validation_refuses(override, message):
     with pytest.raises(KdError, match=message.replace("[", r"\[").replace("(", r"\(").replace("]", r"\]").replace(")", r"\)")):
         validate(composed("distill", [override]))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["T=nan"], "T must be a finite number, got nan"),  # NaN passes `T <= 0`, and the run blamed train.lr
+    (["T=inf"], "T must be a finite number, got inf"),
+    (["train.lr=nan"], "train.lr must be a finite number, got nan"),
+    (["train.teacher_cache_disk_mb=inf"], "train.teacher_cache_disk_mb must be a finite number, got inf"),
+    (["loss=combo", "loss.terms={kd:nan}"], "loss.terms.kd must be a finite number, got nan"),
+    (["scheme=multi_teacher", "scheme.teachers=[deepnn,lightnn]", "scheme.weights=[nan,1]"],
+     "scheme.weights[0] must be a finite number, got nan"),
+    (["teacher_recipe={train:{lr:inf}}"], "teacher_recipe.train.lr must be a finite number, got inf"),
+])
+def test_every_number_must_be_finite(overrides, message):
+    with pytest.raises(KdError, match=re.escape(message)):
+        validate(composed("distill", overrides))
+
+
+@pytest.mark.parametrize("command, override", [("distill", "data.root=${oops}"), ("train", "store_dir=${oops}"),
+                                               ("distill", "device=${oops}"), ("distill", "dataset.mean=${oops}")])
+def test_a_bad_interpolation_is_one_line_naming_its_key(tmp_path, monkeypatch, command, override):
+    from kd_cli.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)
+    key = override.split("=")[0]
+    with pytest.raises(KdError, match=re.escape(f"{key}: Interpolation key 'oops' not found; fix the ${{...}} in that value")):
+        preflight(command, [override], config_dir())
 
 
 def test_interpolated_augment_follows_dataset():
@@ -362,3 +389,25 @@ def test_keys_added_with_plus_are_refused_unless_hydra_reads_them(tmp_path, monk
         preflight("distill", ["+zzz=1"], config_dir())
     with pytest.raises(KdError, match="'alpha' is a setting of kd distill, not of kd train"):
         preflight("train", ["+alpha=0.5"], config_dir())
+
+
+def test_a_group_whose_default_is_null_may_be_set_to_null(tmp_path, monkeypatch):
+    from kd_cli.preflight import preflight, split_args
+
+    monkeypatch.chdir(tmp_path)
+    assert split_args(["experiment=null", "alpha=0.5", "hparams_search=null"]) == ([], ["alpha=0.5"])
+    assert preflight("distill", ["experiment=null", "hparams_search=null"], config_dir()).alpha == 0.9
+    assert preflight("train", ["experiment=null"], config_dir()).command == "train"
+
+
+@pytest.mark.parametrize("command, overrides, message", [
+    ("train", ["teacher=null"], "teacher=null is no model; to train only the other one, write '~teacher' (quoted in a shell)"),
+    ("distill", ["-m", "loss=null", "alpha=0.1,0.2"], "loss=null chooses no loss, and kd distill needs one; choose one of: at, cc,"),
+    ("distill", ["dataset=null"], "dataset=null chooses no dataset, and kd distill needs one; choose one of: cifar10,"),
+])
+def test_another_group_set_to_null_is_one_line(tmp_path, monkeypatch, command, overrides, message):
+    from kd_cli.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(KdError, match=re.escape(message)):
+        preflight(command, overrides, config_dir())
