@@ -39,7 +39,7 @@ _MODES = {"run": "--run", "multirun": "-m", "cfg": "--cfg", "info": "--info", "s
 EXPERIMENT_PART_ENV = "KD_EXPERIMENT_PART"
 # Config groups whose default is no config (conf/distill.yaml): `experiment=null` chooses that default,
 # and Hydra would refuse it with a traceback, so it is left out as a choice already made.
-_NULL_CHOICES = ("experiment=null", "hparams_search=null")
+_NULL_GROUPS = ("experiment", "hparams_search")
 MAX_GRID = 500  # combinations checked one by one; larger grids are checked on their first combination
 
 
@@ -114,6 +114,22 @@ def _check_train_keys(parsed: list, conf_dir: str) -> None:
         if root not in train_roots and root not in ("experiment", "hydra", "hparams_search") and "/" not in key:
             raise KdError(f"'{key}' is a setting of kd distill, not of kd train, which trains the teacher and the "
                           f"student from labels alone")
+
+
+def _check_deleted_keys(parsed: list, command: str) -> None:
+    """kd reads every key of its config, and a run without one would stop with a traceback once Hydra had made
+    its folder. `~KEY` may remove kd train's teacher or student (it then trains the other), a group that
+    is empty by default, and Hydra's own keys (`~hydra.sweeper.params.T`)."""
+    for override in parsed:
+        key = override.key_or_group
+        if (not override.is_delete() or key.split(".")[0] == "hydra" or "/" in key or key in _NULL_GROUPS
+                or (command == "train" and key in ("teacher", "student"))):
+            continue
+        if key in ("teacher", "student"):
+            does = "trains the student" if key == "student" else "reads the teacher (a loss that needs none, loss=ce, ignores it)"
+            raise KdError(f"kd distill {does}: drop '~{key}'; '~teacher' and '~student' are for kd train, to train one model")
+        raise KdError(f"'~{key}' removes a setting kd {command} reads; drop it, or give {key} another value "
+                      f"(`kd {command} --cfg job` lists them)")
 
 
 def _check_search(cfg, multirun: bool, command: str) -> None:
@@ -386,7 +402,7 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
     while i < len(args):
         arg, i = args[i], i + 1
         if not arg.startswith("-"):
-            if arg.lower() not in _NULL_CHOICES:
+            if arg.lower() not in (f"{group}=null" for group in _NULL_GROUPS):
                 overrides.append(arg)
             continue
         typed, given, value = arg.partition("=")
@@ -446,6 +462,7 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True, d
     warn = warn and not shown
     multirun = "--multirun" in flags
     parsed = parse_overrides(overrides, conf_dir)
+    _check_deleted_keys(parsed, command)
     unused: dict[str, dict[str, str]] = {}  # "train" or a loss -> the settings no combination of it uses
     searched: set[str] = set()  # settings in hparams_search's space
     compositions: dict[tuple, object] = {}

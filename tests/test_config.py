@@ -411,3 +411,30 @@ def test_another_group_set_to_null_is_one_line(tmp_path, monkeypatch, command, o
     monkeypatch.chdir(tmp_path)
     with pytest.raises(KdError, match=re.escape(message)):
         preflight(command, overrides, config_dir())
+
+
+@pytest.mark.parametrize("command, deleted, message", [
+    ("distill", "~teacher", "kd distill reads the teacher (a loss that needs none, loss=ce, ignores it): drop '~teacher'; "
+                            "'~teacher' and '~student' are for kd train, to train one model"),
+    ("distill", "~student", "kd distill trains the student: drop '~student'"),
+    ("distill", "~loss", "'~loss' removes a setting kd distill reads; drop it, or give loss another value"),
+    ("distill", "~scheme", "'~scheme' removes a setting kd distill reads"),
+    ("train", "~measure", "'~measure' removes a setting kd train reads"),
+    ("train", "~command", "'~command' removes a setting kd train reads"),
+])
+def test_removing_a_key_kd_reads_is_refused(tmp_path, monkeypatch, command, deleted, message):
+    from kd_cli.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(KdError, match=re.escape(message)):
+        preflight(command, [deleted], config_dir())
+
+
+def test_what_may_be_removed(tmp_path, monkeypatch):
+    from kd_cli.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)
+    assert "teacher" not in preflight("train", ["~teacher"], config_dir())  # kd train trains the student alone
+    assert "student" not in preflight("train", ["~student"], config_dir())
+    assert preflight("distill", ["~experiment"], config_dir()).alpha == 0.9  # a group empty by default
+    assert preflight("distill", ["-m", "hparams_search=optuna", "~hydra.sweeper.params.T"], config_dir())
