@@ -57,6 +57,7 @@ _DECIDING = ("alpha", "loss", "scheme", "train.optimizer", "train.schedule", "te
 
 
 _PARAMS = "hydra.sweeper.params."
+_ABSENT = object()  # OmegaConf.select's answer for a key the config lacks (None is a value it may have)
 
 
 def _with_sweeper_params(parsed: list, command: str, conf_dir: str, compositions: dict) -> list:
@@ -289,18 +290,26 @@ def _closest(key: str, cfg, conf_dir: str, command: str) -> str:
     return f"; did you mean {' or '.join(repr(k) for k in close)}?" if close else ""
 
 
-def _check_added_keys(parsed: list, cfg, command: str, conf_dir: str) -> None:
+def _check_added_keys(parsed: list, cfg, combination: list[str], command: str, conf_dir: str) -> None:
     """`+KEY=` adds a key that kd never reads (it reads only the keys its config has): a misspelled
-    `+alpah=0.5` would run with the config's alpha, unseen. Hydra's own keys (a launcher's options)
-    and config groups may be added."""
+    `+alpah=0.5` would run with the config's alpha, unseen. `++KEY=` sets a key the config has and
+    adds one it lacks (checked against `combination` without it). Hydra's own keys (a launcher's
+    options) and config groups may be added."""
     for override in parsed:
         key = override.key_or_group
         added_to_kd = key.split(".")[0] != "hydra" and "/" not in key and key not in cfg.hydra.runtime.choices
-        if override.is_add() and added_to_kd:
-            if distill_only := _distill_setting(key, command, conf_dir):
-                raise KdError(distill_only)
-            raise KdError(f"unknown key '{key}'{_closest(key, cfg, conf_dir, command)} (+{key}=... adds a key that kd "
-                          f"does not read; `kd {command} --cfg job` lists every key)")
+        if not added_to_kd or not (override.is_add() or override.is_force_add()):
+            continue
+        if override.is_force_add():
+            others = [c for c in combination if c.lstrip("+~").split("=")[0] != key]
+            with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+                if OmegaConf.select(compose(command, others), key, default=_ABSENT) is not _ABSENT:
+                    continue
+        if distill_only := _distill_setting(key, command, conf_dir):
+            raise KdError(distill_only)
+        plus = "++" if override.is_force_add() else "+"
+        raise KdError(f"unknown key '{key}'{_closest(key, cfg, conf_dir, command)} ({plus}{key}=... adds a key that kd "
+                      f"does not read; `kd {command} --cfg job` lists every key)")
 
 
 def _settings_given(parsed: list) -> dict[str, tuple[str, str]]:
@@ -492,7 +501,7 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True, d
             datasets.add(_dataset_of(cfg, multirun))
         if multirun:
             searched |= set(OmegaConf.select(cfg, "hydra.sweeper.params") or {})
-    _check_added_keys(parsed, cfg, command, conf_dir)
+    _check_added_keys(parsed, cfg, combination, command, conf_dir)
     if command == "train" and any(o.get_key_element() == "experiment" for o in parsed):
         _check_train_keys(parsed, conf_dir)
     _check_search(cfg, multirun or shown, command)  # --cfg shows a search's config, which has no -m

@@ -438,3 +438,17 @@ def test_what_may_be_removed(tmp_path, monkeypatch):
     assert "student" not in preflight("train", ["~student"], config_dir())
     assert preflight("distill", ["~experiment"], config_dir()).alpha == 0.9  # a group empty by default
     assert preflight("distill", ["-m", "hparams_search=optuna", "~hydra.sweeper.params.T"], config_dir())
+
+
+def test_keys_force_added_are_refused_unless_the_config_has_them(tmp_path, monkeypatch):
+    from kd_cli.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(KdError, match=re.escape("unknown key 'alpah'; did you mean 'alpha'? (++alpah=... adds a key that "
+                                                "kd does not read")):
+        preflight("distill", ["++alpah=0.5"], config_dir())  # it ran with the config's alpha
+    with pytest.raises(KdError, match=re.escape("unknown key 'train.lrr'")):
+        preflight("distill", ["-m", "++train.lrr=0.5,0.1"], config_dir())
+    assert preflight("distill", ["++alpha=0.5"], config_dir()).alpha == 0.5  # sets a key the config has
+    assert preflight("distill", ["loss=at", "++loss.weight=2"], config_dir()).loss.weight == 2
+    assert preflight("distill", ["++hydra.job.env_set.FOO=1"], config_dir()).alpha == 0.9
