@@ -223,6 +223,10 @@ def _check_checkpoints(cfg) -> None:
     would be ignored, and the table would not be about the model the user meant."""
     command = cfg.get("command")
     for role in ("teacher", "student"):
+        value = OmegaConf.select(cfg, f"{role}.checkpoint")
+        if value is not None and not isinstance(value, str):  # as typed, it may have been a path: 0 would be ignored
+            raise KdError(f"{role}.checkpoint must be a path, got {value!r}; a file name that Hydra reads as a number, "
+                          f"true or false goes in quotes: \"{role}.checkpoint='NAME'\"")
         if command not in ("train", "distill") or not OmegaConf.select(cfg, f"{role}.checkpoint"):
             continue
         if command == "train":

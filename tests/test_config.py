@@ -70,6 +70,14 @@ def test_a_checkpoint_the_command_would_ignore_is_refused(command, override, mes
         validate(composed(command, [override]))
     validate(composed("distill", ["teacher.checkpoint=t.pt"]))  # read: the teacher to distil from
 
+@pytest.mark.parametrize("value", ["123", "0", "true", "[a]"])
+def test_a_checkpoint_that_is_no_text_is_refused(value):
+    """Hydra reads `123` as a number: a path to load would be a traceback, and 0 a checkpoint silently ignored."""
+    with pytest.raises(KdError, match=re.escape("teacher.checkpoint must be a path, got ")):
+        validate(composed("distill", [f"teacher.checkpoint={value}"]))
+    validate(composed("distill", ["teacher.checkpoint='123'"]))
+
+
 def test_experiment_values_beat_primary_defaults():
     cfg = composed("distill", ["experiment=demo"])
     assert cfg.dataset.name == "fashion_mnist" and cfg.train.optimizer == "adam"
