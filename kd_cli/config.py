@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from kd_cli.errors import KdError
+from kd_cli.identity import shipped_dataset
 from kd_cli.losses import build_loss
 from kd_cli.models import CATALOGUE, ImageSpec, build_model
 
@@ -93,6 +94,7 @@ def validate(cfg) -> None:
         raise KdError("nothing to train: `~teacher` and `~student` remove both models; keep at least one")
     if _integer(cfg, "seed", 0) > MAX_SEED:
         raise KdError(f"seed must be at most {MAX_SEED}, got {cfg.seed}")
+    _check_dataset(cfg.dataset)
     _integer(cfg, "train.epochs", 1)
     _integer(cfg, "train.batch_size", 2)  # a batch of one is never trained on: BatchNorm needs two images
     if "measure" in cfg:
@@ -188,6 +190,28 @@ def _floats(value, key: str):
             yield from _floats(inner, f"{key}[{i}]")
     elif isinstance(value, float):
         yield key, value
+
+
+def _check_dataset(dataset) -> None:
+    """Its shape settings describe its files, and mean and std normalise each channel: a changed one would
+    fail once the data had loaded (a convolution's channels, a label out of range) or train on NaN."""
+    shipped = shipped_dataset(dataset.name)
+    for key, minimum in (("channels", 1), ("image_size", 1), ("num_classes", 2)):
+        value = dataset[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise KdError(f"dataset.{key} must be a whole number >= {minimum}, got {value!r}")
+        if key in shipped and value != shipped[key]:
+            raise KdError(f"dataset.{key}={value} does not describe the files of {dataset.name} ({key}: "
+                          f"{shipped[key]}); leave it at {shipped[key]}")
+    for key in ("mean", "std"):
+        values = dataset[key]
+        if (not OmegaConf.is_list(values) or len(values) != dataset.channels
+                or not all(isinstance(v, Real) and not isinstance(v, bool) and (key == "mean" or v > 0) for v in values)):
+            example = shipped.get(key) or [0.5] * dataset.channels
+            raise KdError(f"dataset.{key} must be a list of {dataset.channels} number{'s' * (dataset.channels > 1)}, one "
+                          f"per channel{' and each > 0' if key == 'std' else ''}, such as "
+                          f"'dataset.{key}=[{','.join(map(str, example))}]'; got "
+                          f"{OmegaConf.to_container(values) if OmegaConf.is_list(values) else values!r}")
 
 
 def _check_layers(cfg) -> None:

@@ -22,14 +22,14 @@ def dataset_identity(dataset: dict, augmented: bool) -> str | dict:
     """The dataset's name, with its settings that differ from its file in conf/dataset/ (all of them for
     a dataset without one). Only changed ones: the keys of models stored before kd counted them stay valid.
     Without augmentation its crop and flip settings are not read: they change no model."""
-    defaults = _shipped(dataset["name"])
+    defaults = shipped_dataset(dataset["name"])
     changed = {k: dataset[k] for k in dataset_settings_read(augmented)
                if k in dataset and numbers_as_floats(dataset[k]) != numbers_as_floats(defaults.get(k))}
     return {"name": dataset["name"], **changed} if changed else dataset["name"]
 
 
 @functools.cache
-def _shipped(name: str) -> dict:
+def shipped_dataset(name: str) -> dict:
     """conf/dataset/NAME.yaml, read once per process ({} for a dataset without one): a report asks for every run's."""
     from kd_cli.cli import config_dir
 

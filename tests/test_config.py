@@ -140,6 +140,31 @@ def test_a_bad_interpolation_is_one_line_naming_its_key(tmp_path, monkeypatch, c
         preflight(command, [override], config_dir())
 
 
+@pytest.mark.parametrize("override, message", [
+    ("dataset.channels=3", "dataset.channels=3 does not describe the files of fashion_mnist (channels: 1); leave it at 1"),
+    ("dataset.image_size=32", "dataset.image_size=32 does not describe the files of fashion_mnist (image_size: 28)"),
+    ("dataset.num_classes=0", "dataset.num_classes must be a whole number >= 2, got 0"),
+    ("dataset.mean=abc", "dataset.mean must be a list of 1 number, one per channel, such as 'dataset.mean=[0.286]'; got 'abc'"),
+    ("dataset.mean=[0.1,0.2]", "dataset.mean must be a list of 1 number, one per channel"),
+    ("dataset.std=[]", "dataset.std must be a list of 1 number, one per channel and each > 0"),
+    ("dataset.std=[0]", "dataset.std must be a list of 1 number, one per channel and each > 0"),  # NaN from the first batch
+])
+def test_dataset_settings_that_cannot_describe_its_files_are_refused(override, message):
+    with pytest.raises(KdError, match=re.escape(message)):
+        validate(composed("distill", ["dataset=fashion_mnist", override]))
+    validate(composed("distill", ["dataset=fashion_mnist", "dataset.mean=[0.5]", "dataset.std=[0.25]"]))
+
+
+def test_files_of_another_image_size_are_not_called_corrupt(fashion_mnist):
+    from kd_cli.data import _idx_pair
+
+    images, labels = fashion_mnist / "t10k-images-idx3-ubyte.gz", fashion_mnist / "t10k-labels-idx1-ubyte.gz"
+    with pytest.raises(KdError) as refused:
+        _idx_pair(images, labels, 32)  # a dataset config of another size: the files are good
+    assert refused.value.reason == f"dataset files {images} and {labels} hold 28 x 28 images, not dataset.image_size=32; " \
+                                   f"set dataset.image_size=28"
+
+
 def test_interpolated_augment_follows_dataset():
     assert composed("train", ["dataset=cifar10"]).data.augment is True
     assert composed("train", ["dataset=mnist"]).data.augment is False
