@@ -165,6 +165,14 @@ def test_files_of_another_image_size_are_not_called_corrupt(fashion_mnist):
                                    f"set dataset.image_size=28"
 
 
+@pytest.mark.parametrize("value", ["'false'", "off", "maybe", "0"])
+def test_a_boolean_loss_option_takes_only_true_or_false(value):
+    """`loss.virtual='false'` is a string, and a non-empty string is true: the opposite of what was typed."""
+    with pytest.raises(KdError, match=re.escape("loss.virtual must be true or false, got ")):
+        validate(composed("distill", ["loss=tf_kd", f"loss.virtual={value}"]))
+    validate(composed("distill", ["loss=tf_kd", "loss.virtual=false"]))
+
+
 def test_interpolated_augment_follows_dataset():
     assert composed("train", ["dataset=cifar10"]).data.augment is True
     assert composed("train", ["dataset=mnist"]).data.augment is False

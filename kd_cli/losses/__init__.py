@@ -69,16 +69,20 @@ class DistillationLoss(nn.Module):
         return next((name for name, klass in LOSSES.items() if klass is cls), cls.__name__)
 
     @classmethod
-    def option_names(cls) -> list[str]:
-        """The `loss.*` keys this method takes: its constructors' keywords (the layer paths only where it hooks layers)."""
-        names = set()
-        for klass in cls.__mro__:
+    def option_defaults(cls) -> dict:
+        """The `loss.*` keys this method takes, each with its default: its constructors' keywords (the layer
+        paths only where it hooks layers)."""
+        defaults = {}
+        for klass in reversed(cls.__mro__):  # a subclass's default over its base's
             if "__init__" in vars(klass) and issubclass(klass, DistillationLoss):
-                names.update(p.name for p in inspect.signature(klass.__init__).parameters.values()
-                             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
-        if not cls.layer_kind:
-            names -= {"student_layers", "teacher_layers"}
-        return sorted(names - {"self", "alpha", "T"})
+                defaults |= {p.name: p.default for p in inspect.signature(klass.__init__).parameters.values()
+                             if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        skipped = {"self", "alpha", "T"} | (set() if cls.layer_kind else {"student_layers", "teacher_layers"})
+        return {name: default for name, default in defaults.items() if name not in skipped}
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return sorted(cls.option_defaults())
 
     @classmethod
     def check_options(cls, options) -> None:
@@ -164,6 +168,9 @@ def build_loss(cfg, alpha: float | None = None, T: float | None = None) -> Disti
     for key in ("alpha", "T"):  # `+loss.T=3`: every loss is handed the top-level one
         if key in options:
             raise KdError(f"loss.{key} is no option of a loss: {key} is a setting of its own; write {key}={options[key]}")
+    for key, default in LOSSES[name].option_defaults().items():
+        if isinstance(default, bool) and not isinstance(options.get(key, default), bool):  # 'false' is a true string
+            raise KdError(f"loss.{key} must be true or false, got {options[key]!r}")
     try:
         return LOSSES[name](alpha=cfg.get("alpha") if alpha is None else alpha, T=cfg.get("T") if T is None else T, **options)
     except (TypeError, ValueError) as e:  # a value of the wrong type, e.g. loss.weight=abc
