@@ -60,18 +60,31 @@ _PARAMS = "hydra.sweeper.params."
 _ABSENT = object()  # OmegaConf.select's answer for a key the config lacks (None is a value it may have)
 
 
+def _search_space(parsed: list) -> list:
+    """The overrides that set the sweeper's `hydra.sweeper.params`."""
+    return [o for o in parsed if o.get_key_element().lstrip("+").startswith(_PARAMS)]
+
+
 def _with_sweeper_params(parsed: list, command: str, conf_dir: str, compositions: dict) -> list:
     """`parsed` after the sweeper's `hydra.sweeper.params` that the command line does not set, as
     Hydra's sweepers take them: an Optuna search space is checked at its ends like a range typed."""
+    space = _search_space(parsed)
     try:
-        cfg = _composed(command, [o.input_line for o in parsed if not o.is_sweep_override()], conf_dir, compositions)
+        cfg = _composed(command, [o.input_line for o in parsed if not o.is_sweep_override() and o not in space],
+                        conf_dir, compositions)
     except HydraException:
         return parsed  # the combinations meet the same error, and explain it
+    if not _searches(cfg):  # Hydra's basic sweeper has no search space, and takes no range
+        ranged = [*space, *(o for o in parsed if o.is_interval_sweep())]
+        if ranged:
+            key = ranged[0].get_key_element().lstrip("+").removeprefix(_PARAMS)
+            raise KdError(f"{ranged[0].input_line} is a search space, which only hparams_search=optuna searches: add "
+                          f"hparams_search=optuna, or sweep a list ({key}=0.1,0.5) or range(START,STOP,STEP)")
+        return parsed
     params = dict(OmegaConf.select(cfg, "hydra.sweeper.params") or {})
-    for override in parsed:  # `hydra.sweeper.params.T=interval(1,4)` sets a param (the shell took its quotes)
+    for override in space:  # `hydra.sweeper.params.T=interval(1,4)` sets a param (the shell took its quotes)
         key, _, value = override.input_line.lstrip("+").partition("=")
-        if key.startswith(_PARAMS):
-            params[key.removeprefix(_PARAMS)] = value
+        params[key.removeprefix(_PARAMS)] = value
     given = {o.get_key_element().lstrip("+~") for o in parsed}
     extra = [f"{key}={value}" for key, value in params.items() if key not in given]
     try:
@@ -133,9 +146,14 @@ def _check_deleted_keys(parsed: list, command: str) -> None:
                       f"(`kd {command} --cfg job` lists them)")
 
 
+def _searches(cfg) -> bool:
+    """Whether the sweeper is Optuna's (hparams_search=optuna), which searches ranges."""
+    return "optuna" in str(OmegaConf.select(cfg, "hydra.sweeper._target_") or "").lower()
+
+
 def _check_search(cfg, multirun: bool, command: str) -> None:
     """An Optuna search needs -m to search at all, and a validation split to score its trials on."""
-    if "optuna" not in str(OmegaConf.select(cfg, "hydra.sweeper._target_") or "").lower():
+    if not _searches(cfg):
         return
     if not multirun:
         raise KdError(f"hparams_search runs many trials, each a run: add -m (kd {command} -m hparams_search=optuna ...)")
@@ -477,8 +495,9 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True, d
     compositions: dict[tuple, object] = {}
     checkpoints: dict[str, dict] = {}  # teacher.checkpoint -> its content, read once for all combinations
     datasets: set[tuple | None] = set()  # the datasets the combinations read
-    # The sweeper's own params (hparams_search's space, say) are swept too.
-    swept = _with_sweeper_params(parsed, command, conf_dir, compositions) if multirun else parsed
+    # The sweeper's own params (hparams_search's space, say) are swept too; a space given without -m is checked
+    # for a sweeper that has one, and then refused for want of -m.
+    swept = _with_sweeper_params(parsed, command, conf_dir, compositions) if multirun or _search_space(parsed) else parsed
     combinations = _combinations(swept)
     # A grid over MAX_GRID is checked on its first combination, which cannot say what the others ignore.
     warn = warn and not (len(combinations) == 1 and _sweeps_a_deciding_key(swept))

@@ -334,6 +334,12 @@ def test_exits_may_read_a_layers_input():
      "'hydra.sweeper.params.train.lr' cannot be set from the command line; to search over train.lr, give it a range: "
      "train.lr='interval(LOW, HIGH)'"),
     (["-m", "loss=glob(k*)", "alpha=2"], "alpha must be in [0, 1]"),
+    # Hydra's basic sweeper has no search space: a traceback once preflight had passed, or in it.
+    (["-m", "alpha=interval(0,1)"], "alpha=interval(0,1) is a search space, which only hparams_search=optuna searches: "
+                                    "add hparams_search=optuna, or sweep a list (alpha=0.1,0.5) or range(START,STOP,STEP)"),
+    (["-m", "train.lr=tag(log,interval(0.1,1))"], "train.lr=tag(log,interval(0.1,1)) is a search space"),
+    (["-m", "hydra.sweeper.params.alpha=choice(0.1,0.2)"], "hydra.sweeper.params.alpha=choice(0.1,0.2) is a search space"),
+    (["hydra.sweeper.params.alpha=0.1"], "hydra.sweeper.params.alpha=0.1 is a search space, which only hparams_search"),
 ])
 def test_preflight_refuses_a_search_or_sweep_that_cannot_work(tmp_path, monkeypatch, overrides, message):
     from kd_cli.preflight import preflight
