@@ -20,7 +20,7 @@ from hydra._internal.utils import create_config_search_path
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
 from omegaconf import OmegaConf
-from omegaconf.errors import InterpolationResolutionError
+from omegaconf.errors import InterpolationKeyError, InterpolationResolutionError
 
 from kd_cli.atomic import check_writable
 from kd_cli.config import ignored_settings, scheme_option_error, validate
@@ -160,6 +160,10 @@ def _check_search(cfg, multirun: bool, command: str) -> None:
     if not OmegaConf.select(cfg, "data.val_fraction"):
         raise KdError("hparams_search scores each trial on a validation split held out of the training set; "
                       "set data.val_fraction above 0 (hparams_search=optuna sets 0.1)")
+
+
+def _bad_interpolation(error: InterpolationResolutionError) -> str:
+    return f"{error.full_key}: {str(error).splitlines()[0]}; fix the ${{...}} in that value"
 
 
 def _sweeps_a_deciding_key(parsed: list) -> bool:
@@ -511,7 +515,7 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True, d
         try:
             validate(cfg)
         except InterpolationResolutionError as e:  # `train.lr=${oops}`: OmegaConf meets it where a value is read
-            raise KdError(f"{e.full_key}: {str(e).splitlines()[0]}; fix the ${{...}} in that value") from None
+            raise KdError(_bad_interpolation(e)) from None
         ignored = ignored_settings(cfg)
         # A loss option can decide it (fitnets' stage1_epochs, combo's terms): unused only if unused everywhere.
         _unused_in_all(unused, ignored, cfg)
@@ -530,7 +534,12 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True, d
         for line in _ignored_warnings(unused, _settings_given(parsed), searched):
             print(line, file=sys.stderr)
     resolve_device(cfg.device)
-    run_root = OmegaConf.select(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir", throw_on_resolution_failure=False)
+    try:
+        run_root = OmegaConf.select(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir")
+    except InterpolationKeyError as e:
+        raise KdError(_bad_interpolation(e)) from None
+    except InterpolationResolutionError:  # `${hydra:job.name}`, which only a running job resolves
+        run_root = None
     if isinstance(run_root, str):
         check_writable(run_root, "the run folder", f"hydra.{'sweep' if multirun else 'run'}.dir=PATH (or start kd in another folder)")
         if not multirun and Path(run_root).is_dir():

@@ -130,7 +130,8 @@ def test_every_number_must_be_finite(overrides, message):
 
 
 @pytest.mark.parametrize("command, override", [("distill", "data.root=${oops}"), ("train", "store_dir=${oops}"),
-                                               ("distill", "device=${oops}"), ("distill", "dataset.mean=${oops}")])
+                                               ("distill", "device=${oops}"), ("distill", "dataset.mean=${oops}"),
+                                               ("distill", "hydra.run.dir=${oops}")])
 def test_a_bad_interpolation_is_one_line_naming_its_key(tmp_path, monkeypatch, command, override):
     from kd_cli.preflight import preflight
 
