@@ -279,7 +279,8 @@ def main() -> None:
                 except HydraException as e:
                     # A bad override: its one-line explanation (with -m, as a list is not the problem here).
                     preflight(command, [*overrides, "-m"], config_dir(), warn=False, data=False)
-                    raise KdError(f"--help shows one run's config; drop -m and give each key one value "
+                    drop = "drop -m and " if "--multirun" in flags else ""
+                    raise KdError(f"--help shows one run's config; {drop}give each key one value "
                                   f"({str(e).strip().splitlines()[0]})") from None
                 sys.exit(_until_the_reader_stops(lambda: print(text) or 0))
             cfg = preflight(command, args[1:], config_dir())

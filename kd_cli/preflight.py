@@ -10,6 +10,7 @@ import difflib
 import functools
 import itertools
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -247,6 +248,12 @@ def _explain(error: HydraException, command: str, conf_dir: str, overrides: list
         group, _, name = error.missing_cfg_file.partition("/")
         return f"unknown {group} '{name}'; choose one of: {', '.join(error.options)}"
     message = str(error)
+    # `+alpha=0.5`, `+experiment=demo`: Hydra's answer is about appending, or a defaults list's yaml.
+    if added := re.match(r"Could not append to config\. An item is already at '(.+)'\.|Multiple values for (\S+)\. ", message):
+        key = added[1] or added[2]
+        typed = next((o for o in overrides if o.startswith("+") and o.lstrip("+").split("=")[0] == key), None)
+        if typed:
+            return f"{typed} adds {key}, which the config has already: drop the + ({typed.lstrip('+')})"
     if message.startswith("Could not override '"):
         key = message.split("'")[1]
         # The keys of the config the user chose (loss=at has loss.weight, the default loss=kd has not).

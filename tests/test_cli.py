@@ -232,6 +232,11 @@ def test_hydra_flags_go_anywhere_on_the_line(kd):
     assert line.startswith("kd: error: --help shows one run's config; drop -m and give each key one value (")
 
 
+def test_help_with_a_list_says_to_drop_m_only_when_given(kd):
+    line = one_line_error(kd("distill", "--help", "T=1,2", check=False))
+    assert line == "kd: error: --help shows one run's config; give each key one value (Ambiguous value for argument 'T=1,2')"
+
+
 @pytest.mark.parametrize("args", [["--version"], ["distill", "dataset=fashion_mnist", "--cfg", "job"],
                                   ["train", "--info", "dataset=fashion_mnist"]])
 def test_what_only_prints_ends_quietly_when_its_reader_has_gone(args):

@@ -500,3 +500,17 @@ def test_keys_force_added_are_refused_unless_the_config_has_them(tmp_path, monke
     assert preflight("distill", ["++alpha=0.5"], config_dir()).alpha == 0.5  # sets a key the config has
     assert preflight("distill", ["loss=at", "++loss.weight=2"], config_dir()).loss.weight == 2
     assert preflight("distill", ["++hydra.job.env_set.FOO=1"], config_dir()).alpha == 0.9
+
+
+@pytest.mark.parametrize("override, message", [
+    ("+alpha=0.5", "+alpha=0.5 adds alpha, which the config has already: drop the + (alpha=0.5)"),
+    ("+train.lr=0.1", "+train.lr=0.1 adds train.lr, which the config has already: drop the + (train.lr=0.1)"),
+    ("+experiment=demo", "+experiment=demo adds experiment, which the config has already: drop the + (experiment=demo)"),
+])
+def test_adding_what_the_config_has_says_to_drop_the_plus(tmp_path, monkeypatch, override, message):
+    from kd_cli.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(KdError) as refused:
+        preflight("distill", [override], config_dir())
+    assert refused.value.reason == message
