@@ -564,7 +564,7 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True, d
     # `kd train` stores what it trains; `kd distill` can read a store it may not write to (a colleague's), and
     # checks it just before storing a model it has to train (train_missing=true, a chain's links).
     if command == "train":
-        check_writable(cfg.store_dir, "the model store", "store_dir=PATH")
+        check_writable(Path(cfg.store_dir).expanduser(), "the model store", "store_dir=PATH")
     if data:
         _check_datasets(datasets)
     return cfg

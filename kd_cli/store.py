@@ -84,7 +84,7 @@ def store_path(cfg, model_cfg, lineage: dict | None = None) -> Path:
     """Where the store keeps `model_cfg` trained with this recipe: from labels, or as `lineage` says
     (a teacher-assistant link or a born-again generation: which teacher, loss, alpha and T)."""
     identity = {"recipe": recipe(cfg), "model": model_spec(model_cfg)} | ({"lineage": lineage} if lineage else {})
-    folder = Path(cfg.store_dir) / cfg.dataset.name / model_label(model_cfg)
+    folder = Path(cfg.store_dir).expanduser() / cfg.dataset.name / model_label(model_cfg)  # '~/store', as data.root
     path = folder / f"seed{cfg.seed}-{_digest(numbers_as_floats(identity))}.pt"
     # Earlier kd hashed numbers as typed: a model stored so keeps serving its recipe typed that way.
     as_typed = folder / f"seed{cfg.seed}-{_digest(identity)}.pt"

@@ -138,7 +138,7 @@ def keep(digest: str, outputs: dict, seconds: float, folder: Path | None = None,
 
 
 def _file(folder: Path | None, digest: str) -> Path | None:
-    return None if folder is None else Path(folder) / f"{digest}.pt"
+    return None if folder is None else Path(folder).expanduser() / f"{digest}.pt"  # under store_dir='~/...
 
 
 def _make_room(path: Path, room: float) -> None:

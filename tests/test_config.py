@@ -514,3 +514,15 @@ def test_adding_what_the_config_has_says_to_drop_the_plus(tmp_path, monkeypatch,
     with pytest.raises(KdError) as refused:
         preflight("distill", [override], config_dir())
     assert refused.value.reason == message
+
+
+def test_a_model_store_under_home_is_expanded_as_data_root_is(tmp_path, monkeypatch):
+    """store_dir='~/kd_store' made a folder named `~` in the current one."""
+    from kd_cli import teacher_outputs
+    from kd_cli.store import store_path
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = composed("train", ["store_dir='~/kd_store'"])
+    assert store_path(cfg, cfg.teacher).is_relative_to(tmp_path / "kd_store" / cfg.dataset.name)
+    saved = teacher_outputs._file(Path(cfg.store_dir) / "teacher_outputs", "digest")  # where kd distill saves a teacher cache
+    assert saved == tmp_path / "kd_store" / "teacher_outputs" / "digest.pt"
