@@ -50,7 +50,10 @@ def parse_overrides(overrides: list[str], conf_dir: str | None = None) -> list:
     try:
         return OverridesParser.create(config_loader=loader).parse_overrides(overrides)
     except OverrideParseException as e:
-        raise KdError(f"cannot read the overrides: {str(e).splitlines()[0]}") from None
+        # A shell expands no `~` after `data.root=` (a dot is no variable name's), and Hydra cannot read it.
+        home = next((o.partition("=") for o in overrides if "=~" in o), None)
+        hint = f"; quote a value that starts with ~: \"{home[0]}='{home[2]}'\"" if home else ""
+        raise KdError(f"cannot read the overrides: {str(e).splitlines()[0]}{hint}") from None
 
 
 # What ignored_settings' answers hang on: with one of these swept, each combination must be checked.
@@ -254,6 +257,8 @@ def _explain(error: HydraException, command: str, conf_dir: str, overrides: list
         typed = next((o for o in overrides if o.startswith("+") and o.lstrip("+").split("=")[0] == key), None)
         if typed:
             return f"{typed} adds {key}, which the config has already: drop the + ({typed.lstrip('+')})"
+    if nested := re.match(rf"Error merging override \+*({re.escape(_PARAMS)}[^=]+)=", message):  # with a +
+        return _nested_param(nested[1])
     if message.startswith("Could not override '"):
         key = message.split("'")[1]
         # The keys of the config the user chose (loss=at has loss.weight, the default loss=kd has not).
@@ -270,10 +275,8 @@ def _explain(error: HydraException, command: str, conf_dir: str, overrides: list
                 return e.reason
         if key.startswith("scheme.") and "scheme" in cfg:  # the same for a scheme's options (its yaml's keys)
             return scheme_option_error(key.split(".", 1)[1], cfg.scheme.name)
-        if key.startswith(_PARAMS):  # the dots would nest the key's parts under params
-            param = key.removeprefix(_PARAMS)
-            return (f"'{key}' cannot be set from the command line; to search over {param}, give it a range: "
-                    f"{param}='interval(LOW, HIGH)' or {param}='tag(log, interval(LOW, HIGH))'")
+        if key.startswith(_PARAMS):
+            return _nested_param(key)
         if distill_only := _distill_setting(key, command, conf_dir):
             return distill_only
         root = key.split(".")[0]
@@ -282,6 +285,13 @@ def _explain(error: HydraException, command: str, conf_dir: str, overrides: list
         new = f"; +{key}=... adds it" if root == "hydra" else ""
         return f"unknown key '{key}'{hint} (`kd {command} --cfg job` lists every key{new})"
     return message.strip().splitlines()[0]
+
+
+def _nested_param(key: str) -> str:
+    """Why `hydra.sweeper.params.train.lr=...` cannot be given: the dots would nest its parts under params."""
+    param = key.removeprefix(_PARAMS)
+    return (f"'{key}' cannot be set from the command line; to search over {param}, give it a range: "
+            f"{param}='interval(LOW, HIGH)' or {param}='tag(log, interval(LOW, HIGH))'")
 
 
 def _distill_setting(key: str, command: str, conf_dir: str) -> str | None:

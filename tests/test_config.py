@@ -334,6 +334,8 @@ def test_exits_may_read_a_layers_input():
     (["-m", "hparams_search=optuna", "hydra.sweeper.params.train.lr=interval(0.1, 0.2)"],
      "'hydra.sweeper.params.train.lr' cannot be set from the command line; to search over train.lr, give it a range: "
      "train.lr='interval(LOW, HIGH)'"),
+    (["-m", "hparams_search=optuna", "+hydra.sweeper.params.train.lr=interval(0.1, 0.2)"],
+     "'hydra.sweeper.params.train.lr' cannot be set from the command line; to search over train.lr"),
     (["-m", "loss=glob(k*)", "alpha=2"], "alpha must be in [0, 1]"),
     # Hydra's basic sweeper has no search space: a traceback once preflight had passed, or in it.
     (["-m", "alpha=interval(0,1)"], "alpha=interval(0,1) is a search space, which only hparams_search=optuna searches: "
@@ -526,3 +528,12 @@ def test_a_model_store_under_home_is_expanded_as_data_root_is(tmp_path, monkeypa
     assert store_path(cfg, cfg.teacher).is_relative_to(tmp_path / "kd_store" / cfg.dataset.name)
     saved = teacher_outputs._file(Path(cfg.store_dir) / "teacher_outputs", "digest")  # where kd distill saves a teacher cache
     assert saved == tmp_path / "kd_store" / "teacher_outputs" / "digest.pt"
+
+
+def test_a_value_starting_with_tilde_is_to_be_quoted(tmp_path, monkeypatch):
+    """No shell expands the ~ of `data.root=~/x`, and Hydra's parser cannot read it."""
+    from kd_cli.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(KdError, match=re.escape("; quote a value that starts with ~: \"data.root='~/x'\"")):
+        preflight("distill", ["data.root=~/x"], config_dir())
