@@ -251,7 +251,7 @@ def _check_checkpoints(cfg) -> None:
         if value is not None and not isinstance(value, str):  # as typed, it may have been a path: 0 would be ignored
             raise KdError(f"{role}.checkpoint must be a path, got {value!r}; a file name that Hydra reads as a number, "
                           f"true or false goes in quotes: \"{role}.checkpoint='NAME'\"")
-        if command not in ("train", "distill") or not OmegaConf.select(cfg, f"{role}.checkpoint"):
+        if command not in ("train", "distill") or not value:
             continue
         if command == "train":
             raise KdError(f"kd train trains the {role} from labels and reads no {role}.checkpoint; to distil from a "

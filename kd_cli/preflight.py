@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra._internal.utils import create_config_search_path
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
 from omegaconf import OmegaConf
@@ -144,8 +144,10 @@ def _check_deleted_keys(parsed: list, command: str) -> None:
                 or (command == "train" and key in ("teacher", "student"))):
             continue
         if key in ("teacher", "student"):
-            does = "trains the student" if key == "student" else "reads the teacher (a loss that needs none, loss=ce, ignores it)"
-            raise KdError(f"kd distill {does}: drop '~{key}'; '~teacher' and '~student' are for kd train, to train one model")
+            does = ("trains the student" if key == "student"
+                    else "reads the teacher (a loss that needs none, loss=ce, ignores it)")
+            raise KdError(f"kd distill {does}: drop '~{key}'; '~teacher' and '~student' are for kd train, to train "
+                          f"one model")
         raise KdError(f"'~{key}' removes a setting kd {command} reads; drop it, or give {key} another value "
                       f"(`kd {command} --cfg job` lists them)")
 
@@ -208,16 +210,22 @@ def _composed(command: str, combination: list[str], conf_dir: str, compositions:
             try:
                 compositions[choices] = compose(command, list(choices), return_hydra_config=True)
             except ValueError:  # Hydra's refusal of a config group set to null, with a traceback
-                raise KdError(_null_group(parsed, command)) from None
+                if (reason := _null_group(parsed, command)) is None:
+                    raise
+                raise KdError(reason) from None
     cfg = copy.deepcopy(compositions[choices])
     ConfigLoaderImpl._apply_overrides_to_config(plain, cfg)
     return cfg
 
 
-def _null_group(parsed: list, command: str) -> str:
-    """Why `GROUP=null` cannot be composed (called inside initialize_config_dir): a config group takes one of its options."""
+def _null_group(parsed: list, command: str) -> str | None:
+    """Why `GROUP=null` cannot be composed, or None for no such override (called inside initialize_config_dir):
+    a config group takes one of its options."""
     choices = compose(command, return_hydra_config=True).hydra.runtime.choices
-    group = next(o.key_or_group for o in parsed if o.key_or_group in choices and not o.is_delete() and o.value() is None)
+    group = next((o.key_or_group for o in parsed if o.key_or_group in choices and not o.is_delete() and o.value() is None),
+                 None)
+    if group is None:
+        return None
     if command == "train" and group in ("teacher", "student"):
         return f"{group}=null is no model; to train only the other one, write '~{group}' (quoted in a shell)"
     options = GlobalHydra.instance().config_loader().get_group_options(group)
