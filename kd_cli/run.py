@@ -253,7 +253,7 @@ class Run:
         names = ", ".join(model_label(m) for m in missing)
         commands = " and ".join(f"`{train_command(self.cfg, m, self.recipe_keys)}`" for m in missing)
         raise KdError(f"no trained {role} {names} for {self.cfg.dataset.name} (seed {self.cfg.seed}, this recipe) in "
-                      f"{self.cfg.store_dir}; run {commands} first, or pass train_missing=true to train "
+                      f"{self.cfg.store_dir}; run {commands} first or pass train_missing=true to train "
                       f"{'it' if len(missing) == 1 else 'them'} here")
 
     def teacher(self):

@@ -310,4 +310,4 @@ def test_multi_teacher_names_every_missing_teacher_before_loading_any(tmp_path, 
     assert message.startswith(f"kd: error: no trained teacher mnist_teacher, conv2 for fashion_mnist (seed 0, this recipe) "
                               f"in {tmp_path / 'store'}; run `kd train")
     assert "teacher=mnist_teacher '~student'` and `kd train" in message and "teacher=conv2 '~student'`" in message
-    assert message.endswith("first, or pass train_missing=true to train them here")
+    assert message.endswith("first or pass train_missing=true to train them here")
