@@ -291,6 +291,13 @@ def main() -> None:
                 if preset is not None:
                     started = True
                     sys.exit(run_experiment(args[1:], preset, config_dir()))
+            if cfg is not None and "--multirun" not in flags:
+                from kd_cli.run import finished_run_folder
+
+                if finished := finished_run_folder(cfg):
+                    print(f"kd: {finished} already holds this run's results; nothing to do (another hydra.run.dir "
+                          f"runs it again)", file=sys.stderr)
+                    sys.exit(0)
             resumed = resume_target(command, args[1:]) + continued_search(cfg, args[1:])
         except KdError as e:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":

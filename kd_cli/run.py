@@ -67,11 +67,19 @@ def _run_folder_option() -> str:
     return "hydra.sweep.dir" if multirun else "hydra.run.dir"
 
 
-def check_run_folder(run_dir: Path, cfg) -> None:
+def check_run_folder(run_dir: Path, cfg) -> bool:
     """Refuse a run folder (hydra.run.dir=) that holds another config's results before Hydra starts the
-    run, which rewrites the folder's .hydra/ files. (Its training states are checked by each fit, against
-    the config that fit trains with: a teacher_recipe's teacher, QAT's fine-tuning.)"""
-    completed_results(run_dir, OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]))
+    run, which rewrites the folder's .hydra/ files; True when it holds this config's, and there is
+    nothing to run. (Its training states are checked by each fit, against the config that fit trains
+    with: a teacher_recipe's teacher, QAT's fine-tuning.)"""
+    return completed_results(run_dir, OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"]))
+
+
+def finished_run_folder(cfg) -> str | None:
+    """hydra.run.dir, when it names a folder that holds this run's results already: there is nothing to
+    run, and Hydra would rewrite the folder's .hydra/ record (with another measure.*, say) all the same."""
+    run_dir = OmegaConf.select(cfg, "hydra.run.dir", throw_on_resolution_failure=False)
+    return run_dir if isinstance(run_dir, str) and Path(run_dir).is_dir() and check_run_folder(Path(run_dir), cfg) else None
 
 
 def train_command(cfg, model_cfg=None, recipe_keys=()) -> str:

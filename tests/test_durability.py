@@ -52,6 +52,14 @@ def test_same_config_and_seed_give_identical_results(kd):
     a, b = (pd.read_csv(kd.cwd / f"outputs/{x}/results.csv") for x in "ab")
     assert a["accuracy"].tolist() == b["accuracy"].tolist()
 
+    # The same run into its finished folder has nothing to do, and leaves the folder's record alone: timed
+    # otherwise, its .hydra/ files would no longer describe the results beside them.
+    before = {p: p.read_bytes() for p in (kd.cwd / "outputs/a").rglob("*") if p.is_file()}
+    proc = kd("train", *TINY, "hydra.run.dir=outputs/a", "store_dir=outputs/store_a", "measure.latency_runs=5")
+    assert proc.stderr.strip().splitlines()[-1] == ("kd: outputs/a already holds this run's results; nothing to do "
+                                                    "(another hydra.run.dir runs it again)")
+    assert {p: p.read_bytes() for p in (kd.cwd / "outputs/a").rglob("*") if p.is_file()} == before
+
 
 def test_sigkill_then_resume_ends_exactly_like_an_uninterrupted_run(kd):
     # Augmentation on, so the restored random generators matter, and a teacher running every step.
