@@ -166,6 +166,31 @@ def _check_search(cfg, multirun: bool, command: str) -> None:
     if not OmegaConf.select(cfg, "data.val_fraction"):
         raise KdError("hparams_search scores each trial on a validation split held out of the training set; "
                       "set data.val_fraction above 0 (hparams_search=optuna sets 0.1)")
+    sweeper = cfg.hydra.sweeper
+    for key in ("n_trials", "n_jobs"):
+        value = sweeper.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # Optuna fails after its sweep began
+            raise KdError(f"hydra.sweeper.{key} must be a whole number >= 1, got {value!r}")
+    if sweeper.get("storage"):
+        _check_storage(str(sweeper.storage))
+
+
+def _check_storage(url: str) -> None:
+    """An Optuna storage that cannot open fails deep in SQLAlchemy, with a page of traceback. Only a URL's
+    form and an SQLite file's folder are checked: a database server may answer later."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    example = "such as hydra.sweeper.storage=sqlite:///optuna.db"
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise KdError(f"hydra.sweeper.storage={url} is no database URL; give one {example}") from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        folder = Path(parsed.database).expanduser().resolve().parent
+        if not folder.is_dir():
+            raise KdError(f"hydra.sweeper.storage={url}: the folder {folder} does not exist; create it or give another "
+                          f"file, {example}")
 
 
 def _bad_interpolation(error: InterpolationResolutionError) -> str:

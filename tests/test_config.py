@@ -337,6 +337,13 @@ def test_exits_may_read_a_layers_input():
     (["-m", "hparams_search=optuna", "+hydra.sweeper.params.train.lr=interval(0.1, 0.2)"],
      "'hydra.sweeper.params.train.lr' cannot be set from the command line; to search over train.lr"),
     (["-m", "loss=glob(k*)", "alpha=2"], "alpha must be in [0, 1]"),
+    # Optuna's own settings: each failed with a traceback once the sweep had begun.
+    (["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials must be a whole number >= 1, got 0"),
+    (["-m", "hparams_search=optuna", "hydra.sweeper.n_jobs=-1"], "hydra.sweeper.n_jobs must be a whole number >= 1, got -1"),
+    (["-m", "hparams_search=optuna", "hydra.sweeper.storage=foo"],
+     "hydra.sweeper.storage=foo is no database URL; give one such as hydra.sweeper.storage=sqlite:///optuna.db"),
+    (["-m", "hparams_search=optuna", "hydra.sweeper.storage=sqlite:////nonexistent/dir/x.db"],
+     "hydra.sweeper.storage=sqlite:////nonexistent/dir/x.db: the folder /nonexistent/dir does not exist"),
     # Hydra's basic sweeper has no search space: a traceback once preflight had passed, or in it.
     (["-m", "alpha=interval(0,1)"], "alpha=interval(0,1) is a search space, which only hparams_search=optuna searches: "
                                     "add hparams_search=optuna, or sweep a list (alpha=0.1,0.5) or range(START,STOP,STEP)"),
@@ -350,6 +357,15 @@ def test_preflight_refuses_a_search_or_sweep_that_cannot_work(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     with pytest.raises(KdError, match=re.escape(message)):
         preflight("distill", overrides, config_dir())
+
+
+def test_preflight_takes_an_optuna_storage_that_can_open_and_writes_nothing(tmp_path, monkeypatch):
+    from kd_cli.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)
+    for storage in ("sqlite:///optuna.db", f"sqlite:///{tmp_path}/studies.db", "postgresql://user@host/kd"):
+        assert preflight("distill", ["-m", "hparams_search=optuna", f"hydra.sweeper.storage={storage}"], config_dir())
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("listed, hint", [
