@@ -303,6 +303,8 @@ def ignored_settings(cfg) -> dict[str, str]:
     recipes = [cfg, *([teacher_config(cfg)] if cfg.get("teacher_recipe") else [])]
     ignored = {key: f"{decider}={OmegaConf.select(cfg, decider)}" for key, (decider, value) in READ_UNDER.items()
                if all(OmegaConf.select(recipe, decider) != value for recipe in recipes)}
+    if cfg.get("command") == "distill":
+        ignored["overwrite"] = "kd distill, which never replaces a stored model,"
     if "loss" not in cfg:
         return ignored
     if cfg.get("quant") != "qat":

@@ -226,6 +226,8 @@ IGNORED = [
     (["-m", "alpha=0,0.5", "T=1,4", f"train.lr={','.join(str(i / 1000) for i in range(1, 300))}"], []),
     (["-m", "train.optimizer=adam,sgd", "train.momentum=0.5,0.9", f"train.lr={','.join(str(i / 1000) for i in range(1, 300))}"], []),
     (["qat.epochs=2"], ["kd: warning: quant=null does not use qat.epochs, so qat.epochs=2 changes nothing"]),
+    (["overwrite=true"],  # kd train's: kd distill trains only what the store lacks (train_missing=true)
+     ["kd: warning: kd distill, which never replaces a stored model, does not use overwrite, so overwrite=true changes nothing"]),
     (["quant=qat", "qat.epochs=2"], []),
     (["scheme=self", "teacher=resnet18"], ["kd: warning: scheme=self does not use teacher, so teacher=resnet18 changes nothing"]),
     (["scheme=born_again", "teacher=deepnn"],
