@@ -519,6 +519,9 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
                       f"value (each job of a sweep saves its config in its .hydra/ folder)")
     if len(modes) > 1:
         raise KdError(f"{' and '.join(modes)} do not combine; use one at a time")
+    completions = ("install=", "uninstall=", "query=")
+    if "--shell-completion" in modes and not any(o.startswith(completions) for o in overrides):
+        raise UsageError("--shell-completion takes what to do: install=bash (or zsh, fish), uninstall=bash or query=bash")
     return flags, overrides
 
 

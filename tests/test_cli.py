@@ -218,9 +218,11 @@ def test_hydra_flags_go_anywhere_on_the_line(kd):
     assert split_args(["a=1", "-m", "b=1,2", "--config-dir", "./my conf"]) == (
         ["--multirun", "--config-dir", "./my conf"], ["a=1", "b=1,2"])
     assert split_args(["--cf=job", "a=1", "--res"]) == (["--cfg=job", "--resolve"], ["a=1"])  # argparse's prefixes
+    assert split_args(["-sc", "install=bash"]) == (["--shell-completion"], ["install=bash"])
     for line, message in ((["--cfg", "job", "--info"], "--cfg and --info do not combine; use one at a time"),
                           (["a=1", "--multi", "--cfg", "job"], "-m and --cfg do not combine"),
-                          (["alpha=0.3", "--cfg"], "--cfg takes a value: job, hydra, all")):
+                          (["alpha=0.3", "--cfg"], "--cfg takes a value: job, hydra, all"),
+                          (["--shell-completion"], "--shell-completion takes what to do: install=bash")):
         with pytest.raises(KdError, match=message):
             split_args(line)
     assert "alpha: 0.3" in kd("distill", "alpha=0.3", "--cfg", "job", "T=2").stdout
