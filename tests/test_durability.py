@@ -425,13 +425,17 @@ def test_a_sweep_folder_of_another_sweep_is_refused_before_hydra_rewrites_it(tmp
         (job / ".hydra" / "overrides.yaml").write_text(json.dumps(overrides))
         (job / "results.json").write_text(json.dumps({"config": {}, "rows": []}))
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    for sweep in (["seed=3,4"], ["seed=0,1", "data.fraction=0.1"], ["seed=1,0"], ["seed=1"]):
+    for sweep in (["seed=3,4"], ["seed=0,1", "data.fraction=0.1"], ["seed=1,0"]):
         with pytest.raises(KdError) as refused:
             preflight("train", ["-m", *TINY, *sweep, "train.epochs=1", "hydra.sweep.dir=sweep"], config_dir())
         assert "hydra.sweep.dir=sweep holds another sweep's results (sweep/" in str(refused.value), sweep
-    # The same sweep again (resume=true, timed otherwise, on another device, with more seeds after the first
-    # two, or only its first) meets its own jobs' results.
-    for sweep in (["seed=0,1", "resume=true"], ["seed=0,1", "measure.latency_runs=5", "device=cpu"], ["seed=0,1,2"], ["seed=0"]):
+    # A sweep of fewer jobs would replace that sweep's multirun.yaml, by which resume=true finds it.
+    for sweep in (["seed=0"], ["seed=1"]):
+        with pytest.raises(KdError, match="hydra.sweep.dir=sweep holds a sweep of 2 jobs, more than the 1 of this command line"):
+            preflight("train", ["-m", *TINY, *sweep, "train.epochs=1", "hydra.sweep.dir=sweep"], config_dir())
+    # The same sweep again (resume=true, timed otherwise, on another device, or with more seeds after the first
+    # two) meets its own jobs' results.
+    for sweep in (["seed=0,1", "resume=true"], ["seed=0,1", "measure.latency_runs=5", "device=cpu"], ["seed=0,1,2"]):
         assert preflight("train", ["-m", *TINY, "train.epochs=1", *sweep, "hydra.sweep.dir=sweep"], config_dir()) is not None
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
