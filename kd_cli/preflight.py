@@ -496,6 +496,9 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
             raise UsageError(f"unknown flag {typed}" + (f"; did you mean {close[0]}?" if close else "") +
                              f" (kd takes Hydra's flags: {', '.join(sorted({a.option_strings[0] for a in actions.values()}))})")
         name = action.option_strings[0]
+        if name in ("--config-path", "--config-name"):  # kd checks the config of its command, from its own conf/
+            raise UsageError(f"{typed} is not taken: each kd command composes its own config from kd's conf/ "
+                             f"(conf/train.yaml, conf/distill.yaml); choose a preset with experiment=NAME")
         if action.dest in _MODES:
             modes.append(_MODES[action.dest])
         if given:

@@ -222,7 +222,8 @@ def test_hydra_flags_go_anywhere_on_the_line(kd):
     for line, message in ((["--cfg", "job", "--info"], "--cfg and --info do not combine; use one at a time"),
                           (["a=1", "--multi", "--cfg", "job"], "-m and --cfg do not combine"),
                           (["alpha=0.3", "--cfg"], "--cfg takes a value: job, hydra, all"),
-                          (["--shell-completion"], "--shell-completion takes what to do: install=bash")):
+                          (["--shell-completion"], "--shell-completion takes what to do: install=bash"),
+                          (["-cn", "nope"], "-cn is not taken: each kd command composes its own config from kd's conf/")):
         with pytest.raises(KdError, match=message):
             split_args(line)
     assert "alpha: 0.3" in kd("distill", "alpha=0.3", "--cfg", "job", "T=2").stdout
