@@ -590,6 +590,9 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True, d
         for line in _ignored_warnings(unused, _settings_given(parsed), searched):
             print(line, file=sys.stderr)
     resolve_device(cfg.device)
+    if OmegaConf.select(cfg, "hydra.job.chdir"):  # relative store_dir and data.root would then start in each run's folder
+        raise KdError("hydra.job.chdir=true is not taken: kd reads store_dir and data.root from the folder it started in "
+                      "(a run in its own folder would find an empty model store); drop it")
     try:
         run_root = OmegaConf.select(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir")
     except InterpolationKeyError as e:

@@ -352,6 +352,7 @@ def test_exits_may_read_a_layers_input():
     (["-m", "train.lr=tag(log,interval(0.1,1))"], "train.lr=tag(log,interval(0.1,1)) is a search space"),
     (["-m", "hydra.sweeper.params.alpha=choice(0.1,0.2)"], "hydra.sweeper.params.alpha=choice(0.1,0.2) is a search space"),
     (["hydra.sweeper.params.alpha=0.1"], "hydra.sweeper.params.alpha=0.1 is a search space, which only hparams_search"),
+    (["hydra.job.chdir=true"], "hydra.job.chdir=true is not taken: kd reads store_dir and data.root from the folder it started in"),
 ])
 def test_preflight_refuses_a_search_or_sweep_that_cannot_work(tmp_path, monkeypatch, overrides, message):
     from kd_cli.preflight import preflight
