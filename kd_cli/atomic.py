@@ -5,8 +5,10 @@ import functools
 import io
 import os
 import shutil
+import signal
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, IO
 
@@ -70,7 +72,9 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
 def atomic_write_files(writes: dict[Path, bytes | Callable[[IO[bytes]], None]]) -> None:
     """Files that belong together (a model and the results that describe it), each given as its bytes or
     as a function that writes them, each written as `atomic_write` does. Every temporary file is written
-    and synced before the first rename, so a failure while writing (a full disk) leaves all as they were.
+    and synced before the first rename, so a failure while writing (a full disk) leaves all as they were,
+    and Ctrl-C or SIGTERM waits for the renames. (A rename that fails, or SIGKILL between two, leaves
+    some new; the error names them.)
     """
     paths = [Path(p) for p in writes]
     for path in paths:
@@ -93,9 +97,11 @@ def atomic_write_files(writes: dict[Path, bytes | Callable[[IO[bytes]], None]]) 
                     f.write(write)
                 f.flush()
                 os.fsync(f.fileno())
-        for path in paths:
-            os.replace(temps.pop(path), path)
-            replaced.append(path)
+        with _stops_held():
+            for path in paths:
+                os.replace(temps[path], path)
+                del temps[path]
+                replaced.append(path)
     except OSError as e:
         raise KdError(f"cannot write {path}: {e.strerror or e}{_what_was_kept(paths, replaced)}") from e
     finally:
@@ -103,6 +109,19 @@ def atomic_write_files(writes: dict[Path, bytes | Callable[[IO[bytes]], None]]) 
             Path(tmp).unlink(missing_ok=True)
     for path in {p.parent: p for p in paths}.values():  # one sync per folder
         _fsync_folder(path)
+
+
+@contextmanager
+def _stops_held():
+    """Ctrl-C and SIGTERM delivered after the block, not inside it (kd turns both into exceptions)."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _what_was_kept(paths: list[Path], replaced: list[Path]) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from kd_cli.errors import KdError
 from kd_cli.identity import shipped_dataset
@@ -173,23 +174,24 @@ def _check_finite(cfg) -> None:
     either would fail late (a NaN loss blamed on train.lr). Resolving also meets a bad ${...} here."""
     for key in cfg:
         if key != "hydra":  # Hydra's own (hydra.sweep.subdir reads hydra.job.num, set only in a job)
-            node = cfg[key]
-            value = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-            for name, number in _floats(value, str(key)):
-                if not math.isfinite(number):
-                    raise KdError(f"{name} must be a finite number, got {number}")
+            _check_finite_at(cfg, key, str(key))
 
 
-def _floats(value, key: str):
-    """(dotted key, value) of each float in a plain container."""
-    if isinstance(value, dict):
-        for name, inner in value.items():
-            yield from _floats(inner, f"{key}.{name}")
-    elif isinstance(value, list):
-        for i, inner in enumerate(value):
-            yield from _floats(inner, f"{key}[{i}]")
-    elif isinstance(value, float):
-        yield key, value
+def _check_finite_at(parent, key, name: str) -> None:
+    try:
+        value = parent[key]
+    except InterpolationResolutionError as e:
+        if "HydraConfig was not set" in str(e):  # ${hydra:runtime.cwd}: a running job resolves it
+            return
+        raise
+    if OmegaConf.is_dict(value):
+        for inner in value:
+            _check_finite_at(value, inner, f"{name}.{inner}")
+    elif OmegaConf.is_list(value):
+        for i in range(len(value)):
+            _check_finite_at(value, i, f"{name}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise KdError(f"{name} must be a finite number, got {value}")
 
 
 def _check_dataset(dataset) -> None:

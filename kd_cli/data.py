@@ -70,9 +70,10 @@ def _idx_pair(images_path: Path, labels_path: Path, size: int) -> tuple[np.ndarr
     """The images (N x size x size) and labels (N) of one split; files that do not pair up are refused."""
     images, labels = read_idx(images_path), read_idx(labels_path)
     paired = images.ndim == 3 and labels.ndim == 1 and len(images) == len(labels)
-    if paired and images.shape[1] == images.shape[2] != size:  # good files, and a dataset config that says otherwise
+    if paired and images.shape[1] == images.shape[2] != size:  # whole files, of another dataset's images
         raise KdError(f"dataset files {images_path} and {labels_path} hold {images.shape[1]} x {images.shape[2]} "
-                      f"images, not dataset.image_size={size}; set dataset.image_size={images.shape[1]}")
+                      f"images, not this dataset's {size} x {size}: they are another dataset's; point data.root "
+                      f"at this one's files, or move them away and download it")
     if images.ndim != 3 or images.shape[1:] != (size, size) or labels.ndim != 1 or len(images) != len(labels):
         raise KdError(f"dataset files {images_path} and {labels_path} do not match (images of shape {images.shape}, "
                       f"labels of shape {labels.shape}; expected N x {size} x {size} and N); delete them and download again")

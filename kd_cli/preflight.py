@@ -145,7 +145,8 @@ def _check_deleted_keys(parsed: list, command: str) -> None:
             continue
         if key in ("teacher", "student"):
             does = ("trains the student" if key == "student"
-                    else "reads the teacher (a loss that needs none, loss=ce, ignores it)")
+                    else "keeps a teacher in its config (a loss or scheme that reads none, loss=ce or scheme=self, "
+                         "ignores it)")
             raise KdError(f"kd distill {does}: drop '~{key}'; '~teacher' and '~student' are for kd train, to train "
                           f"one model")
         raise KdError(f"'~{key}' removes a setting kd {command} reads; drop it, or give {key} another value "
@@ -166,13 +167,18 @@ def _check_search(cfg, multirun: bool, command: str) -> None:
     if not OmegaConf.select(cfg, "data.val_fraction"):
         raise KdError("hparams_search scores each trial on a validation split held out of the training set; "
                       "set data.val_fraction above 0 (hparams_search=optuna sets 0.1)")
-    sweeper = cfg.hydra.sweeper
+    settings = {}
+    for key in ("n_trials", "n_jobs", "storage"):
+        try:
+            settings[key] = cfg.hydra.sweeper.get(key)
+        except InterpolationResolutionError as e:
+            raise KdError(f"hydra.sweeper.{key}: {str(e).splitlines()[0]}; fix the ${{...}} in that value") from None
     for key in ("n_trials", "n_jobs"):
-        value = sweeper.get(key)
+        value = settings[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # Optuna fails after its sweep began
             raise KdError(f"hydra.sweeper.{key} must be a whole number >= 1, got {value!r}")
-    if sweeper.get("storage"):
-        _check_storage(str(sweeper.storage))
+    if settings["storage"]:
+        _check_storage(str(settings["storage"]))
 
 
 def _check_storage(url: str) -> None:
@@ -187,7 +193,7 @@ def _check_storage(url: str) -> None:
     except ArgumentError:
         raise KdError(f"hydra.sweeper.storage={url} is no database URL; give one {example}") from None
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        folder = Path(parsed.database).expanduser().resolve().parent
+        folder = Path(parsed.database).resolve().parent  # as SQLite opens it: it expands no ~
         if not folder.is_dir():
             raise KdError(f"hydra.sweeper.storage={url}: the folder {folder} does not exist; create it or give another "
                           f"file, {example}")
@@ -294,6 +300,8 @@ def _explain(error: HydraException, command: str, conf_dir: str, overrides: list
         return _nested_param(nested[1])
     if message.startswith("Could not override '"):
         key = message.split("'")[1]
+        if key.startswith("teacher_recipe."):  # its keys are the user's to add
+            return f"teacher_recipe has no {key.removeprefix('teacher_recipe.')} to change yet: add it with +{key}=VALUE"
         # The keys of the config the user chose (loss=at has loss.weight, the default loss=kd has not).
         others = [o for o in overrides if o.lstrip("+~").split("=")[0] != key]
         with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
@@ -369,7 +377,9 @@ def _check_added_keys(parsed: list, cfg, combination: list[str], command: str, c
     options) and config groups may be added."""
     for override in parsed:
         key = override.key_or_group
-        added_to_kd = key.split(".")[0] != "hydra" and "/" not in key and key not in cfg.hydra.runtime.choices
+        # teacher_recipe holds data.* / train.* keys of its own choosing, which validate checks.
+        added_to_kd = (key.split(".")[0] not in ("hydra", "teacher_recipe") and "/" not in key
+                       and key not in cfg.hydra.runtime.choices)
         if not added_to_kd or not (override.is_add() or override.is_force_add()):
             continue
         if override.is_force_add():
@@ -615,8 +625,9 @@ def preflight(command: str, args: list[str], conf_dir: str, warn: bool = True, d
                 check_sweep_folder(Path(run_root), plan)
     # `kd train` stores what it trains; `kd distill` can read a store it may not write to (a colleague's), and
     # checks it just before storing a model it has to train (train_missing=true, a chain's links).
-    if command == "train":
-        check_writable(Path(cfg.store_dir).expanduser(), "the model store", "store_dir=PATH")
+    store_dir = OmegaConf.select(cfg, "store_dir", throw_on_resolution_failure=False)  # None: ${hydra:...}, the job's
+    if command == "train" and store_dir is not None:
+        check_writable(Path(store_dir).expanduser(), "the model store", "store_dir=PATH")
     if data:
         _check_datasets(datasets)
     return cfg

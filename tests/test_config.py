@@ -161,9 +161,10 @@ def test_files_of_another_image_size_are_not_called_corrupt(fashion_mnist):
 
     images, labels = fashion_mnist / "t10k-images-idx3-ubyte.gz", fashion_mnist / "t10k-labels-idx1-ubyte.gz"
     with pytest.raises(KdError) as refused:
-        _idx_pair(images, labels, 32)  # a dataset config of another size: the files are good
-    assert refused.value.reason == f"dataset files {images} and {labels} hold 28 x 28 images, not dataset.image_size=32; " \
-                                   f"set dataset.image_size=28"
+        _idx_pair(images, labels, 32)  # whole files of another size: another dataset's (image_size cannot change)
+    assert refused.value.reason == f"dataset files {images} and {labels} hold 28 x 28 images, not this dataset's " \
+                                   f"32 x 32: they are another dataset's; point data.root at this one's files, or " \
+                                   f"move them away and download it"
 
 
 @pytest.mark.parametrize("value", ["'false'", "off", "maybe", "0"])
@@ -346,6 +347,9 @@ def test_exits_may_read_a_layers_input():
      "hydra.sweeper.storage=foo is no database URL; give one such as hydra.sweeper.storage=sqlite:///optuna.db"),
     (["-m", "hparams_search=optuna", "hydra.sweeper.storage=sqlite:////nonexistent/dir/x.db"],
      "hydra.sweeper.storage=sqlite:////nonexistent/dir/x.db: the folder /nonexistent/dir does not exist"),
+    (["-m", "hparams_search=optuna", "hydra.sweeper.storage='sqlite:///~/optuna.db'"], "/~ does not exist"),  # SQLite's ~
+    (["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=${oops}"],
+     "hydra.sweeper.n_trials: Interpolation key 'oops' not found; fix the ${...} in that value"),
     # Hydra's basic sweeper has no search space: a traceback once preflight had passed, or in it.
     (["-m", "alpha=interval(0,1)"], "alpha=interval(0,1) is a search space, which only hparams_search=optuna searches: "
                                     "add hparams_search=optuna, or sweep a list (alpha=0.1,0.5) or range(START,STOP,STEP)"),
@@ -360,6 +364,31 @@ def test_preflight_refuses_a_search_or_sweep_that_cannot_work(tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     with pytest.raises(KdError, match=re.escape(message)):
         preflight("distill", overrides, config_dir())
+
+
+def test_preflight_leaves_hydra_interpolations_to_the_job(tmp_path, monkeypatch):
+    """${hydra:...} resolves only inside a running job; the finite-number check must not refuse it."""
+    from kd_cli.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)
+    for command in ("train", "distill"):
+        cfg = preflight(command, ["store_dir=${hydra:runtime.cwd}/store"], config_dir())
+        assert OmegaConf.select(cfg, "store_dir", throw_on_resolution_failure=False) is None
+    with pytest.raises(KdError, match=r"store_dir: Interpolation key 'oops' not found; fix the \$\{...\} in that value"):
+        preflight("distill", ["store_dir=${oops}/store"], config_dir())
+
+
+def test_keys_are_added_to_teacher_recipe_with_a_plus(tmp_path, monkeypatch):
+    """teacher_recipe holds the data.* / train.* keys the teacher's recipe changes: none until one is added."""
+    from kd_cli.preflight import preflight
+
+    monkeypatch.chdir(tmp_path)
+    for plus in ("+", "++"):
+        cfg = preflight("distill", ["experiment=quick_data_fraction", f"{plus}teacher_recipe.train.epochs=5"], config_dir())
+        assert OmegaConf.to_container(cfg.teacher_recipe) == {"data": {"fraction": 0.1}, "train": {"epochs": 5}}
+    with pytest.raises(KdError, match="teacher_recipe has no train.epochs to change yet: add it with "
+                                      r"\+teacher_recipe.train.epochs=VALUE"):
+        preflight("distill", ["experiment=demo", "teacher_recipe.train.epochs=5"], config_dir())
 
 
 def test_preflight_takes_an_optuna_storage_that_can_open_and_writes_nothing(tmp_path, monkeypatch):
@@ -483,7 +512,7 @@ def test_another_group_set_to_null_is_one_line(tmp_path, monkeypatch, command, o
 
 
 @pytest.mark.parametrize("command, deleted, message", [
-    ("distill", "~teacher", "kd distill reads the teacher (a loss that needs none, loss=ce, ignores it): drop '~teacher'; "
+    ("distill", "~teacher", "kd distill keeps a teacher in its config (a loss or scheme that reads none, loss=ce or scheme=self, ignores it): drop '~teacher'; "
                             "'~teacher' and '~student' are for kd train, to train one model"),
     ("distill", "~student", "kd distill trains the student: drop '~student'"),
     ("distill", "~loss", "'~loss' removes a setting kd distill reads; drop it, or give loss another value"),

@@ -181,6 +181,32 @@ def test_files_written_together_are_all_replaced_or_none_is(tmp_path):
     assert [p.read_bytes() for p in paths] == [b"new"] * 3
 
 
+def test_a_failed_rename_leaves_no_temporary_file_and_says_what_was_replaced(tmp_path, monkeypatch):
+    """A rename can fail (EPERM over another user's file in a shared, sticky folder) after others succeeded."""
+    import errno
+    import signal
+
+    paths = [tmp_path / name for name in ("a.pt", "b.json")]
+    for path in paths:
+        path.write_bytes(b"old")
+    real_replace, masks = os.replace, []
+
+    def second_rename_refused(src, dst):
+        masks.append(signal.pthread_sigmask(signal.SIG_BLOCK, []))  # the signals held while renaming
+        if str(dst).endswith("b.json"):
+            raise OSError(errno.EPERM, "Operation not permitted")
+        real_replace(src, dst)
+
+    monkeypatch.setattr("kd_cli.atomic.os.replace", second_rename_refused)
+    with pytest.raises(KdError, match=r"b.json: Operation not permitted; already replaced: a.pt; previous versions intact: b.json"):
+        atomic_write_files({path: b"new" for path in paths})
+    assert [p.read_bytes() for p in paths] == [b"new", b"old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "b.json"]
+    # Ctrl-C and SIGTERM wait for the renames (kd turns them into exceptions): no stop between two of them.
+    assert all({signal.SIGINT, signal.SIGTERM} <= mask for mask in masks)
+    assert not {signal.SIGINT, signal.SIGTERM} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
 def test_a_run_stopped_mid_write_keeps_the_old_file_and_leaves_no_temporary_one(tmp_path):
     from kd_cli.errors import Terminated
 
