@@ -493,7 +493,10 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
     while i < len(args):
         arg, i = args[i], i + 1
         if not arg.startswith("-"):
-            if arg.lower() not in (f"{group}=null" for group in _NULL_GROUPS):
+            nulled = next((group for group in _NULL_GROUPS if arg.lower() == f"{group}=null"), None)
+            if nulled:  # the group's default, chosen last: an earlier choice of it is dropped too
+                overrides = [o for o in overrides if not o.startswith(f"{nulled}=")]
+            else:
                 overrides.append(arg)
             continue
         typed, given, value = arg.partition("=")

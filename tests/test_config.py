@@ -494,6 +494,9 @@ def test_a_group_whose_default_is_null_may_be_set_to_null(tmp_path, monkeypatch)
 
     monkeypatch.chdir(tmp_path)
     assert split_args(["experiment=null", "alpha=0.5", "hparams_search=null"]) == ([], ["alpha=0.5"])
+    # The last choice of a group counts, null included.
+    assert split_args(["experiment=demo", "experiment=null", "alpha=0.5"]) == ([], ["alpha=0.5"])
+    assert split_args(["experiment=null", "experiment=demo"]) == ([], ["experiment=demo"])
     assert preflight("distill", ["experiment=null", "hparams_search=null"], config_dir()).alpha == 0.9
     assert preflight("train", ["experiment=null"], config_dir()).command == "train"
 
