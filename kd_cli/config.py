@@ -191,7 +191,8 @@ def _check_finite_at(parent, key, name: str) -> None:
         for i in range(len(value)):
             _check_finite_at(value, i, f"{name}[{i}]")
     elif isinstance(value, float) and not math.isfinite(value):
-        raise KdError(f"{name} must be a finite number, got {value}")
+        hint = "; for no limit, give a large number" if value == math.inf and name.endswith("_mb") else ""
+        raise KdError(f"{name} must be a finite number, got {value}{hint}")
 
 
 def _check_dataset(dataset) -> None:

@@ -118,7 +118,7 @@ def test_validation_refuses(override, message):
     (["T=nan"], "T must be a finite number, got nan"),  # NaN passes `T <= 0`, and the run blamed train.lr
     (["T=inf"], "T must be a finite number, got inf"),
     (["train.lr=nan"], "train.lr must be a finite number, got nan"),
-    (["train.teacher_cache_disk_mb=inf"], "train.teacher_cache_disk_mb must be a finite number, got inf"),
+    (["train.teacher_cache_disk_mb=inf"], "train.teacher_cache_disk_mb must be a finite number, got inf; for no limit, give a large number"),
     (["loss=combo", "loss.terms={kd:nan}"], "loss.terms.kd must be a finite number, got nan"),
     (["scheme=multi_teacher", "scheme.teachers=[deepnn,lightnn]", "scheme.weights=[nan,1]"],
      "scheme.weights[0] must be a finite number, got nan"),
