@@ -171,8 +171,8 @@ def _check_search(cfg, multirun: bool, command: str) -> None:
     for key in ("n_trials", "n_jobs", "storage"):
         try:
             settings[key] = cfg.hydra.sweeper.get(key)
-        except InterpolationResolutionError as e:
-            raise KdError(f"hydra.sweeper.{key}: {str(e).splitlines()[0]}; fix the ${{...}} in that value") from None
+        except InterpolationResolutionError as e:  # Hydra's own keys are not resolved by validate
+            raise KdError(_bad_interpolation(e, f"hydra.sweeper.{key}")) from None
     for key in ("n_trials", "n_jobs"):
         value = settings[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # Optuna fails after its sweep began
@@ -199,8 +199,9 @@ def _check_storage(url: str) -> None:
                           f"file, {example}")
 
 
-def _bad_interpolation(error: InterpolationResolutionError) -> str:
-    return f"{error.full_key}: {str(error).splitlines()[0]}; fix the ${{...}} in that value"
+def _bad_interpolation(error: InterpolationResolutionError, key: str | None = None) -> str:
+    """`key` where OmegaConf's error does not name it (a value read with .get)."""
+    return f"{key or error.full_key}: {str(error).splitlines()[0]}; fix the ${{...}} in that value"
 
 
 def _sweeps_a_deciding_key(parsed: list) -> bool:

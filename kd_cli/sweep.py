@@ -98,13 +98,14 @@ def check_sweep_folder(sweep_dir: Path, plan: list[list[str]]) -> None:
     def computed(overrides: dict) -> dict:
         return {k: v for k, v in overrides.items() if k.split(".")[0] not in RUN_ONLY}
 
-    numbers = [int(job.name) for job in _job_dirs(sweep_dir) if job.name.isdigit()]
-    if numbers and max(numbers) >= len(plan):
-        raise KdError(f"hydra.sweep.dir={sweep_dir} holds a sweep of {max(numbers) + 1} jobs, more than the {len(plan)} "
-                      f"of this command line: Hydra would replace that sweep's record (multirun.yaml), and its own "
-                      f"command line with resume=true would no longer find it; choose another hydra.sweep.dir")
-    for job in _job_dirs(sweep_dir):
-        if not (job / "results.json").is_file() or not job.name.isdigit():
+    jobs = [job for job in _job_dirs(sweep_dir) if job.name.isdigit()]
+    held = max((int(job.name) + 1 for job in jobs), default=0)  # the jobs of the sweep that ran there
+    if held > len(plan):
+        raise KdError(f"hydra.sweep.dir={sweep_dir} holds a sweep of {held} jobs, more than the {len(plan)} of this "
+                      f"command line: Hydra would replace that sweep's record (multirun.yaml), and its own command "
+                      f"line with resume=true would no longer find it; choose another hydra.sweep.dir")
+    for job in jobs:
+        if not (job / "results.json").is_file():
             continue
         if computed(_overrides_dict(plan[int(job.name)])) != computed(job_overrides(job)):
             ran = " ".join(yaml.safe_load((job / ".hydra/overrides.yaml").read_text()) or []) or "no overrides"

@@ -153,7 +153,7 @@ def as_shipped(int8: nn.Module) -> torch.jit.ScriptModule:
 
     The FX module calls each layer from Python, a fixed cost per call: at batch 1 on one thread,
     lightnn took 0.29 ms that way, 0.085 ms loaded from its file (and 0.15 ms freshly scripted, not
-    loaded); at batch 64 the two cost the same.
+    loaded); at batch 64, 2.2 against 1.95 ms.
     """
     buffer = scripted_int8(int8)
     buffer.seek(0)
